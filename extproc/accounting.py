@@ -1,0 +1,192 @@
+"""Accounting rules as pure functions: no I/O, no clock, no settings object.
+
+The ledger module calls these inside its transactions; tests call them directly.
+Every number of money here is an ``int`` of tokens.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+STATES = ("active", "warned_80", "warned_90", "blocked", "suspended")
+
+
+# ---------------------------------------------------------------- estimate
+
+
+def estimate_tokens(prompt_chars: int, completion_allowance: int, factor: float) -> int:
+    """What admission reserves: ceil(prompt characters x factor) + completion allowance."""
+    return math.ceil(max(prompt_chars, 0) * factor) + max(completion_allowance, 0)
+
+
+def _text_length(value: object) -> int:
+    """Characters of user-visible text in an OpenAI-style content value, whatever its shape."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_length(v) for v in value)
+    if isinstance(value, dict):
+        # content parts: {"type": "text", "text": ...}; tool calls carry "arguments"
+        return sum(_text_length(value[k]) for k in ("text", "content", "arguments", "input")
+                   if k in value)
+    return 0
+
+
+def prompt_characters(body: Mapping[str, object]) -> int:
+    """Prompt size in characters for chat, completions, embeddings and responses bodies."""
+    total = 0
+    for key in ("messages", "prompt", "input", "instructions"):
+        if key in body:
+            total += _text_length(body[key])
+    for message in body.get("messages", []) if isinstance(body.get("messages"), list) else []:
+        if isinstance(message, dict) and "tool_calls" in message:
+            total += _text_length(message["tool_calls"])
+    return total
+
+
+def completion_allowance(body: Mapping[str, object], default: int) -> int | None:
+    """The completion budget a request asks for (max_tokens and its aliases), else ``default``.
+
+    Returns None when the value is present but not a non-negative integer (a 400).
+    """
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        if key in body and body[key] is not None:
+            value = body[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                return None
+            return value
+    return default
+
+
+# ---------------------------------------------------------------- usage and states
+
+
+def usage_pct(used: int, budget: int) -> float:
+    """The cycle's usage percentage: the one definition used by headers, alerts and views.
+
+    Measured against the cycle budget (allowance at cycle start + credits available in the
+    cycle). A cycle with nothing to spend reads 100 %.
+    """
+    if budget <= 0:
+        return 100.0
+    return round(100.0 * used / budget, 2)
+
+
+def state_for(current: str, balance: int, pct: float) -> str:
+    """The account state a balance and usage % imply; ``suspended`` is sticky (admin only)."""
+    if current == "suspended":
+        return "suspended"
+    if balance <= 0:
+        return "blocked"
+    if pct >= 90:
+        return "warned_90"
+    if pct >= 80:
+        return "warned_80"
+    return "active"
+
+
+def crossings(before_pct: float, after_pct: float, thresholds: Iterable[int]) -> list[int]:
+    """Thresholds t crossed by a change of usage: before < t <= after."""
+    return [t for t in thresholds if before_pct < t <= after_pct]
+
+
+def weighted_cost(real_tokens: int, model: str | None, weights: Mapping[str, float]) -> int:
+    """Tokens debited for real usage: per-model weight (default 1), rounded up."""
+    weight = weights.get(model or "", 1.0)
+    return real_tokens if weight == 1.0 else math.ceil(real_tokens * weight)
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a change of balance splits between the monthly allowance and credits."""
+
+    allowance_delta: int
+    credits_delta: int
+
+    @property
+    def tokens(self) -> int:
+        return self.allowance_delta + self.credits_delta
+
+
+def split_debit(allowance: int, cost: int) -> Split:
+    """Allowance is spent before credits; what the allowance cannot cover comes from credits
+    (which may go negative: the bounded overspend of invariant 3)."""
+    from_allowance = min(max(allowance, 0), max(cost, 0))
+    return Split(-from_allowance, -(max(cost, 0) - from_allowance))
+
+
+# ---------------------------------------------------------------- cycles
+
+
+def _clamped(year: int, month: int, day: int) -> datetime:
+    last = calendar.monthrange(year, month)[1]
+    return datetime(year, month, min(day, last), tzinfo=UTC)
+
+
+def add_months(start: datetime, months: int, anchor_day: int) -> datetime:
+    """The anchored date ``months`` after ``start``: a 31st anchor lands on the month's last day."""
+    index = start.year * 12 + (start.month - 1) + months
+    return _clamped(index // 12, index % 12 + 1, anchor_day)
+
+
+def first_cycle(now: datetime) -> tuple[int, datetime, datetime]:
+    """(anchor day, start, end) of a new account's first cycle: anchored at its creation day."""
+    start = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    return now.day, start, add_months(start, 1, now.day)
+
+
+def current_cycle(anchor_day: int, cycle_start: datetime, now: datetime) -> tuple[datetime, datetime]:
+    """The cycle containing ``now`` for an account whose last known cycle began at
+    ``cycle_start``; idle accounts skip whole months at once."""
+    start = cycle_start
+    while True:
+        end = add_months(start, 1, anchor_day)
+        if now < end:
+            return start, end
+        start = end
+
+
+@dataclass(frozen=True)
+class CycleReset:
+    start: datetime
+    end: datetime
+    allowance: int
+    budget: int
+    split: Split
+
+
+def roll_cycle(
+    *,
+    anchor_day: int,
+    cycle_start: datetime,
+    cycle_end: datetime,
+    allowance: int,
+    credits: int,
+    plan_tokens: int,
+    rollover: bool,
+    now: datetime,
+) -> CycleReset | None:
+    """The reset due at ``now``, or None if the cycle has not ended.
+
+    New allowance = the plan's monthly tokens (+ the unused allowance when the plan rolls
+    over). Credits survive resets untouched. The budget restarts at allowance + positive credits.
+    """
+    if now < cycle_end:
+        return None
+    start, end = current_cycle(anchor_day, cycle_start, now)
+    new_allowance = plan_tokens + (allowance if rollover else 0)
+    return CycleReset(
+        start=start,
+        end=end,
+        allowance=new_allowance,
+        budget=new_allowance + max(credits, 0),
+        split=Split(new_allowance - allowance, 0),
+    )
+
+
+def reservation_expiry(now: datetime, ttl_seconds: int) -> datetime:
+    return now + timedelta(seconds=ttl_seconds)

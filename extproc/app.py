@@ -1,0 +1,190 @@
+"""Assembles the service: pool, Redis, ledger, gate, gRPC server, HTTP app, background loops.
+
+Everything is built from one Settings object and passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import asyncpg
+import grpc
+import redis.asyncio as aioredis
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from . import usage
+from . import web as webapp
+from .identity import Authenticator
+from .ledger import Clock, Ledger, create_pool, utcnow
+from .metrics import Metrics
+from .processor import (
+    CONTINUE_REQUEST_BODY,
+    CONTINUE_REQUEST_HEADERS,
+    CONTINUE_RESPONSE_BODY,
+    CONTINUE_RESPONSE_HEADERS,
+    Gate,
+    Processor,
+)
+from .ratelimit import RedisRateLimiter
+from .settings import Settings
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+# Room for a buffered body at Envoy's buffer limit plus protobuf framing (DESIGN.md sec. 11).
+GRPC_MESSAGE_LIMIT = 64 * 1024 * 1024
+
+
+class NoopProcessor(pb_grpc.ExternalProcessorServicer):
+    """`serve --noop`: answers every phase and touches nothing (the benchmark's baseline)."""
+
+    _REPLIES: ClassVar[dict[str, pb.ProcessingResponse]] = {
+        "request_headers": CONTINUE_REQUEST_HEADERS,
+        "request_body": CONTINUE_REQUEST_BODY,
+        "response_headers": CONTINUE_RESPONSE_HEADERS,
+        "response_body": CONTINUE_RESPONSE_BODY,
+    }
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        async for req in request_iterator:
+            reply = self._REPLIES.get(req.WhichOneof("request") or "")
+            if reply is not None:
+                yield reply
+
+
+class Service:
+    def __init__(self, settings: Settings, *, clock: Clock = utcnow, noop: bool = False) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.noop = noop
+        self.metrics = Metrics()
+        self.pool: asyncpg.Pool | None = None
+        self.redis: aioredis.Redis | None = None
+        self.ledger: Ledger | None = None
+        self.gate: Gate | None = None
+        self.spool = Spool(settings.spool_dir)
+        self.grpc_server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.http_runner: web.AppRunner | None = None
+        self.background: list[asyncio.Task[Any]] = []
+        self.grpc_port = settings.grpc_port
+        self.http_port = settings.http_port
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        s = self.settings
+        if not self.noop:
+            # Loading the tokenizer takes a moment: do it now, off the event loop, not on
+            # the first stream that lacks usage.
+            await asyncio.to_thread(usage.encoder)
+            self.pool = await create_pool(s)
+            self.redis = aioredis.Redis.from_url(
+                s.redis_url, socket_timeout=0.05, socket_connect_timeout=0.05)
+            self.ledger = Ledger(self.pool, s, self.clock)
+            limiter = RedisRateLimiter(self.redis, self.metrics, prefix=s.redis_prefix)
+            self.gate = Gate(s, self.ledger, Authenticator(s), limiter, self.metrics, self.spool)
+            servicer: pb_grpc.ExternalProcessorServicer = Processor(self.gate)
+        else:
+            servicer = NoopProcessor()
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
+            ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
+            ("grpc.so_reuseport", 1),
+        ])
+        pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.grpc_port = server.add_insecure_port(f"0.0.0.0:{s.grpc_port}")
+        await server.start()
+        self.grpc_server = server
+        for name in ("", EXT_PROC_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if not self.noop:
+            self.http_runner = web.AppRunner(webapp.build_app(self), access_log=None)
+            await self.http_runner.setup()
+            site = web.TCPSite(self.http_runner, "0.0.0.0", s.http_port, reuse_port=True)
+            await site.start()
+            self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.background.append(asyncio.create_task(self._maintenance()))
+        log.info("serving", extra={"grpc_port": self.grpc_port, "http_port": self.http_port,
+                                   "noop": self.noop})
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Graceful: stop taking streams, let in-flight ones finish (bounded), settle, exit."""
+        await self.health.enter_graceful_shutdown()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace)
+        if self.gate is not None and self.gate.tasks:
+            await asyncio.wait(set(self.gate.tasks), timeout=grace)
+        for task in self.background:
+            task.cancel()
+        for task in self.background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self.pool is not None:
+            await self.pool.close()
+
+    # ------------------------------------------------------------ background work
+
+    async def maintain_once(self) -> None:
+        """One round of the periodic work: spool replay, expired reservations, idle cycles."""
+        assert self.ledger is not None
+        if self.spool.pending():
+            self.metrics.spool_replayed.inc(await self.spool.replay(self.ledger))
+        self.metrics.reservations_expired.inc(await self.ledger.sweep_reservations())
+        await self.ledger.roll_idle_cycles()
+
+    async def _maintenance(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_seconds)
+            try:
+                await self.maintain_once()
+            except Exception:  # keep the loop alive; the next round retries
+                log.exception("maintenance round failed")
+
+    # ------------------------------------------------------------ status for HTTP
+
+    async def redis_status(self) -> str:
+        if self.redis is None:
+            return "not configured"
+        try:
+            await asyncio.wait_for(self.redis.ping(), 0.2)
+            return "ok"
+        except (OSError, TimeoutError, aioredis.RedisError) as exc:
+            return f"unavailable: {type(exc).__name__}"
+
+    async def refresh_gauges(self) -> None:
+        if self.pool is None:
+            return
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            self.metrics.outbox_depth.set(await self.pool.fetchval(
+                "SELECT count(*) FROM alert_outbox WHERE state = 'pending'"))
+
+
+async def serve(settings: Settings, *, noop: bool = False) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    import signal
+
+    service = Service(settings, noop=noop)
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await service.stop()

@@ -1,0 +1,199 @@
+"""The `extproc` command (DESIGN.md section 10): serve, migrate, dev, token, grant, balance,
+reconcile, calibrate, suspend, unsuspend."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from . import logs
+from .identity import mint_token
+from .ledger import Ledger, UnknownUser, create_pool
+from .migrate import dbmate
+from .settings import Settings
+
+
+def _with_ledger(settings: Settings, work: Callable[[Ledger], Awaitable[int]]) -> int:
+    async def run() -> int:
+        pool = await create_pool(settings, min_size=1, max_size=2)
+        try:
+            return await work(Ledger(pool, settings))
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from .app import serve
+
+    asyncio.run(serve(settings, noop=args.noop))
+    return 0
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    result = dbmate(settings.database_url, args.direction, check=False)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    return result.returncode
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
+    from .devstack import run_dev
+
+    return run_dev(upstream=args.upstream, workdir=args.workdir)
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    print(mint_token(settings, args.user, email=args.email, admin=args.admin, ttl=args.ttl))
+    return 0
+
+
+def cmd_grant(settings: Settings, args: argparse.Namespace) -> int:
+    if args.tokens == 0:
+        print("error: TOKENS must not be zero", file=sys.stderr)
+        return 2
+    if not args.reason.strip():
+        print("error: --reason must not be empty", file=sys.stderr)
+        return 2
+
+    async def work(ledger: Ledger) -> int:
+        try:
+            account, applied = await ledger.grant(
+                args.user, args.tokens, actor=f"cli:{args.actor}", reason=args.reason,
+                kind="grant" if args.tokens > 0 else "adjustment",
+                idempotency_key=args.idempotency_key)
+        except UnknownUser:
+            print(f"error: unknown user {args.user!r}", file=sys.stderr)
+            return 1
+        print(json.dumps({**account.as_json(), "applied": applied}))
+        return 0
+
+    return _with_ledger(settings, work)
+
+
+def cmd_balance(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(ledger: Ledger) -> int:
+        account = await ledger.account(args.user)
+        if account is None:
+            print(f"error: unknown user {args.user!r}", file=sys.stderr)
+            return 1
+        data = account.as_json()
+        if args.json:
+            print(json.dumps(data))
+        else:
+            for key, value in data.items():
+                print(f"{key:>13}: {value}")
+        return 0
+
+    return _with_ledger(settings, work)
+
+
+def cmd_suspend(settings: Settings, args: argparse.Namespace) -> int:
+    suspended = args.command == "suspend"
+
+    async def work(ledger: Ledger) -> int:
+        try:
+            account = await ledger.set_suspended(
+                args.user, suspended, actor=f"cli:{args.actor}", reason=args.reason)
+        except UnknownUser:
+            print(f"error: unknown user {args.user!r}", file=sys.stderr)
+            return 1
+        print(json.dumps(account.as_json()))
+        return 0
+
+    return _with_ledger(settings, work)
+
+
+def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(ledger: Ledger) -> int:
+        drift = await ledger.reconcile()
+        for row in drift:
+            print(json.dumps(row, default=str))
+        print(f"{len(drift)} account(s) with drift", file=sys.stderr)
+        return 1 if drift else 0
+
+    return _with_ledger(settings, work)
+
+
+def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(ledger: Ledger) -> int:
+        report = await ledger.calibration(days=args.days)
+        print(json.dumps({"current_factor": settings.conversion_factor, "models": report},
+                         default=str, indent=2))
+        return 0
+
+    return _with_ledger(settings, work)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="extproc", description="Solaris token gate")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the ext_proc gRPC service and the HTTP side")
+    s.add_argument("--noop", action="store_true", help="answer every phase, touch nothing")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("migrate", help="apply (or roll back) the ledger schema with dbmate")
+    s.add_argument("direction", nargs="?", default="up", choices=["up", "rollback", "status"])
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("dev", help="the whole stack, embedded, in the foreground")
+    s.add_argument("--upstream", help="an OpenAI-compatible URL instead of the mock LiteLLM")
+    s.add_argument("--workdir", default=".devstack", help="data and logs of the dev stack")
+    s.set_defaults(func=cmd_dev)
+
+    s = sub.add_parser("token", help="print a JWT signed with GATE_JWT_SECRET")
+    s.add_argument("user")
+    s.add_argument("--email")
+    s.add_argument("--admin", action="store_true")
+    s.add_argument("--ttl", type=int, default=3600, help="seconds of validity")
+    s.set_defaults(func=cmd_token)
+
+    s = sub.add_parser("grant", help="add credits to a user (negative: claw back)")
+    s.add_argument("user")
+    s.add_argument("tokens", type=int)
+    s.add_argument("--reason", required=True)
+    s.add_argument("--actor", default="operator")
+    s.add_argument("--idempotency-key")
+    s.set_defaults(func=cmd_grant)
+
+    s = sub.add_parser("balance", help="a user's balance")
+    s.add_argument("user")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_balance)
+
+    for verb in ("suspend", "unsuspend"):
+        s = sub.add_parser(verb, help=f"{verb} a user")
+        s.add_argument("user")
+        s.add_argument("--reason", required=True)
+        s.add_argument("--actor", default="operator")
+        s.set_defaults(func=cmd_suspend)
+
+    s = sub.add_parser("reconcile", help="check balance == sum(entries) for every account")
+    s.set_defaults(func=cmd_reconcile)
+
+    s = sub.add_parser("calibrate", help="real/estimate ratio per model and a suggested factor")
+    s.add_argument("--days", type=int, default=30)
+    s.set_defaults(func=cmd_calibrate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_level)
+    result: Any = args.func(settings, args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Renders envoy.yaml (the one Envoy configuration) with other ports and hosts, for the dev
+stack, the tests and the benchmark. The checked-in file stays the source of truth."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def envoy_template_path() -> Path:
+    return Path(os.environ.get("GATE_ENVOY_TEMPLATE", ROOT / "envoy.yaml"))
+
+
+def _endpoints(addresses: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
+    return [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+        for host, port in addresses]}]
+
+
+def render(
+    *,
+    listen_port: int,
+    admin_port: int,
+    extproc: Sequence[tuple[str, int]] | None,
+    upstream: tuple[str, int],
+    http: tuple[str, int],
+    template: Path | None = None,
+    health_check: bool = True,
+) -> dict[str, Any]:
+    """The configuration with the given ports. ``extproc=None`` removes the ext_proc filter
+    (the benchmark's "Envoy direct" baseline)."""
+    config = copy.deepcopy(yaml.safe_load((template or envoy_template_path()).read_text()))
+    config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listener = config["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = listen_port
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    clusters["litellm"]["load_assignment"]["endpoints"] = _endpoints([upstream])
+    clusters["extproc_http"]["load_assignment"]["endpoints"] = _endpoints([http])
+    if extproc is None:
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["http_filters"] = [f for f in hcm["http_filters"]
+                               if f["name"] != "envoy.filters.http.ext_proc"]
+        for vhost in hcm["route_config"]["virtual_hosts"]:
+            for route in vhost["routes"]:
+                route.pop("typed_per_filter_config", None)
+        config["static_resources"]["clusters"].remove(clusters["extproc"])
+    else:
+        clusters["extproc"]["load_assignment"]["endpoints"] = _endpoints(extproc)
+        if not health_check:
+            clusters["extproc"].pop("health_checks", None)
+    return config
+
+
+def write(config: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

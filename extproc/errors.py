@@ -1,0 +1,121 @@
+"""OpenAI-shaped error bodies, in the user's language, that LibreChat shows in the chat."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GateError:
+    status: int
+    type: str
+    code: str
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def body(self) -> bytes:
+        return json.dumps(
+            {"error": {"message": self.message, "type": self.type, "code": self.code}},
+            ensure_ascii=False,
+        ).encode()
+
+
+def _fmt(n: int, language: str) -> str:
+    text = f"{n:,}"
+    return text.replace(",", ".") if language == "pt-BR" else text
+
+
+MESSAGES: dict[str, dict[str, str]] = {
+    "pt-BR": {
+        "invalid_token": "Não foi possível identificar o usuário ({detail}). "
+                         "Faça login novamente ou contate o administrador.",
+        "quota_exceeded": "Seu saldo de tokens acabou: restam {available} tokens e esta "
+                          "mensagem precisa de cerca de {estimate}. O saldo renova em {cycle_end}.",
+        "quota_exceeded_buy": " Compre mais créditos em {url}.",
+        "quota_exceeded_admin": " Fale com o administrador para liberar mais créditos.",
+        "account_suspended": "Sua conta está suspensa e não pode usar o assistente. "
+                             "Fale com o administrador.",
+        "rate_limit_exceeded": "Muitas requisições: o limite é de {limit} por minuto. "
+                               "Tente novamente em {retry} segundos.",
+        "ledger_unavailable": "O controle de saldo está temporariamente indisponível. "
+                              "Tente novamente em instantes.",
+        "invalid_request": "Requisição inválida: {detail}.",
+        "body_too_large": "A conversa é grande demais para ser enviada ({size} bytes; "
+                          "limite {limit}). Inicie uma nova conversa.",
+        "not_found": "Rota não disponível neste gateway.",
+        "user_mismatch": "O campo 'user' não corresponde ao usuário autenticado.",
+    },
+    "en": {
+        "invalid_token": "Could not identify the user ({detail}). "
+                         "Sign in again or contact the administrator.",
+        "quota_exceeded": "Your token balance is used up: {available} tokens left and this "
+                          "message needs about {estimate}. Your balance renews on {cycle_end}.",
+        "quota_exceeded_buy": " Buy more credits at {url}.",
+        "quota_exceeded_admin": " Ask the administrator for more credits.",
+        "account_suspended": "Your account is suspended and cannot use the assistant. "
+                             "Contact the administrator.",
+        "rate_limit_exceeded": "Too many requests: the limit is {limit} per minute. "
+                               "Try again in {retry} seconds.",
+        "ledger_unavailable": "The balance service is temporarily unavailable. "
+                              "Try again in a moment.",
+        "invalid_request": "Invalid request: {detail}.",
+        "body_too_large": "The conversation is too large to send ({size} bytes; limit "
+                          "{limit}). Start a new conversation.",
+        "not_found": "This route is not available on this gateway.",
+        "user_mismatch": "The 'user' field does not match the authenticated user.",
+    },
+}
+
+
+class Messages:
+    """Builds the gate's errors in one language."""
+
+    def __init__(self, language: str, purchase_url: str | None = None) -> None:
+        self.language = language
+        self.text = MESSAGES[language]
+        self.purchase_url = purchase_url
+
+    def unauthorized(self, detail: str) -> GateError:
+        return GateError(401, "invalid_request_error", "invalid_token",
+                         self.text["invalid_token"].format(detail=detail),
+                         (("www-authenticate", "Bearer"),))
+
+    def quota_exceeded(self, available: int, estimate: int, cycle_end: str) -> GateError:
+        message = self.text["quota_exceeded"].format(
+            available=_fmt(max(available, 0), self.language),
+            estimate=_fmt(estimate, self.language), cycle_end=cycle_end)
+        if self.purchase_url:
+            message += self.text["quota_exceeded_buy"].format(url=self.purchase_url)
+        else:
+            message += self.text["quota_exceeded_admin"]
+        return GateError(402, "insufficient_quota", "quota_exceeded", message)
+
+    def suspended(self) -> GateError:
+        return GateError(403, "permission_denied", "account_suspended",
+                         self.text["account_suspended"])
+
+    def rate_limited(self, limit: int, retry_after: int,
+                     headers: tuple[tuple[str, str], ...] = ()) -> GateError:
+        return GateError(429, "rate_limit_error", "rate_limit_exceeded",
+                         self.text["rate_limit_exceeded"].format(limit=limit, retry=retry_after),
+                         (("retry-after", str(retry_after)), *headers))
+
+    def unavailable(self) -> GateError:
+        return GateError(503, "api_error", "ledger_unavailable",
+                         self.text["ledger_unavailable"], (("retry-after", "5"),))
+
+    def invalid(self, detail: str) -> GateError:
+        return GateError(400, "invalid_request_error", "invalid_request",
+                         self.text["invalid_request"].format(detail=detail))
+
+    def too_large(self, size: int, limit: int) -> GateError:
+        return GateError(413, "invalid_request_error", "request_too_large",
+                         self.text["body_too_large"].format(size=size, limit=limit))
+
+    def not_found(self) -> GateError:
+        return GateError(404, "invalid_request_error", "not_found", self.text["not_found"])
+
+    def user_mismatch(self) -> GateError:
+        return GateError(401, "invalid_request_error", "invalid_token",
+                         self.text["user_mismatch"])

@@ -1,0 +1,588 @@
+"""The ledger: every SQL statement that moves money lives in this module.
+
+Invariants (numbered as in migrations/20261125000001_ledger.sql and DESIGN.md section 4):
+
+I1  Exactly once: a usage entry is keyed by the exchange id the processor minted
+    (UNIQUE); settle() checks for it under the account's row lock, so replays are no-ops.
+I2  allowance = SUM(allowance_delta), credits = SUM(credits_delta) for every account: each
+    UPDATE of those columns happens in the same transaction as the INSERT of its entry,
+    with the deltas the pure functions in ``accounting`` computed.
+I3  reserved = SUM(held reservations): reservations are created and closed in the same
+    statement/transaction that moves ``reserved``.
+I4  Admin changes (grant, plan, suspend) write their audit row in the same transaction.
+
+Concurrency: every money transaction starts by locking the account row (FOR UPDATE), so
+per-user operations serialize while different users never contend (no global hot row).
+The admission fast path is a single conditional UPDATE (atomic on its own).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from . import accounting
+from .settings import Settings
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class LedgerUnavailable(Exception):
+    """The database cannot be reached (connection refused, pool closed, timeout)."""
+
+
+class UnknownUser(LookupError):
+    pass
+
+
+# Errors that mean "the database is not there", as opposed to a bug in a statement.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.InterfaceError,
+)
+
+
+@dataclass(frozen=True)
+class Account:
+    user_id: str
+    email: str | None
+    name: str | None
+    plan: str
+    state: str
+    state_reason: str | None
+    cycle_start: datetime
+    cycle_end: datetime
+    cycle_budget: int
+    used_cycle: int
+    allowance: int
+    credits: int
+    reserved: int
+    created_at: datetime | None = None
+
+    @property
+    def balance(self) -> int:
+        return self.allowance + self.credits
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.reserved
+
+    @property
+    def used_pct(self) -> float:
+        return accounting.usage_pct(self.used_cycle, self.cycle_budget)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "email": self.email,
+            "name": self.name,
+            "plan": self.plan,
+            "state": self.state,
+            "state_reason": self.state_reason,
+            "available": self.available,
+            "balance": self.balance,
+            "allowance": self.allowance,
+            "credits": self.credits,
+            "reserved": self.reserved,
+            "used": self.used_cycle,
+            "budget": self.cycle_budget,
+            "used_pct": self.used_pct,
+            "cycle_start": self.cycle_start.isoformat(),
+            "cycle_end": self.cycle_end.isoformat(),
+        }
+
+
+_ACCOUNT_FIELDS = (
+    "user_id, email, name, plan, state, state_reason, cycle_start, cycle_end, cycle_budget, "
+    "used_cycle, allowance, credits, reserved, created_at"
+)
+
+
+def _account(row: asyncpg.Record) -> Account:
+    return Account(**{k: row[k] for k in Account.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Outcome of admit(): ``ok``, ``insufficient`` (402) or ``suspended`` (403)."""
+
+    outcome: str
+    account: Account
+    reserved: int = 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one exchange really cost, as the processor observed it."""
+
+    exchange_id: str
+    user_id: str
+    model: str | None = None
+    request_id: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimate: int | None = None
+    prompt_chars: int | None = None
+    flags: Sequence[str] = field(default_factory=tuple)
+    email: str | None = None
+
+    @property
+    def real_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "exchange_id": self.exchange_id, "user_id": self.user_id, "model": self.model,
+            "request_id": self.request_id, "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens, "estimate": self.estimate,
+            "prompt_chars": self.prompt_chars,
+            "flags": list(self.flags), "email": self.email,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Usage:
+        return cls(**{**data, "flags": tuple(data.get("flags", ()))})
+
+
+@dataclass(frozen=True)
+class Settled:
+    account: Account
+    cost: int
+    alerts: tuple[int, ...]
+
+
+class Ledger:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, clock: Clock = utcnow) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.clock = clock
+        self._weights = settings.weights()
+        self._thresholds = settings.thresholds()
+
+    # ------------------------------------------------------------ helpers
+
+    async def _locked_account(
+        self, conn: asyncpg.Connection, user_id: str, extra: str = "", *args: Any
+    ) -> asyncpg.Record | None:
+        return await conn.fetchrow(
+            f"SELECT a.*, p.monthly_tokens, p.rollover{extra} FROM accounts a "
+            "JOIN plans p ON p.name = a.plan WHERE a.user_id = $1 FOR UPDATE OF a",
+            user_id, *args,
+        )
+
+    def _plan_tokens(self, row: asyncpg.Record) -> int:
+        tokens = row["monthly_tokens"]
+        return self.settings.default_monthly_tokens if tokens is None else tokens
+
+    async def _open_account(
+        self, conn: asyncpg.Connection, user_id: str, email: str | None, name: str | None,
+        now: datetime,
+    ) -> None:
+        """Onboarding: the first request creates the account with the default plan's
+        allowance, recorded as the cycle's opening entry (I2)."""
+        anchor, start, end = accounting.first_cycle(now)
+        plan = await conn.fetchrow("SELECT monthly_tokens FROM plans WHERE name = 'default'")
+        tokens = self._plan_tokens(plan)
+        created = await conn.fetchval(
+            "INSERT INTO accounts (user_id, email, name, cycle_anchor_day, cycle_start, cycle_end,"
+            " cycle_budget, allowance, state, created_at, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $9)"
+            " ON CONFLICT (user_id) DO NOTHING RETURNING true",
+            user_id, email, name, anchor, start, end, tokens,
+            accounting.state_for("active", tokens, 0.0), now,
+        )
+        if created:
+            await conn.execute(
+                "INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta, credits_delta,"
+                " balance_after, actor, reason, cycle_start, created_at)"
+                " VALUES ($1, 'cycle_reset', $2, $2, 0, $2, 'system', 'account opened', $3, $4)",
+                user_id, tokens, start, now,
+            )
+
+    async def _roll_if_due(
+        self, conn: asyncpg.Connection, row: asyncpg.Record, now: datetime
+    ) -> asyncpg.Record:
+        """Lazily start the cycle ``now`` falls in; idempotent because the caller holds the
+        row lock and the check reads the locked row's cycle_end."""
+        reset = accounting.roll_cycle(
+            anchor_day=row["cycle_anchor_day"], cycle_start=row["cycle_start"],
+            cycle_end=row["cycle_end"], allowance=row["allowance"], credits=row["credits"],
+            plan_tokens=self._plan_tokens(row), rollover=row["rollover"], now=now,
+        )
+        if reset is None:
+            return row
+        balance = reset.allowance + row["credits"]
+        state = accounting.state_for(row["state"], balance, 0.0)
+        expired = row["allowance"] if not row["rollover"] else 0
+        reason = f"new cycle {reset.start.date()} to {reset.end.date()}"
+        if expired:
+            reason += f"; {expired} unused tokens expired"
+        await conn.execute(
+            "INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta, credits_delta,"
+            " balance_after, actor, reason, cycle_start, created_at)"
+            " VALUES ($1, 'cycle_reset', $2, $2, 0, $3, 'system', $4, $5, $6)",
+            row["user_id"], reset.split.allowance_delta, balance, reason, reset.start, now,
+        )
+        return await conn.fetchrow(
+            "UPDATE accounts a SET cycle_start = $2, cycle_end = $3, allowance = $4,"
+            " cycle_budget = $5, used_cycle = 0, state = $6, updated_at = $7"
+            " FROM plans p WHERE a.user_id = $1 AND p.name = a.plan"
+            " RETURNING a.*, p.monthly_tokens, p.rollover",
+            row["user_id"], reset.start, reset.end, reset.allowance, reset.budget, state, now,
+        )
+
+    # ------------------------------------------------------------ admission
+
+    async def admit(
+        self,
+        user_id: str,
+        estimate: int,
+        exchange_id: str,
+        *,
+        email: str | None = None,
+        name: str | None = None,
+        request_id: str | None = None,
+        model: str | None = None,
+    ) -> Admission:
+        """Reserve ``estimate`` tokens for one exchange, or say why not."""
+        now = self.clock()
+        expires = accounting.reservation_expiry(now, self.settings.reservation_ttl_seconds)
+        try:
+            async with self.pool.acquire() as conn:
+                # Fast path, one round trip: a known, current, funded, unsuspended account.
+                row = await conn.fetchrow(
+                    "WITH a AS (UPDATE accounts SET reserved = reserved + $2"
+                    "  WHERE user_id = $1 AND state <> 'suspended' AND cycle_end > $3"
+                    "    AND allowance + credits - reserved >= $2"
+                    "    AND ($6::text IS NULL OR email IS NOT DISTINCT FROM $6)"
+                    f"  RETURNING {_ACCOUNT_FIELDS}),"
+                    " r AS (INSERT INTO reservations"
+                    "  (exchange_id, user_id, tokens, request_id, model, created_at, expires_at)"
+                    "  SELECT $4, user_id, $2, $5, $7, $3, $8 FROM a)"
+                    " SELECT * FROM a",
+                    user_id, estimate, now, exchange_id, request_id, email, model, expires,
+                )
+                if row is not None:
+                    return Admission("ok", _account(row), estimate)
+                return await self._admit_slow(
+                    conn, user_id, estimate, exchange_id, email, name, request_id, model,
+                    now, expires,
+                )
+        except UNAVAILABLE_ERRORS as exc:
+            raise LedgerUnavailable(str(exc)) from exc
+
+    async def _admit_slow(
+        self, conn: asyncpg.Connection, user_id: str, estimate: int, exchange_id: str,
+        email: str | None, name: str | None, request_id: str | None, model: str | None,
+        now: datetime, expires: datetime,
+    ) -> Admission:
+        async with conn.transaction():
+            row = await self._locked_account(conn, user_id)
+            if row is None:
+                await self._open_account(conn, user_id, email, name, now)
+                row = await self._locked_account(conn, user_id)
+            if (email and email != row["email"]) or (name and name != row["name"]):
+                row = await conn.fetchrow(
+                    "UPDATE accounts a SET email = COALESCE($2, email), name = COALESCE($3, name)"
+                    " FROM plans p WHERE a.user_id = $1 AND p.name = a.plan"
+                    " RETURNING a.*, p.monthly_tokens, p.rollover",
+                    user_id, email, name,
+                )
+            row = await self._roll_if_due(conn, row, now)
+            account = _account(row)
+            if account.state == "suspended":
+                return Admission("suspended", account)
+            if account.available < estimate:
+                state = accounting.state_for(account.state, account.balance, account.used_pct)
+                if state != account.state:
+                    row = await conn.fetchrow(
+                        f"UPDATE accounts SET state = $2 WHERE user_id = $1 RETURNING {_ACCOUNT_FIELDS}",
+                        user_id, state,
+                    )
+                return Admission("insufficient", _account(row))
+            row = await conn.fetchrow(
+                "WITH r AS (INSERT INTO reservations"
+                " (exchange_id, user_id, tokens, request_id, model, created_at, expires_at)"
+                " VALUES ($3, $1, $2, $4, $5, $6, $7))"
+                " UPDATE accounts SET reserved = reserved + $2 WHERE user_id = $1"
+                f" RETURNING {_ACCOUNT_FIELDS}",
+                user_id, estimate, exchange_id, request_id, model, now, expires,
+            )
+            return Admission("ok", _account(row), estimate)
+
+    # ------------------------------------------------------------ settle / release
+
+    async def settle(self, usage: Usage, *, reservation_state: str = "settled") -> Settled | None:
+        """Debit an exchange's real usage exactly once (I1), release its reservation (I3),
+        move the account's state and queue threshold alerts, all in one transaction.
+
+        Returns None when the exchange was already settled (a replay)."""
+        now = self.clock()
+        cost = accounting.weighted_cost(usage.real_tokens, usage.model, self._weights)
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await self._settle_row(conn, usage, now)
+                if row["settled"]:
+                    return None
+                held = row["held"] or 0
+                split = accounting.split_debit(row["allowance"], cost)
+                allowance = row["allowance"] + split.allowance_delta
+                credits = row["credits"] + split.credits_delta
+                used = row["used_cycle"] + cost
+                before = accounting.usage_pct(row["used_cycle"], row["cycle_budget"])
+                after = accounting.usage_pct(used, row["cycle_budget"])
+                state = accounting.state_for(row["state"], allowance + credits, after)
+                alerts = accounting.crossings(before, after, self._thresholds)
+                flags = list(usage.flags)
+                if row["held"] is None:
+                    flags.append("unreserved")
+                updated = await conn.fetchrow(
+                    "WITH r AS (UPDATE reservations SET state = $17, closed_at = $5"
+                    "   WHERE exchange_id = $8 AND state = 'held'),"
+                    " e AS (INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta,"
+                    "   credits_delta, balance_after, exchange_id, request_id, model, prompt_tokens,"
+                    "   completion_tokens, estimate, real_tokens, flags, actor, cycle_start,"
+                    "   created_at, prompt_chars)"
+                    "   VALUES ($1, 'usage', $9, $10, $11, $2::bigint + $3::bigint, $8, $12, $13, $14, $15, $16,"
+                    "   $18, $19, 'gateway', $20, $5, $25)),"
+                    " o AS (INSERT INTO alert_outbox (user_id, cycle_start, cycle_end, threshold,"
+                    "   used_pct, used, budget, remaining, created_at, next_attempt_at)"
+                    "   SELECT $1, $20, $21, t, $22, $4, $23, $2::bigint + $3::bigint, $5, $5 FROM unnest($24::int[]) t"
+                    "   ON CONFLICT (user_id, cycle_start, threshold) DO NOTHING)"
+                    " UPDATE accounts SET allowance = $2, credits = $3, used_cycle = $4,"
+                    "   reserved = reserved - $6, state = $7, updated_at = $5 WHERE user_id = $1"
+                    f" RETURNING {_ACCOUNT_FIELDS}",
+                    usage.user_id, allowance, credits, used, now, held, state, usage.exchange_id,
+                    split.tokens, split.allowance_delta, split.credits_delta, usage.request_id,
+                    usage.model, usage.prompt_tokens, usage.completion_tokens, usage.estimate,
+                    reservation_state, usage.real_tokens, flags, row["cycle_start"],
+                    row["cycle_end"], after, row["cycle_budget"], alerts, usage.prompt_chars,
+                )
+                return Settled(_account(updated), cost, tuple(alerts))
+        except UNAVAILABLE_ERRORS as exc:
+            raise LedgerUnavailable(str(exc)) from exc
+
+    async def _settle_row(
+        self, conn: asyncpg.Connection, usage: Usage, now: datetime
+    ) -> asyncpg.Record:
+        extra = (", (SELECT tokens FROM reservations WHERE exchange_id = $2 AND state = 'held')"
+                 " AS held, EXISTS (SELECT 1 FROM ledger_entries WHERE exchange_id = $2) AS settled")
+        row = await self._locked_account(conn, usage.user_id, extra, usage.exchange_id)
+        if row is None:
+            # Admitted while the ledger was unreachable (fail-open) and replayed from the spool.
+            await self._open_account(conn, usage.user_id, usage.email, None, now)
+            row = await self._locked_account(conn, usage.user_id, extra, usage.exchange_id)
+        return row
+
+    async def release(self, exchange_id: str) -> bool:
+        """Give back a reservation without a debit (upstream error before any output)."""
+        try:
+            async with self.pool.acquire() as conn:
+                released = await conn.fetchval(
+                    "WITH r AS (UPDATE reservations SET state = 'released', closed_at = $2"
+                    "   WHERE exchange_id = $1 AND state = 'held' RETURNING user_id, tokens)"
+                    " UPDATE accounts a SET reserved = a.reserved - r.tokens FROM r"
+                    " WHERE a.user_id = r.user_id RETURNING true",
+                    exchange_id, self.clock(),
+                )
+                return bool(released)
+        except UNAVAILABLE_ERRORS as exc:
+            raise LedgerUnavailable(str(exc)) from exc
+
+    # ------------------------------------------------------------ credits and admin
+
+    async def grant(
+        self,
+        user_id: str,
+        tokens: int,
+        *,
+        actor: str,
+        reason: str,
+        kind: str = "grant",
+        idempotency_key: str | None = None,
+        source_ip: str | None = None,
+    ) -> tuple[Account, bool]:
+        """Add (or, with a negative amount, claw back) credits, with its ledger entry and
+        audit row in one transaction. Returns (account, applied); a repeated idempotency key
+        returns the current account and applied=False."""
+        if kind not in ("grant", "purchase", "refund", "adjustment"):
+            raise ValueError(f"unknown credit kind {kind!r}")
+        now = self.clock()
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await self._locked_account(conn, user_id)
+            if row is None:
+                raise UnknownUser(user_id)
+            if idempotency_key is not None and await conn.fetchval(
+                "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1", idempotency_key
+            ):
+                return _account(row), False
+            before = _account(row)
+            credits = row["credits"] + tokens
+            budget = max(row["cycle_budget"] + tokens, 0)
+            pct = accounting.usage_pct(row["used_cycle"], budget)
+            state = accounting.state_for(row["state"], row["allowance"] + credits, pct)
+            await conn.execute(
+                "INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta, credits_delta,"
+                " balance_after, idempotency_key, actor, reason, cycle_start, created_at)"
+                " VALUES ($1, $2, $3, 0, $3, $4, $5, $6, $7, $8, $9)",
+                user_id, kind, tokens, row["allowance"] + credits, idempotency_key, actor, reason,
+                row["cycle_start"], now,
+            )
+            updated = _account(await conn.fetchrow(
+                "UPDATE accounts SET credits = $2, cycle_budget = $3, state = $4, updated_at = $5"
+                f" WHERE user_id = $1 RETURNING {_ACCOUNT_FIELDS}",
+                user_id, credits, budget, state, now,
+            ))
+            await audit(conn, actor, kind, user_id, before, updated, reason, source_ip, now)
+            return updated, True
+
+    async def set_suspended(
+        self, user_id: str, suspended: bool, *, actor: str, reason: str,
+        source_ip: str | None = None,
+    ) -> Account:
+        now = self.clock()
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await self._locked_account(conn, user_id)
+            if row is None:
+                raise UnknownUser(user_id)
+            before = _account(row)
+            state = "suspended" if suspended else accounting.state_for(
+                "active", before.balance, before.used_pct)
+            updated = _account(await conn.fetchrow(
+                "UPDATE accounts SET state = $2, state_reason = $3, updated_at = $4"
+                f" WHERE user_id = $1 RETURNING {_ACCOUNT_FIELDS}",
+                user_id, state, reason if suspended else None, now,
+            ))
+            action = "suspend" if suspended else "unsuspend"
+            await audit(conn, actor, action, user_id, before, updated, reason, source_ip, now)
+            return updated
+
+    # ------------------------------------------------------------ reads
+
+    async def account(self, user_id: str) -> Account | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_ACCOUNT_FIELDS} FROM accounts WHERE user_id = $1", user_id)
+        return None if row is None else _account(row)
+
+    async def entries(self, user_id: str, limit: int = 50, before_id: int | None = None
+                      ) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM ledger_entries WHERE user_id = $1"
+            " AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3",
+            user_id, before_id, limit,
+        )
+        return [dict(r) for r in rows]
+
+    # ------------------------------------------------------------ maintenance
+
+    async def sweep_reservations(self, limit: int = 500) -> int:
+        """Charge expired reservations their estimate (documented rule: an exchange admitted
+        and never settled, e.g. its processor died mid-stream, costs what was reserved),
+        flagged ``expired``. Two sweepers never take the same row (SKIP LOCKED) and settle()
+        is exactly-once anyway."""
+        now = self.clock()
+        swept = 0
+        rows = await self.pool.fetch(
+            "SELECT exchange_id, user_id, tokens, request_id, model FROM reservations"
+            " WHERE state = 'held' AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+            now, limit,
+        )
+        for r in rows:
+            done = await self.settle(
+                Usage(exchange_id=r["exchange_id"], user_id=r["user_id"], model=r["model"],
+                      request_id=r["request_id"], prompt_tokens=0, completion_tokens=r["tokens"],
+                      estimate=r["tokens"], flags=("expired",)),
+                reservation_state="expired",
+            )
+            swept += done is not None
+        return swept
+
+    async def roll_idle_cycles(self, limit: int = 500) -> int:
+        """The periodic sweep's half of cycle rolling (the request path rolls lazily)."""
+        now = self.clock()
+        rolled = 0
+        users = await self.pool.fetch(
+            "SELECT user_id FROM accounts WHERE cycle_end <= $1 LIMIT $2", now, limit)
+        for u in users:
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await self._locked_account(conn, u["user_id"])
+                after = await self._roll_if_due(conn, row, now)
+                rolled += after is not row
+        return rolled
+
+    async def calibration(self, days: int = 30) -> list[dict[str, Any]]:
+        """Per model over the last ``days``: real prompt tokens per prompt character (the
+        conversion factor the data suggests) and real/estimate of whole exchanges. Only
+        exchanges whose usage the upstream reported count (not counted or expired ones)."""
+        rows = await self.pool.fetch(
+            "SELECT model, count(*) AS exchanges, SUM(prompt_tokens) AS prompt_tokens,"
+            " SUM(prompt_chars) AS prompt_chars, SUM(real_tokens) AS real_tokens,"
+            " SUM(estimate) AS estimate FROM ledger_entries"
+            " WHERE kind = 'usage' AND created_at >= $1 - make_interval(days => $2)"
+            "   AND prompt_chars > 0 AND estimate > 0 AND flags = '{}'"
+            " GROUP BY model ORDER BY model",
+            self.clock(), days,
+        )
+        return [{
+            **dict(r),
+            "suggested_factor": round(r["prompt_tokens"] / r["prompt_chars"], 4),
+            "real_to_estimate": round(r["real_tokens"] / r["estimate"], 4),
+        } for r in rows]
+
+    async def reconcile(self) -> list[dict[str, Any]]:
+        """Accounts whose columns disagree with their ledger entries or reservations."""
+        rows = await self.pool.fetch(
+            "SELECT a.user_id, a.allowance, a.credits, a.reserved,"
+            " COALESCE(e.allowance, 0) AS ledger_allowance, COALESCE(e.credits, 0) AS ledger_credits,"
+            " COALESCE(r.held, 0) AS held"
+            " FROM accounts a"
+            " LEFT JOIN (SELECT user_id, SUM(allowance_delta) AS allowance,"
+            "   SUM(credits_delta) AS credits FROM ledger_entries GROUP BY user_id) e"
+            "   ON e.user_id = a.user_id"
+            " LEFT JOIN (SELECT user_id, SUM(tokens) AS held FROM reservations"
+            "   WHERE state = 'held' GROUP BY user_id) r ON r.user_id = a.user_id"
+            " WHERE a.allowance <> COALESCE(e.allowance, 0) OR a.credits <> COALESCE(e.credits, 0)"
+            "   OR a.reserved <> COALESCE(r.held, 0)"
+        )
+        return [dict(r) for r in rows]
+
+
+async def audit(
+    conn: asyncpg.Connection, actor: str, action: str, target: str | None,
+    before: Account | dict[str, Any] | None, after: Account | dict[str, Any] | None,
+    reason: str | None, source_ip: str | None, now: datetime,
+) -> None:
+    """One audit row; call it inside the transaction of the change it records (I4)."""
+
+    def dump(value: Account | dict[str, Any] | None) -> str | None:
+        if value is None:
+            return None
+        return json.dumps(value.as_json() if isinstance(value, Account) else value, default=str)
+
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, target, before, after, reason, source_ip, created_at)"
+        " VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8)",
+        actor, action, target, dump(before), dump(after), reason, source_ip, now,
+    )
+
+
+async def create_pool(settings: Settings, **kwargs: Any) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        settings.database_url, min_size=kwargs.pop("min_size", 2),
+        max_size=kwargs.pop("max_size", 20), command_timeout=10, **kwargs,
+    )

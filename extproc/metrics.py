@@ -1,0 +1,59 @@
+"""Prometheus metrics, registered on a registry the caller owns (no global state).
+
+Label sets are bounded: decisions by outcome, tokens by model (models are configured in
+LiteLLM, a short list) and kind, latencies by phase. Never a user id as a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "solaris_decisions_total", "Admission decisions by outcome.", ["outcome"], registry=r)
+        self.tokens = Counter(
+            "solaris_tokens_debited_total", "Real tokens debited, by model and kind.",
+            ["model", "kind"], registry=r)
+        self.estimate_ratio = Histogram(
+            "solaris_real_to_estimate_ratio", "Real tokens divided by the admission estimate.",
+            buckets=RATIO_BUCKETS, registry=r)
+        self.phase_latency = Histogram(
+            "solaris_extproc_phase_seconds", "Time to answer one ext_proc message, by phase.",
+            ["phase"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ledger_latency = Histogram(
+            "solaris_ledger_transaction_seconds", "Ledger transaction latency, by operation.",
+            ["operation"], buckets=LATENCY_BUCKETS, registry=r)
+        self.settles = Counter(
+            "solaris_settles_total", "Settled exchanges by how usage was known.",
+            ["source"], registry=r)
+        self.reservations_expired = Counter(
+            "solaris_reservations_expired_total", "Reservations swept after expiry.", registry=r)
+        self.reservations_held = Gauge(
+            "solaris_reservations_held", "Reservations currently held by this process.",
+            registry=r)
+        self.spooled = Counter(
+            "solaris_spooled_settles_total", "Settles written to the local spool.", registry=r)
+        self.spool_replayed = Counter(
+            "solaris_spool_replayed_total", "Spooled settles replayed into the ledger.",
+            registry=r)
+        self.db_errors = Counter(
+            "solaris_db_errors_total", "Ledger operations that failed to reach PostgreSQL.",
+            registry=r)
+        self.redis_errors = Counter(
+            "solaris_redis_errors_total", "Redis operations that failed.", registry=r)
+        self.ratelimit_fallbacks = Counter(
+            "solaris_ratelimit_fallback_total",
+            "Rate-limit checks answered by the in-process limiter (Redis unavailable).",
+            registry=r)
+        self.alerts = Counter(
+            "solaris_alerts_total", "Threshold alerts by threshold and event.",
+            ["threshold", "event"], registry=r)
+        self.outbox_depth = Gauge(
+            "solaris_alert_outbox_pending", "Alerts waiting for delivery.", registry=r)

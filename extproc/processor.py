@@ -1,0 +1,497 @@
+"""The Envoy ext_proc service: one gRPC stream per HTTP request, four phases.
+
+request headers  -> route check, identity (401), rate limit (429)
+request body     -> parse, estimate, admit/reserve in the ledger (402/403/503), body mutation
+response headers -> JSON stays buffered; text/event-stream switches to STREAMED (mode_override)
+response body    -> read usage and settle exactly once (the exchange id is minted here)
+
+This module speaks Envoy's protocol; the rules live in accounting/ledger/identity/usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+
+from . import accounting
+from .errors import GateError, Messages
+from .identity import Authenticator, Identity, IdentityError
+from .ledger import Ledger, LedgerUnavailable, Usage
+from .metrics import Metrics
+from .settings import Settings
+from .spool import Spool
+from .usage import StreamTap, count_tokens, usage_from_json
+
+log = logging.getLogger(__name__)
+
+# Metered endpoints (with and without /v1): path -> kind.
+METERED = {
+    "/v1/chat/completions": "chat", "/chat/completions": "chat",
+    "/v1/completions": "completions", "/completions": "completions",
+    "/v1/embeddings": "embeddings", "/embeddings": "embeddings",
+    "/v1/responses": "responses", "/responses": "responses",
+}
+MODELS = ("/v1/models", "/models")
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+_NONE = processing_mode_pb2.ProcessingMode.NONE
+_SKIP = processing_mode_pb2.ProcessingMode.SKIP
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_seconds: int
+    retry_after: int = 0
+
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return (
+            ("x-ratelimit-limit-requests", str(self.limit)),
+            ("x-ratelimit-remaining-requests", str(self.remaining)),
+            ("x-ratelimit-reset-requests", f"{self.reset_seconds}s"),
+        )
+
+
+class RateLimiter(Protocol):
+    async def hit(self, user_id: str, limit_per_minute: int) -> RateDecision: ...
+
+
+class NoLimit:
+    async def hit(self, user_id: str, limit_per_minute: int) -> RateDecision:
+        return RateDecision(True, limit_per_minute, limit_per_minute, 60)
+
+
+@dataclass
+class Exchange:
+    """What one ext_proc stream knows about its HTTP exchange."""
+
+    exchange_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    kind: str = ""
+    identity: Identity | None = None
+    request_id: str | None = None
+    model: str | None = None
+    stream: bool = False
+    estimate: int = 0
+    prompt_estimate: int = 0
+    prompt_chars: int = 0
+    admitted: bool = False
+    reserved: int = 0
+    status: int = 0
+    sse: bool = False
+    tap: StreamTap | None = None
+    body: bytearray = field(default_factory=bytearray)
+    rate: RateDecision | None = None
+    closed: bool = False
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    # Envoy reads raw_value (value stays empty), DESIGN.md section 11.
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE)
+
+
+def _mutation(headers: tuple[tuple[str, str], ...] | list[tuple[str, str]]) -> pb.HeaderMutation:
+    return pb.HeaderMutation(set_headers=[_header(k, v) for k, v in headers])
+
+
+def immediate(error: GateError) -> pb.ProcessingResponse:
+    headers = (("content-type", "application/json"), *error.headers)
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=error.status),
+        headers=_mutation(headers), body=error.body(), details=error.code))
+
+
+def headers_map(msg: pb.HttpHeaders) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in msg.headers.headers:
+        out[h.key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return out
+
+
+CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+SWITCH_TO_STREAMED = pb.ProcessingResponse(
+    response_headers=pb.HeadersResponse(),
+    mode_override=processing_mode_pb2.ProcessingMode(response_body_mode=_STREAMED))
+# Unmetered pass-through (GET /v1/models): nothing more to see on this stream.
+PASS_THROUGH = pb.ProcessingResponse(
+    request_headers=pb.HeadersResponse(),
+    mode_override=processing_mode_pb2.ProcessingMode(
+        request_body_mode=_NONE, response_header_mode=_SKIP, response_body_mode=_NONE))
+
+
+class Gate:
+    """Decisions for one exchange at a time; holds no per-request state itself."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        authenticator: Authenticator,
+        limiter: RateLimiter,
+        metrics: Metrics,
+        spool: Spool,
+        limit_for: Callable[[str], int] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.auth = authenticator
+        self.limiter = limiter
+        self.metrics = metrics
+        self.spool = spool
+        self.messages = Messages(settings.language)
+        self.open_paths = tuple(settings.open_path_list())
+        self.limit_for = limit_for or (lambda _user: settings.rate_limit_per_minute)
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run money work that must outlive a cancelled stream; drained on shutdown."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def decide(self, outcome: str) -> None:
+        self.metrics.decisions.labels(outcome).inc()
+
+    def reject(self, error: GateError) -> pb.ProcessingResponse:
+        self.decide(str(error.status))
+        return immediate(error)
+
+    # ------------------------------------------------------------ request headers
+
+    async def on_request_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        headers = headers_map(msg)
+        path = headers.get(":path", "").split("?", 1)[0]
+        method = headers.get(":method", "")
+        ex.kind = METERED.get(path, "")
+        passthrough = method == "GET" and (
+            path in MODELS or path.startswith(tuple(m + "/" for m in MODELS)))
+        if not ex.kind and not passthrough and not (self.open_paths and path.startswith(self.open_paths)):
+            return self.reject(self.messages.not_found())
+        try:
+            ex.identity = await self.auth.authenticate(headers)
+        except IdentityError as exc:
+            return self.reject(self.messages.unauthorized(str(exc)))
+        ex.request_id = headers.get("x-request-id")
+        user = ex.identity.user_id
+        ex.rate = await self.limiter.hit(user, self.limit_for(user))
+        if not ex.rate.allowed:
+            return self.reject(self.messages.rate_limited(
+                ex.rate.limit, ex.rate.retry_after, ex.rate.headers()))
+        if not ex.kind:
+            self.decide("passthrough")
+            return PASS_THROUGH
+        if method != "POST":
+            return self.reject(self.messages.invalid(f"{method} is not supported on {path}"))
+        if msg.end_of_stream:
+            return self.reject(self.messages.invalid("empty body"))
+        return CONTINUE_REQUEST_HEADERS
+
+    # ------------------------------------------------------------ request body
+
+    async def on_request_body(self, ex: Exchange, msg: pb.HttpBody) -> pb.ProcessingResponse | None:
+        if not ex.kind:
+            return CONTINUE_REQUEST_BODY
+        ex.body += msg.body
+        limit = self.settings.max_body_bytes
+        if len(ex.body) > limit:
+            return self.reject(self.messages.too_large(len(ex.body), limit))
+        if not msg.end_of_stream:
+            return None  # more body to come (only if Envoy splits a buffered body)
+        raw, ex.body = bytes(ex.body), bytearray()
+        parsed = self._parse_body(ex, raw)
+        if isinstance(parsed, GateError):
+            return self.reject(parsed)
+        return await self._admit(ex, parsed)
+
+    def _parse_body(self, ex: Exchange, raw: bytes) -> dict[str, Any] | GateError:
+        m = self.messages
+        try:
+            body = json.loads(raw)
+        except UnicodeDecodeError:
+            return m.invalid("body is not valid UTF-8")
+        except RecursionError:
+            return m.invalid("JSON nested too deeply")
+        except ValueError:
+            return m.invalid("body is not valid JSON")
+        if not isinstance(body, dict):
+            return m.invalid("body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return m.invalid("'model' is required")
+        ex.model = model[:200]
+        user = body.get("user")
+        assert ex.identity is not None
+        if user is not None and user != "" and user != ex.identity.user_id:
+            return m.user_mismatch()
+        ex.stream = body.get("stream") is True
+        allowance = accounting.completion_allowance(body, self.settings.default_completion_tokens)
+        if allowance is None:
+            return m.invalid("max_tokens must be a non-negative integer")
+        if allowance > self.settings.max_completion_tokens:
+            return m.invalid(f"max_tokens above {self.settings.max_completion_tokens}")
+        if ex.kind == "embeddings":
+            allowance = 0
+        ex.prompt_chars = accounting.prompt_characters(body)
+        ex.prompt_estimate = accounting.estimate_tokens(
+            ex.prompt_chars, 0, self.settings.conversion_factor)
+        ex.estimate = ex.prompt_estimate + allowance
+        return body
+
+    def _mutated_body(self, ex: Exchange, body: dict[str, Any]) -> bytes | None:
+        changed = False
+        if ex.stream and ex.kind in ("chat", "completions"):
+            options = body.get("stream_options")
+            if not isinstance(options, dict):
+                options = {}
+            if options.get("include_usage") is not True:
+                body["stream_options"] = {**options, "include_usage": True}
+                changed = True
+        if self.settings.enforce_max_tokens and ex.kind != "embeddings":
+            keys = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+            if all(body.get(k) is None for k in keys):
+                key = "max_output_tokens" if ex.kind == "responses" else "max_tokens"
+                body[key] = self.settings.default_completion_tokens
+                changed = True
+        return json.dumps(body, ensure_ascii=False).encode() if changed else None
+
+    async def _admit(self, ex: Exchange, body: dict[str, Any]) -> pb.ProcessingResponse:
+        ident = ex.identity
+        assert ident is not None
+        started = time.perf_counter()
+        try:
+            admission = await self.ledger.admit(
+                ident.user_id, ex.estimate, ex.exchange_id, email=ident.email, name=ident.name,
+                request_id=ex.request_id, model=ex.model)
+        except LedgerUnavailable as exc:
+            self.metrics.db_errors.inc()
+            if self.settings.fail_mode == "closed":
+                log.error("ledger unavailable at admission, refusing: %s", exc)
+                return self.reject(self.messages.unavailable())
+            log.warning("ledger unavailable at admission, admitting (fail-open): %s", exc)
+            admission = None
+        finally:
+            self.metrics.ledger_latency.labels("admit").observe(time.perf_counter() - started)
+        if admission is not None and admission.outcome == "suspended":
+            return self.reject(self.messages.suspended())
+        if admission is not None and admission.outcome == "insufficient":
+            acc = admission.account
+            return self.reject(self.messages.quota_exceeded(
+                acc.available, ex.estimate, acc.cycle_end.date().isoformat()))
+        ex.admitted = True
+        ex.reserved = admission.reserved if admission is not None else 0
+        if ex.reserved:
+            self.metrics.reservations_held.inc()
+        self.decide("allowed" if admission is not None else "allowed_fail_open")
+        new_body = self._mutated_body(ex, body)
+        if new_body is None:
+            return CONTINUE_REQUEST_BODY
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+            header_mutation=_mutation([("content-length", str(len(new_body)))]),
+            body_mutation=pb.BodyMutation(body=new_body))))
+
+    # ------------------------------------------------------------ response
+
+    def on_response_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        headers = headers_map(msg)
+        try:
+            ex.status = int(headers.get(":status", "0"))
+        except ValueError:
+            ex.status = 0
+        if not ex.admitted:
+            return CONTINUE_RESPONSE_HEADERS
+        if headers.get("content-type", "").startswith("text/event-stream"):
+            ex.sse = True
+            ex.tap = StreamTap(self.settings.max_usage_tokens)
+            if msg.end_of_stream:
+                self._finish_later(ex)
+            return SWITCH_TO_STREAMED
+        if msg.end_of_stream:  # no body at all: nothing was produced
+            self._finish_later(ex)
+        return CONTINUE_RESPONSE_HEADERS
+
+    async def on_response_body(self, ex: Exchange, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        if not ex.admitted or ex.closed:
+            return CONTINUE_RESPONSE_BODY
+        if ex.sse:
+            assert ex.tap is not None
+            ex.tap.feed(msg.body)
+            if msg.end_of_stream:
+                # Answer the last chunk first; the settle must not delay the user's stream.
+                self._finish_later(ex)
+            return CONTINUE_RESPONSE_BODY
+        ex.body += msg.body
+        if not msg.end_of_stream:
+            return CONTINUE_RESPONSE_BODY
+        observed, text = usage_from_json(bytes(ex.body), self.settings.max_usage_tokens)
+        ex.body = bytearray()
+        usage = self._usage(ex, observed, text)
+        ex.closed = True
+        account = await asyncio.shield(self.spawn(self._close(ex, usage)))
+        if account is None:
+            return CONTINUE_RESPONSE_BODY
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
+            header_mutation=_mutation(self._budget_headers(ex, account)))))
+
+    def _budget_headers(self, ex: Exchange, account: Any) -> list[tuple[str, str]]:
+        out = [("x-solaris-tokens-remaining", str(max(account.available, 0))),
+               ("x-solaris-quota-used-pct", f"{account.used_pct:.2f}")]
+        if ex.rate is not None:
+            out.extend(ex.rate.headers())
+        return out
+
+    def _usage(self, ex: Exchange, observed: Any, text: str) -> Usage | None:
+        """The debit of a finished exchange, or None for "release without debit"."""
+        assert ex.identity is not None
+        if observed is not None:
+            prompt, completion, flags = observed.prompt_tokens, observed.completion_tokens, observed.flags
+            source = "usage"
+        elif ex.status >= 400 or ex.status == 0:
+            if not text:
+                return None  # upstream error with no output: release, no debit
+            prompt, (completion, how) = ex.prompt_estimate, count_tokens(
+                text, self.settings.conversion_factor)
+            flags, source = ("no_usage", how), "counted"
+        else:
+            completion, how = count_tokens(text, self.settings.conversion_factor)
+            prompt, flags, source = ex.prompt_estimate, ("no_usage", how), "counted"
+        self.metrics.settles.labels(source).inc()
+        return Usage(
+            exchange_id=ex.exchange_id, user_id=ex.identity.user_id, model=ex.model,
+            request_id=ex.request_id, prompt_tokens=prompt, completion_tokens=completion,
+            estimate=ex.estimate, prompt_chars=ex.prompt_chars, flags=tuple(flags),
+            email=ex.identity.email)
+
+    def _finish_later(self, ex: Exchange) -> None:
+        if ex.closed or not ex.admitted:
+            return
+        ex.closed = True
+        usage: Usage | None = None
+        if ex.tap is not None:
+            observed = ex.tap.result(self.settings.conversion_factor, ex.prompt_estimate)
+            if observed is not None:
+                assert ex.identity is not None
+                self.metrics.settles.labels(
+                    "counted" if "no_usage" in observed.flags else "usage").inc()
+                usage = Usage(
+                    exchange_id=ex.exchange_id, user_id=ex.identity.user_id, model=ex.model,
+                    request_id=ex.request_id, prompt_tokens=observed.prompt_tokens,
+                    completion_tokens=observed.completion_tokens, estimate=ex.estimate,
+                    prompt_chars=ex.prompt_chars, flags=observed.flags, email=ex.identity.email)
+        self.spawn(self._close(ex, usage))
+
+    def abandon(self, ex: Exchange) -> None:
+        """The stream ended before the response did (client abort, Envoy reset, upstream
+        timeout): debit what was seen, release if nothing was."""
+        if ex.admitted and not ex.closed:
+            if ex.tap is None and ex.body:
+                observed, text = usage_from_json(bytes(ex.body), self.settings.max_usage_tokens)
+                ex.closed = True
+                self.spawn(self._close(ex, self._usage(ex, observed, text)))
+                return
+            self._finish_later(ex)
+
+    async def _close(self, ex: Exchange, usage: Usage | None) -> Any:
+        """Settle or release; a settle the ledger cannot take goes to the durable spool."""
+        if ex.reserved:
+            self.metrics.reservations_held.dec()
+        started = time.perf_counter()
+        try:
+            if usage is None:
+                await self.ledger.release(ex.exchange_id)
+                return None
+            settled = await self.ledger.settle(usage)
+        except LedgerUnavailable as exc:
+            self.metrics.db_errors.inc()
+            if usage is not None:
+                log.error("ledger unavailable at settle, spooling %s: %s", ex.exchange_id, exc)
+                await self.spool.append(usage)
+                self.metrics.spooled.inc()
+            # An unreleased reservation is swept by its expiry; nothing is lost.
+            return None
+        finally:
+            self.metrics.ledger_latency.labels("settle").observe(time.perf_counter() - started)
+        if settled is None:
+            return await self.ledger.account(usage.user_id)
+        self.metrics.tokens.labels(usage.model or "", "prompt").inc(usage.prompt_tokens)
+        self.metrics.tokens.labels(usage.model or "", "completion").inc(usage.completion_tokens)
+        if ex.estimate:
+            self.metrics.estimate_ratio.observe(usage.real_tokens / ex.estimate)
+        for threshold in settled.alerts:
+            self.metrics.alerts.labels(str(threshold), "queued").inc()
+        log.info("settled", extra={"exchange_id": ex.exchange_id, "request_id": ex.request_id,
+                                    "user_id": usage.user_id, "tokens": settled.cost,
+                                    "estimate": ex.estimate})
+        return settled.account
+
+
+class Processor(pb_grpc.ExternalProcessorServicer):
+    """The gRPC face of the Gate: dispatches each ProcessingRequest to its phase."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        observe = gate.metrics.phase_latency
+        self._timers = {p: observe.labels(p) for p in (
+            "request_headers", "request_body", "response_headers", "response_body", "other")}
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        gate = self.gate
+        ex = Exchange()
+        try:
+            async for req in request_iterator:
+                started = time.perf_counter()
+                phase = req.WhichOneof("request")
+                reply: pb.ProcessingResponse | None
+                try:
+                    if phase == "request_headers":
+                        reply = await gate.on_request_headers(ex, req.request_headers)
+                    elif phase == "request_body":
+                        reply = await gate.on_request_body(ex, req.request_body)
+                    elif phase == "response_headers":
+                        reply = gate.on_response_headers(ex, req.response_headers)
+                    elif phase == "response_body":
+                        reply = await gate.on_response_body(ex, req.response_body)
+                    elif phase == "request_trailers":
+                        reply = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+                    elif phase == "response_trailers":
+                        reply = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                    else:
+                        phase = "other"
+                        reply = None
+                except Exception:
+                    # A bug must not crash the stream silently: fail this request with a
+                    # clean 500 (no money has moved unless admission finished, which the
+                    # abandon path below settles or releases).
+                    log.exception("ext_proc phase %s failed", phase)
+                    gate.decide("500")
+                    reply = immediate(GateError(500, "api_error", "internal_error",
+                                                "internal error in the token gate"))
+                self._timers.get(phase, self._timers["other"]).observe(
+                    time.perf_counter() - started)
+                if reply is not None:
+                    yield reply
+                    if reply.HasField("immediate_response"):
+                        return
+        finally:
+            gate.abandon(ex)

@@ -1,0 +1,273 @@
+"""Per-user request rate limits: GCRA in Redis, with an in-process fallback.
+
+GCRA (generic cell rate algorithm) keeps one number per user, the theoretical arrival time
+(TAT). Each request pushes the TAT one emission interval (60 s / limit) into the future, and a
+request is refused if that would put the TAT more than 60 s ahead of now. A user who was idle
+can therefore send ``limit`` requests at once, then one per interval. Unlike fixed windows there
+is no window edge, so a user can never get 2 x limit across a boundary.
+
+Redis holds the TAT so that every ext_proc process shares one limit. Redis is never allowed to
+slow a request down or take the gateway down with it: every call is bounded by ``timeout``, and
+after a failure the limiter answers from process memory for ``retry_interval`` seconds (circuit
+breaker), so a dead Redis costs nothing per request. While Redis is down each process enforces
+the limit on its own, so N processes allow up to N x limit: a deliberate trade against refusing
+everyone or letting everyone through.
+
+Arithmetic is done in integer microseconds. Milliseconds as floats would accumulate rounding
+over a burst (``limit`` additions of 60000/limit), which shows up as an off-by-one in the last
+request of a burst. Integers below 2**53 are exact in Lua's doubles as well, so the Lua and the
+Python compute bit-identical answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .metrics import Metrics
+from .processor import RateDecision
+
+log = logging.getLogger(__name__)
+
+WINDOW_US = 60_000_000  # the limit is "per minute"
+DEFAULT_MAX_ENTRIES = 100_000
+
+GcraResult = tuple[bool, float, int, int, int]
+
+# KEEP IN SYNC with gcra() below: same rounding, same clamps, same order of operations.
+# tests/test_ratelimit.py runs both on one sequence of timestamps and demands identical output.
+#
+# KEYS[1]  the user's TAT key; its value is the TAT in milliseconds, "%.3f" (exact microseconds).
+# ARGV[1]  limit per minute, an integer >= 1.
+# ARGV[2]  now in milliseconds, for tests only. Production omits it and the script reads the Redis
+#          clock, so that every process (whatever its own clock says) judges against one clock.
+#          TIME followed by a write is allowed because scripts are replicated by effects
+#          (default since Redis 5, the only mode since 7).
+# Returns  {allowed 1|0, TAT after the call (string), remaining, reset ms, retry-after ms}.
+GCRA_LUA = """
+local limit = tonumber(ARGV[1])
+local now
+if ARGV[2] then
+  now = math.floor(tonumber(ARGV[2]) * 1000 + 0.5)
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local interval = math.ceil(60000000 / limit)
+local window = interval * limit
+local raw = redis.call('GET', KEYS[1])
+local tat = now
+if raw then
+  tat = math.floor(tonumber(raw) * 1000 + 0.5)
+  if tat < now then tat = now end
+  if tat > now + window then tat = now + window end
+end
+local new_tat = tat + interval
+if new_tat - now > window then
+  return {0, raw, 0, math.ceil((tat - now) / 1000), math.ceil((new_tat - window - now) / 1000)}
+end
+local stored = string.format('%.3f', new_tat / 1000)
+local ttl = math.ceil((new_tat - now) / 1000)
+redis.call('SET', KEYS[1], stored, 'PX', ttl)
+return {1, stored, math.floor((window - (new_tat - now)) / interval), ttl, 0}
+"""
+
+
+def _to_us(ms: float) -> int:
+    # floor(x + 0.5) rather than round(): Python rounds halves to even, Lua has no round().
+    return math.floor(ms * 1000 + 0.5)
+
+
+def _ceil_ms(us: int) -> int:
+    # True division then ceil, exactly as the Lua does it (the quotient is correctly rounded in
+    # both languages, and us / 1000 never rounds onto an integer it is not).
+    return math.ceil(us / 1000)
+
+
+def gcra(tat_ms: float | None, now_ms: float, limit: int) -> GcraResult:
+    """One GCRA step: (allowed, new_tat_ms, remaining, reset_ms, retry_after_ms).
+
+    ``new_tat_ms`` is the TAT to keep after this call (unchanged when refused). ``reset_ms`` is
+    the time until the full burst is available again; ``retry_after_ms`` the time until the next
+    request would pass (0 when allowed). KEEP IN SYNC with GCRA_LUA.
+    """
+    if limit < 1:
+        raise ValueError("gcra needs a limit >= 1")
+    now = _to_us(now_ms)
+    # Rounding the interval up keeps integer maths and errs on the strict side by < 1 us/request.
+    interval = math.ceil(WINDOW_US / limit)
+    window = interval * limit
+    tat = now
+    if tat_ms is not None:
+        # A TAT in the past means "idle": same as no TAT. A TAT more than a window ahead can only
+        # come from a clock that jumped backwards; clamping keeps users from being locked out
+        # until the clock catches up.
+        tat = min(max(_to_us(tat_ms), now), now + window)
+    new_tat = tat + interval
+    if new_tat - now > window:
+        assert tat_ms is not None  # a fresh user always fits: interval <= window
+        return False, tat_ms, 0, _ceil_ms(tat - now), _ceil_ms(new_tat - window - now)
+    remaining = (window - (new_tat - now)) // interval
+    return True, new_tat / 1000, remaining, _ceil_ms(new_tat - now), 0
+
+
+def _decision(limit: int, allowed: bool, remaining: int, reset_ms: int,
+              retry_ms: int) -> RateDecision:
+    # Headers and Retry-After speak whole seconds; round up so a client that waits exactly
+    # retry_after is never refused again.
+    return RateDecision(
+        allowed=allowed,
+        limit=limit,
+        remaining=remaining,
+        reset_seconds=-(-reset_ms // 1000),
+        retry_after=0 if allowed else max(1, -(-retry_ms // 1000)),
+    )
+
+
+def _refuse_all(limit: int) -> RateDecision:
+    # A limit of 0 (or less) per minute is read literally: no requests. Redis is not consulted.
+    return RateDecision(False, max(limit, 0), 0, 60, 60)
+
+
+class LocalRateLimiter:
+    """GCRA over a dict in process memory: the fallback, and a limiter for single-process use."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> None:
+        self._clock = clock
+        self.max_entries = max_entries
+        # user -> TAT in ms. Insertion order doubles as recency order (entries are re-inserted
+        # on every update), so eviction drops the least recently seen users first.
+        self._tat: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._tat)
+
+    async def hit(self, user_id: str, limit_per_minute: int) -> RateDecision:
+        return self.hit_now(user_id, limit_per_minute)
+
+    def hit_now(self, user_id: str, limit_per_minute: int) -> RateDecision:
+        if limit_per_minute < 1:
+            return _refuse_all(limit_per_minute)
+        now_ms = self._clock() * 1000
+        allowed, tat, remaining, reset_ms, retry_ms = gcra(
+            self._tat.get(user_id), now_ms, limit_per_minute)
+        if allowed:
+            self._store(user_id, tat, now_ms)
+        return _decision(limit_per_minute, allowed, remaining, reset_ms, retry_ms)
+
+    def seed(self, user_id: str, tat_ms: float) -> None:
+        """Remember the TAT Redis reported, so a failover does not hand out a fresh burst."""
+        self._store(user_id, tat_ms, self._clock() * 1000)
+
+    def _store(self, user_id: str, tat_ms: float, now_ms: float) -> None:
+        self._tat.pop(user_id, None)
+        self._tat[user_id] = tat_ms
+        if len(self._tat) > self.max_entries:
+            self._prune(now_ms)
+
+    def _prune(self, now_ms: float) -> None:
+        # A TAT in the past means the same as no entry, so dropping those loses nothing. If that
+        # is not enough, forget the least recently seen users (they get a fresh burst, which is
+        # the lesser evil next to unbounded memory). Going down to 3/4 makes pruning amortised
+        # O(1) instead of a full scan on every insert once the dict sits at the bound.
+        self._tat = {u: t for u, t in self._tat.items() if t > now_ms}
+        target = self.max_entries * 3 // 4
+        excess = len(self._tat) - target
+        if excess > 0:
+            for user in list(self._tat)[:excess]:
+                del self._tat[user]
+
+
+class RedisRateLimiter:
+    """GCRA in Redis (one EVALSHA per hit), falling back to process memory when Redis fails."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        metrics: Metrics,
+        *,
+        prefix: str = "solaris:",
+        timeout: float = 0.005,
+        retry_interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.metrics = metrics
+        self.prefix = prefix
+        self.timeout = timeout
+        self.retry_interval = retry_interval
+        self._clock = clock
+        self._script = redis.register_script(GCRA_LUA)
+        self.fallback = LocalRateLimiter(clock=clock)
+        # Circuit breaker: Redis is skipped while opened_at <= now < opened_at + retry_interval.
+        # opened_at is None while closed. A clock that jumps backwards closes it (see _breaker).
+        self._opened_at: float | None = None
+        self._last_warning: float | None = None
+        self._suppressed = 0
+
+    def key(self, user_id: str) -> str:
+        return f"{self.prefix}rl:{user_id}"
+
+    @property
+    def degraded(self) -> bool:
+        """True while the breaker is open (answers come from process memory)."""
+        return self._breaker_open(self._clock())
+
+    async def hit(self, user_id: str, limit_per_minute: int) -> RateDecision:
+        if limit_per_minute < 1:
+            return _refuse_all(limit_per_minute)
+        now = self._clock()
+        if not self._breaker_open(now):
+            try:
+                # asyncio.timeout rather than wait_for: same bound, but no extra Task per call.
+                async with asyncio.timeout(self.timeout):
+                    reply = await self._script(
+                        keys=[self.key(user_id)], args=[limit_per_minute])
+            except (RedisError, TimeoutError, OSError) as exc:
+                self._trip(now, exc)
+            else:
+                return self._from_redis(user_id, limit_per_minute, reply)
+        self.metrics.ratelimit_fallbacks.inc()
+        return self.fallback.hit_now(user_id, limit_per_minute)
+
+    def _from_redis(self, user_id: str, limit: int, reply: Any) -> RateDecision:
+        allowed, tat, remaining, reset_ms, retry_ms = reply
+        if self._opened_at is not None:
+            self._opened_at = None
+            log.info("rate limiter: Redis is answering again, leaving in-process fallback")
+        if isinstance(tat, bytes):
+            tat = tat.decode()
+        self.fallback.seed(user_id, float(tat))
+        return _decision(limit, bool(allowed), int(remaining), int(reset_ms), int(retry_ms))
+
+    def _breaker_open(self, now: float) -> bool:
+        opened = self._opened_at
+        return opened is not None and opened <= now < opened + self.retry_interval
+
+    def _trip(self, now: float, exc: BaseException) -> None:
+        self.metrics.redis_errors.inc()
+        self._opened_at = now
+        # Concurrent requests in flight when Redis dies all fail together; the breaker stops
+        # later ones, this throttle stops that burst from becoming a burst of log lines.
+        last = self._last_warning
+        if last is None or not last <= now < last + self.retry_interval:
+            self._last_warning = now
+            more = f" ({self._suppressed} more failures not logged)" if self._suppressed else ""
+            self._suppressed = 0
+            log.warning(
+                "rate limiter: Redis failed (%s: %s); answering from process memory, "
+                "next try in %.1fs%s", type(exc).__name__, exc, self.retry_interval, more)
+        else:
+            self._suppressed += 1

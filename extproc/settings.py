@@ -1,0 +1,190 @@
+"""The one place where configuration lives.
+
+Every knob is an environment variable with a documented default (the README's
+configuration table is generated from ``FIELDS`` below, so the two never drift).
+Code receives a ``Settings`` object explicitly; nothing reads ``os.environ`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# (env var, attribute, default, meaning). Defaults are strings exactly as an operator
+# would write them; ``Settings.from_env`` parses them.
+FIELDS: list[tuple[str, str, str, str]] = [
+    ("DATABASE_URL", "database_url", "postgresql://postgres@127.0.0.1:5432/solaris",
+     "PostgreSQL DSN of the ledger database (its own database)."),
+    ("REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0",
+     "Redis for rate limits and caches; never the only copy of money."),
+    ("GATE_LISTEN_PORT", "listen_port", "8080", "Envoy listener port (LibreChat points here)."),
+    ("GATE_GRPC_PORT", "grpc_port", "50051", "Processor gRPC (ext_proc) port."),
+    ("GATE_HTTP_PORT", "http_port", "8081",
+     "Processor HTTP port: /metrics, /healthz, /readyz, /admin, /me, /api."),
+    ("GATE_UPSTREAM_PORT", "upstream_port", "4000", "LiteLLM port (the upstream Envoy routes to)."),
+    ("GATE_ENVOY_ADMIN_PORT", "envoy_admin_port", "9901", "Envoy admin port."),
+    ("GATE_IDENTITY_MODE", "identity_mode", "both", "`jwt`, `trusted-headers` or `both` (JWT first)."),
+    ("GATE_JWT_SECRET", "jwt_secret", "", "HS256 secret (e.g. LibreChat's JWT_SECRET)."),
+    ("GATE_JWKS_URL", "jwks_url", "", "JWKS URL for RS256/ES256 tokens (e.g. an OpenID provider)."),
+    ("GATE_JWT_HEADER", "jwt_header", "authorization",
+     "Header carrying the JWT (a `Bearer ` prefix is stripped)."),
+    ("GATE_JWT_AUDIENCE", "jwt_audience", "", "Required `aud` claim, when set."),
+    ("GATE_JWT_ISSUER", "jwt_issuer", "", "Required `iss` claim, when set."),
+    ("GATE_KEY", "gate_key", "",
+     "Gateway key LibreChat sends as its apiKey; proves the trusted identity headers."),
+    ("GATE_CONVERSION_FACTOR", "conversion_factor", "0.376",
+     "Estimated tokens per prompt character (the seed's measured factor)."),
+    ("GATE_DEFAULT_COMPLETION_TOKENS", "default_completion_tokens", "1024",
+     "Completion allowance reserved when a request carries no max_tokens."),
+    ("GATE_ENFORCE_MAX_TOKENS", "enforce_max_tokens", "false",
+     "Write the completion allowance into requests without max_tokens."),
+    ("GATE_MAX_COMPLETION_TOKENS", "max_completion_tokens", "131072",
+     "Largest max_tokens accepted in a request (400 above it)."),
+    ("GATE_DEFAULT_MONTHLY_TOKENS", "default_monthly_tokens", "1000000",
+     "Monthly allowance of the default plan (new accounts get it on first request)."),
+    ("GATE_MODEL_WEIGHTS", "model_weights", "",
+     "Optional per-model weights, `model=weight,...` (real tokens x weight are debited)."),
+    ("GATE_MAX_USAGE_TOKENS", "max_usage_tokens", "10000000",
+     "A reported usage above this is capped and flagged (garbled upstream)."),
+    ("GATE_RESERVATION_TTL_SECONDS", "reservation_ttl_seconds", "900",
+     "A reservation not settled by then is swept (charged its estimate, flagged)."),
+    ("GATE_SWEEP_INTERVAL_SECONDS", "sweep_interval_seconds", "30",
+     "How often `serve` sweeps expired reservations and idle cycles."),
+    ("GATE_MAX_BODY_BYTES", "max_body_bytes", "8388608",
+     "Largest request body accepted (413 above it)."),
+    ("GATE_RATE_LIMIT_PER_MINUTE", "rate_limit_per_minute", "100",
+     "Requests per user per minute (default; plans may override)."),
+    ("GATE_ALERT_THRESHOLDS", "alert_thresholds", "80,90,100", "Usage % that trigger alerts."),
+    ("GATE_FAIL_MODE", "fail_mode", "closed",
+     "Ledger unreachable at admission: `closed` (503) or `open` (admit, settle later)."),
+    ("GATE_SPOOL_DIR", "spool_dir", "spool",
+     "Directory of the durable settle spool (used when the ledger is unreachable)."),
+    ("GATE_LANGUAGE", "language", "pt-BR", "`pt-BR` or `en`: messages shown to users."),
+    ("GATE_SMTP_URL", "smtp_url", "", "`smtp://` or `smtps://user:pass@host:port` for alerts."),
+    ("GATE_MAIL_FROM", "mail_from", "solaris@localhost", "Sender of alert e-mails."),
+    ("GATE_ADMIN_EMAILS", "admin_emails", "", "Comma-separated admins who get 100 % alerts."),
+    ("GATE_WEBHOOK_URL", "webhook_url", "", "Optional alert webhook (JSON, HMAC-signed)."),
+    ("GATE_WEBHOOK_SECRET", "webhook_secret", "", "HMAC-SHA256 secret for the webhook."),
+    ("GATE_ADMIN_TOKEN", "admin_token", "", "Admin API token (Bearer) for /api/admin."),
+    ("GATE_PUBLIC_URL", "public_url", "http://localhost:8080",
+     "Public base URL, used in links (e-mails, 402 messages)."),
+    ("GATE_OPEN_PATHS", "open_paths", "",
+     "Extra path prefixes passed through unmetered (explicit opt-in; e.g. `/v1/audio`)."),
+    ("GATE_LOG_LEVEL", "log_level", "INFO", "Python log level."),
+    ("STRIPE_SECRET_KEY", "stripe_secret_key", "", "Stripe API key (billing is off without it)."),
+    ("STRIPE_WEBHOOK_SECRET", "stripe_webhook_secret", "", "Stripe webhook signing secret."),
+    ("STRIPE_API_BASE", "stripe_api_base", "", "Override of Stripe's API base URL (tests)."),
+]
+
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+
+
+def _parse(default: Any, raw: str) -> Any:
+    if isinstance(default, bool):
+        return raw.strip().lower() in _BOOL_TRUE
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/solaris"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    listen_port: int = 8080
+    grpc_port: int = 50051
+    http_port: int = 8081
+    upstream_port: int = 4000
+    envoy_admin_port: int = 9901
+    identity_mode: str = "both"
+    jwt_secret: str = ""
+    jwks_url: str = ""
+    jwt_header: str = "authorization"
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    gate_key: str = ""
+    conversion_factor: float = 0.376
+    default_completion_tokens: int = 1024
+    enforce_max_tokens: bool = False
+    max_completion_tokens: int = 131072
+    default_monthly_tokens: int = 1_000_000
+    model_weights: str = ""
+    max_usage_tokens: int = 10_000_000
+    reservation_ttl_seconds: int = 900
+    sweep_interval_seconds: int = 30
+    max_body_bytes: int = 8 * 1024 * 1024
+    rate_limit_per_minute: int = 100
+    alert_thresholds: str = "80,90,100"
+    fail_mode: str = "closed"
+    spool_dir: str = "spool"
+    language: str = "pt-BR"
+    smtp_url: str = ""
+    mail_from: str = "solaris@localhost"
+    admin_emails: str = ""
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    admin_token: str = ""
+    public_url: str = "http://localhost:8080"
+    open_paths: str = ""
+    log_level: str = "INFO"
+    stripe_secret_key: str = ""
+    stripe_webhook_secret: str = ""
+    stripe_api_base: str = ""
+    # Not an env var: a key prefix so test runs sharing one Redis never collide.
+    redis_prefix: str = field(default="solaris:")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for name, attr, _default, _meaning in FIELDS:
+            if name in env and env[name] != "":
+                try:
+                    values[attr] = _parse(getattr(defaults, attr), env[name])
+                except ValueError as exc:
+                    raise ValueError(f"{name}={env[name]!r}: {exc}") from None
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        if self.identity_mode not in ("jwt", "trusted-headers", "both"):
+            raise ValueError("GATE_IDENTITY_MODE must be jwt, trusted-headers or both")
+        if self.fail_mode not in ("closed", "open"):
+            raise ValueError("GATE_FAIL_MODE must be closed or open")
+        if self.language not in ("pt-BR", "en"):
+            raise ValueError("GATE_LANGUAGE must be pt-BR or en")
+        if not 0 < self.conversion_factor <= 10:
+            raise ValueError("GATE_CONVERSION_FACTOR must be in (0, 10]")
+        self.thresholds()  # parses or raises
+        self.weights()
+
+    def thresholds(self) -> tuple[int, ...]:
+        values = sorted({int(p) for p in self.alert_thresholds.split(",") if p.strip()})
+        if any(not 0 < v <= 100 for v in values):
+            raise ValueError("GATE_ALERT_THRESHOLDS must be percentages in (0, 100]")
+        return tuple(values)
+
+    def weights(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for item in self.model_weights.split(","):
+            if item.strip():
+                model, _, weight = item.partition("=")
+                out[model.strip()] = float(weight)
+        return out
+
+    def admin_email_list(self) -> list[str]:
+        return [e.strip() for e in self.admin_emails.split(",") if e.strip()]
+
+    def open_path_list(self) -> list[str]:
+        return [p.strip() for p in self.open_paths.split(",") if p.strip()]

@@ -1,0 +1,193 @@
+"""Reading what an exchange really cost from LiteLLM's responses (JSON and SSE).
+
+Usage numbers come from the upstream, so they are validated like any input: non-integers
+and negatives are refused (never a credit through a negative usage), absurd values are capped
+and flagged. A stream without usage is counted from the text actually seen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Streams keep their bytes for one parse at the end; past this, only the tail is kept (the
+# usage chunk is last) and the dropped part is counted by characters.
+STREAM_KEEP_BYTES = 4 * 1024 * 1024
+STREAM_TAIL_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Observed:
+    prompt_tokens: int
+    completion_tokens: int
+    flags: tuple[str, ...] = ()
+
+
+def _tiktoken_dir() -> str | None:
+    """tiktoken downloads encodings on first use, which fails offline: point it at the files
+    the LiteLLM wheel ships (named by the SHA-1 of their URL, as tiktoken's cache expects)."""
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "litellm_core_utils" / "tokenizers"
+    return str(path) if path.is_dir() else None
+
+
+@cache
+def encoder() -> Any | None:
+    """cl100k_base, loaded once (call it at start-up off the event loop), or None offline."""
+    if "TIKTOKEN_CACHE_DIR" not in os.environ:
+        found = _tiktoken_dir()
+        if found:
+            os.environ["TIKTOKEN_CACHE_DIR"] = found
+    try:
+        import tiktoken
+
+        return tiktoken.get_encoding("cl100k_base")
+    except Exception as exc:  # network error, missing file: fall back, never fail a settle
+        log.warning("tiktoken unavailable, counting by characters: %s", exc)
+        return None
+
+
+def count_tokens(text: str, factor: float) -> tuple[int, str]:
+    """Tokens in ``text`` and how they were counted (``tiktoken`` or ``chars``)."""
+    enc = encoder()
+    if enc is not None:
+        return len(enc.encode(text, disallowed_special=())), "tiktoken"
+    return math.ceil(len(text) * factor), "chars"
+
+
+def _int_field(usage: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        if name in usage:
+            value = usage[name]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"usage.{name} is not an integer")
+            if value < 0:
+                raise ValueError(f"usage.{name} is negative")
+            return value
+    return None
+
+
+def read_usage(usage: Any, cap: int) -> Observed | None:
+    """(prompt, completion) from an OpenAI/Responses ``usage`` object; None if unusable."""
+    if not isinstance(usage, dict):
+        return None
+    try:
+        prompt = _int_field(usage, "prompt_tokens", "input_tokens")
+        completion = _int_field(usage, "completion_tokens", "output_tokens")
+        total = _int_field(usage, "total_tokens")
+    except ValueError as exc:
+        log.warning("garbled usage from upstream: %s", exc)
+        return None
+    if prompt is None and completion is None:
+        if total is None:
+            return None
+        prompt = total  # embeddings report prompt/total only
+    prompt, completion = prompt or 0, completion or 0
+    flags: tuple[str, ...] = ()
+    if prompt + completion > cap:
+        flags = ("capped",)
+        prompt = min(prompt, cap)
+        completion = min(completion, cap - prompt)
+    return Observed(prompt, completion, flags)
+
+
+def usage_from_json(body: bytes, cap: int) -> tuple[Observed | None, str]:
+    """Usage of a buffered JSON response, plus its visible text for the fallback count."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None, ""
+    if not isinstance(data, dict):
+        return None, ""
+    usage = data.get("usage")
+    if usage is None and isinstance(data.get("response"), dict):
+        usage = data["response"].get("usage")
+    return read_usage(usage, cap), _visible_text(data)
+
+
+def _visible_text(event: dict[str, Any]) -> str:
+    parts: list[str] = []
+    choices = event.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            for holder in (choice.get("delta"), choice.get("message")):
+                if isinstance(holder, dict) and isinstance(holder.get("content"), str):
+                    parts.append(holder["content"])
+            if isinstance(choice.get("text"), str):
+                parts.append(choice["text"])
+    if event.get("type") == "response.output_text.delta" and isinstance(event.get("delta"), str):
+        parts.append(event["delta"])
+    return "".join(parts)
+
+
+@dataclass
+class StreamTap:
+    """Collects an SSE response as it passes (cheap per chunk: an append), parsed once."""
+
+    cap: int
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    dropped_chars: int = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        if self.size > STREAM_KEEP_BYTES:
+            data = b"".join(self.chunks)
+            tail = data[-STREAM_TAIL_BYTES:]
+            cut = tail.find(b"\n\n")
+            tail = tail[cut + 2:] if cut >= 0 else tail
+            self.dropped_chars += len(data) - len(tail)
+            self.chunks = [tail]
+            self.size = len(tail)
+
+    @property
+    def seen_anything(self) -> bool:
+        return self.size > 0 or self.dropped_chars > 0
+
+    def result(self, factor: float, prompt_estimate: int) -> Observed | None:
+        """Usage from the stream's last usage event; else the prompt's estimate plus the
+        output actually seen, counted (flagged ``no_usage``)."""
+        usage: Observed | None = None
+        text: list[str] = []
+        for line in b"".join(self.chunks).split(b"\n"):
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]" or not payload:
+                continue
+            try:
+                event = json.loads(payload)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if not isinstance(event, dict):
+                continue
+            raw = event.get("usage")
+            if raw is None and isinstance(event.get("response"), dict):
+                raw = event["response"].get("usage")  # Responses API: response.completed
+            if raw is not None:
+                usage = read_usage(raw, self.cap) or usage
+            text.append(_visible_text(event))
+        if usage is not None:
+            return usage
+        if not self.seen_anything:
+            return None
+        tokens, how = count_tokens("".join(text), factor)
+        tokens += math.ceil(self.dropped_chars * factor)
+        return Observed(prompt_estimate, tokens, ("no_usage", how))

