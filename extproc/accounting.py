@@ -31,7 +31,7 @@ def _text_length(value: object) -> int:
         return sum(_text_length(v) for v in value)
     if isinstance(value, dict):
         # content parts: {"type": "text", "text": ...}; tool calls carry "arguments"
-        return sum(_text_length(value[k]) for k in ("text", "content", "arguments", "input")
+        return sum(_text_length(value[k]) for k in ("text", "content", "arguments", "input", "function")
                    if k in value)
     return 0
 

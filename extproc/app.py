@@ -18,6 +18,8 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from . import usage
 from . import web as webapp
@@ -89,11 +91,15 @@ class Service:
             # the first stream that lacks usage.
             await asyncio.to_thread(usage.encoder)
             self.pool = await create_pool(s)
+            # No client-side retries: a dead Redis must fail fast so the limiter's circuit
+            # breaker can take over (money never waits on Redis).
             self.redis = aioredis.Redis.from_url(
-                s.redis_url, socket_timeout=0.05, socket_connect_timeout=0.05)
+                s.redis_url, socket_timeout=0.05, socket_connect_timeout=0.05,
+                retry=Retry(NoBackoff(), 0))
             self.ledger = Ledger(self.pool, s, self.clock)
-            limiter = RedisRateLimiter(self.redis, self.metrics, prefix=s.redis_prefix)
+            limiter = RedisRateLimiter(self.redis, self.metrics, prefix=s.redis_prefix, timeout=0.01)
             self.gate = Gate(s, self.ledger, Authenticator(s), limiter, self.metrics, self.spool)
+            await self.maintain_once()  # replays a spool left by a crash, loads plans
             servicer: pb_grpc.ExternalProcessorServicer = Processor(self.gate)
         else:
             servicer = NoopProcessor()
@@ -142,7 +148,8 @@ class Service:
 
     async def maintain_once(self) -> None:
         """One round of the periodic work: spool replay, expired reservations, idle cycles."""
-        assert self.ledger is not None
+        assert self.ledger is not None and self.gate is not None
+        self.gate.limits.load({p.name: p.requests_per_minute for p in await self.ledger.plans()})
         if self.spool.pending():
             self.metrics.spool_replayed.inc(await self.spool.replay(self.ledger))
         self.metrics.reservations_expired.inc(await self.ledger.sweep_reservations())

@@ -12,7 +12,7 @@ from typing import Any
 
 from . import logs
 from .identity import mint_token
-from .ledger import Ledger, UnknownUser, create_pool
+from .ledger import Ledger, UnknownPlan, UnknownUser, create_pool
 from .migrate import dbmate
 from .settings import Settings
 
@@ -109,6 +109,45 @@ def cmd_suspend(settings: Settings, args: argparse.Namespace) -> int:
     return _with_ledger(settings, work)
 
 
+def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(ledger: Ledger) -> int:
+        if args.plan_command == "list":
+            for plan in await ledger.plans():
+                print(json.dumps(plan.as_json()))
+            return 0
+        if args.plan_command == "create":
+            plan = await ledger.upsert_plan(
+                args.name, monthly_tokens=args.monthly_tokens, requests_per_minute=args.rpm,
+                rollover=args.rollover, actor=f"cli:{args.actor}")
+            print(json.dumps(plan.as_json()))
+            return 0
+        try:
+            account = await ledger.set_plan(args.user, args.name, actor=f"cli:{args.actor}",
+                                            reason=args.reason)
+        except (UnknownUser, UnknownPlan) as exc:
+            print(f"error: unknown {'user' if isinstance(exc, UnknownUser) else 'plan'} {exc}",
+                  file=sys.stderr)
+            return 1
+        print(json.dumps(account.as_json()))
+        return 0
+
+    return _with_ledger(settings, work)
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return number
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return number
+
+
 def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     async def work(ledger: Ledger) -> int:
         drift = await ledger.reconcile()
@@ -173,6 +212,23 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--reason", required=True)
         s.add_argument("--actor", default="operator")
         s.set_defaults(func=cmd_suspend)
+
+    s = sub.add_parser("plan", help="create, list and assign plans")
+    s.set_defaults(func=cmd_plan)
+    plan_sub = s.add_subparsers(dest="plan_command", required=True)
+    plan_sub.add_parser("list", help="all plans with their effective limits")
+    c = plan_sub.add_parser("create", help="create or update a plan")
+    c.add_argument("name")
+    c.add_argument("--monthly-tokens", type=_non_negative,
+                   help="monthly allowance (default: GATE_DEFAULT_MONTHLY_TOKENS)")
+    c.add_argument("--rpm", type=_positive, help="requests per minute (default: GATE_RATE_LIMIT_PER_MINUTE)")
+    c.add_argument("--rollover", action="store_true", help="unused allowance carries over")
+    c.add_argument("--actor", default="operator")
+    a = plan_sub.add_parser("assign", help="move a user to a plan (applies from the next cycle)")
+    a.add_argument("user")
+    a.add_argument("name")
+    a.add_argument("--reason", required=True)
+    a.add_argument("--actor", default="operator")
 
     s = sub.add_parser("reconcile", help="check balance == sum(entries) for every account")
     s.set_defaults(func=cmd_reconcile)

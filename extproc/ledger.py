@@ -44,6 +44,24 @@ class UnknownUser(LookupError):
     pass
 
 
+class UnknownPlan(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A plan with the deployment defaults already filled in for NULL columns."""
+
+    name: str
+    monthly_tokens: int
+    requests_per_minute: int
+    rollover: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "monthly_tokens": self.monthly_tokens,
+                "requests_per_minute": self.requests_per_minute, "rollover": self.rollover}
+
+
 # Errors that mean "the database is not there", as opposed to a bug in a statement.
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -335,59 +353,74 @@ class Ledger:
         now = self.clock()
         cost = accounting.weighted_cost(usage.real_tokens, usage.model, self._weights)
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                row = await self._settle_row(conn, usage, now)
-                if row["settled"]:
-                    return None
-                held = row["held"] or 0
-                split = accounting.split_debit(row["allowance"], cost)
-                allowance = row["allowance"] + split.allowance_delta
-                credits = row["credits"] + split.credits_delta
-                used = row["used_cycle"] + cost
-                before = accounting.usage_pct(row["used_cycle"], row["cycle_budget"])
-                after = accounting.usage_pct(used, row["cycle_budget"])
-                state = accounting.state_for(row["state"], allowance + credits, after)
-                alerts = accounting.crossings(before, after, self._thresholds)
-                flags = list(usage.flags)
-                if row["held"] is None:
-                    flags.append("unreserved")
-                updated = await conn.fetchrow(
-                    "WITH r AS (UPDATE reservations SET state = $17, closed_at = $5"
-                    "   WHERE exchange_id = $8 AND state = 'held'),"
-                    " e AS (INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta,"
-                    "   credits_delta, balance_after, exchange_id, request_id, model, prompt_tokens,"
-                    "   completion_tokens, estimate, real_tokens, flags, actor, cycle_start,"
-                    "   created_at, prompt_chars)"
-                    "   VALUES ($1, 'usage', $9, $10, $11, $2::bigint + $3::bigint, $8, $12, $13, $14, $15, $16,"
-                    "   $18, $19, 'gateway', $20, $5, $25)),"
-                    " o AS (INSERT INTO alert_outbox (user_id, cycle_start, cycle_end, threshold,"
-                    "   used_pct, used, budget, remaining, created_at, next_attempt_at)"
-                    "   SELECT $1, $20, $21, t, $22, $4, $23, $2::bigint + $3::bigint, $5, $5 FROM unnest($24::int[]) t"
-                    "   ON CONFLICT (user_id, cycle_start, threshold) DO NOTHING)"
-                    " UPDATE accounts SET allowance = $2, credits = $3, used_cycle = $4,"
-                    "   reserved = reserved - $6, state = $7, updated_at = $5 WHERE user_id = $1"
-                    f" RETURNING {_ACCOUNT_FIELDS}",
-                    usage.user_id, allowance, credits, used, now, held, state, usage.exchange_id,
-                    split.tokens, split.allowance_delta, split.credits_delta, usage.request_id,
-                    usage.model, usage.prompt_tokens, usage.completion_tokens, usage.estimate,
-                    reservation_state, usage.real_tokens, flags, row["cycle_start"],
-                    row["cycle_end"], after, row["cycle_budget"], alerts, usage.prompt_chars,
-                )
-                return Settled(_account(updated), cost, tuple(alerts))
+            return await self._settle(usage, cost, reservation_state, now)
+        except asyncpg.UniqueViolationError:
+            # Two settles of one unreserved exchange (spool replays) raced past the check:
+            # the UNIQUE exchange_id let exactly one commit (I1).
+            return None
         except UNAVAILABLE_ERRORS as exc:
             raise LedgerUnavailable(str(exc)) from exc
 
+    async def _settle(
+        self, usage: Usage, cost: int, reservation_state: str, now: datetime
+    ) -> Settled | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await self._settle_row(conn, usage, now)
+            if row["settled"]:
+                return None
+            held = row["held"] or 0
+            split = accounting.split_debit(row["allowance"], cost)
+            allowance = row["allowance"] + split.allowance_delta
+            credits = row["credits"] + split.credits_delta
+            used = row["used_cycle"] + cost
+            before = accounting.usage_pct(row["used_cycle"], row["cycle_budget"])
+            after = accounting.usage_pct(used, row["cycle_budget"])
+            state = accounting.state_for(row["state"], allowance + credits, after)
+            alerts = accounting.crossings(before, after, self._thresholds)
+            flags = list(usage.flags)
+            if row["held"] is None:
+                flags.append("unreserved")
+            updated = await conn.fetchrow(
+                "WITH r AS (UPDATE reservations SET state = $17, closed_at = $5"
+                "   WHERE exchange_id = $8 AND state = 'held'),"
+                " e AS (INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta,"
+                "   credits_delta, balance_after, exchange_id, request_id, model, prompt_tokens,"
+                "   completion_tokens, estimate, real_tokens, flags, actor, cycle_start,"
+                "   created_at, prompt_chars)"
+                "   VALUES ($1, 'usage', $9, $10, $11, $2::bigint + $3::bigint, $8, $12, $13, $14, $15, $16,"
+                "   $18, $19, 'gateway', $20, $5, $25)),"
+                " o AS (INSERT INTO alert_outbox (user_id, cycle_start, cycle_end, threshold,"
+                "   used_pct, used, budget, remaining, created_at, next_attempt_at)"
+                "   SELECT $1, $20, $21, t, $22, $4, $23, $2::bigint + $3::bigint, $5, $5 FROM unnest($24::int[]) t"
+                "   ON CONFLICT (user_id, cycle_start, threshold) DO NOTHING)"
+                " UPDATE accounts SET allowance = $2, credits = $3, used_cycle = $4,"
+                "   reserved = reserved - $6, state = $7, updated_at = $5 WHERE user_id = $1"
+                f" RETURNING {_ACCOUNT_FIELDS}",
+                usage.user_id, allowance, credits, used, now, held, state, usage.exchange_id,
+                split.tokens, split.allowance_delta, split.credits_delta, usage.request_id,
+                usage.model, usage.prompt_tokens, usage.completion_tokens, usage.estimate,
+                reservation_state, usage.real_tokens, flags, row["cycle_start"],
+                row["cycle_end"], after, row["cycle_budget"], alerts, usage.prompt_chars,
+            )
+            return Settled(_account(updated), cost, tuple(alerts))
+
     async def _settle_row(
         self, conn: asyncpg.Connection, usage: Usage, now: datetime
-    ) -> asyncpg.Record:
-        extra = (", (SELECT tokens FROM reservations WHERE exchange_id = $2 AND state = 'held')"
-                 " AS held, EXISTS (SELECT 1 FROM ledger_entries WHERE exchange_id = $2) AS settled")
-        row = await self._locked_account(conn, usage.user_id, extra, usage.exchange_id)
+    ) -> dict[str, Any]:
+        row = await self._locked_account(conn, usage.user_id)
         if row is None:
             # Admitted while the ledger was unreachable (fail-open) and replayed from the spool.
             await self._open_account(conn, usage.user_id, usage.email, None, now)
-            row = await self._locked_account(conn, usage.user_id, extra, usage.exchange_id)
-        return row
+            row = await self._locked_account(conn, usage.user_id)
+        # A separate statement on purpose: under READ COMMITTED it takes a snapshot after the
+        # lock was granted, so it sees a settle that committed while we waited (a subquery in
+        # the locking SELECT would not).
+        state = await conn.fetchrow(
+            "SELECT (SELECT tokens FROM reservations WHERE exchange_id = $1 AND state = 'held') AS held,"
+            " EXISTS (SELECT 1 FROM ledger_entries WHERE exchange_id = $1) AS settled",
+            usage.exchange_id,
+        )
+        return {**dict(row), **dict(state)}
 
     async def release(self, exchange_id: str) -> bool:
         """Give back a reservation without a debit (upstream error before any output)."""
@@ -472,6 +505,55 @@ class Ledger:
             await audit(conn, actor, action, user_id, before, updated, reason, source_ip, now)
             return updated
 
+    async def set_plan(
+        self, user_id: str, plan: str, *, actor: str, reason: str, source_ip: str | None = None
+    ) -> Account:
+        """Move a user to another plan. The new allowance applies from the next cycle (the
+        current cycle's budget is what the user was told; grant credits to top up now)."""
+        now = self.clock()
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT 1 FROM plans WHERE name = $1", plan):
+                raise UnknownPlan(plan)
+            row = await self._locked_account(conn, user_id)
+            if row is None:
+                raise UnknownUser(user_id)
+            before = _account(row)
+            updated = _account(await conn.fetchrow(
+                f"UPDATE accounts SET plan = $2, updated_at = $3 WHERE user_id = $1 RETURNING {_ACCOUNT_FIELDS}",
+                user_id, plan, now,
+            ))
+            await audit(conn, actor, "plan", user_id, before, updated, reason, source_ip, now)
+            return updated
+
+    async def upsert_plan(
+        self, name: str, *, monthly_tokens: int | None, requests_per_minute: int | None,
+        rollover: bool, actor: str, source_ip: str | None = None,
+    ) -> Plan:
+        async with self.pool.acquire() as conn, conn.transaction():
+            before = await conn.fetchrow("SELECT * FROM plans WHERE name = $1 FOR UPDATE", name)
+            row = await conn.fetchrow(
+                "INSERT INTO plans (name, monthly_tokens, requests_per_minute, rollover)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO UPDATE SET"
+                " monthly_tokens = $2, requests_per_minute = $3, rollover = $4 RETURNING *",
+                name, monthly_tokens, requests_per_minute, rollover,
+            )
+            plan = self._plan(row)
+            await audit(conn, actor, "plan_upsert", f"plan:{name}",
+                        None if before is None else self._plan(before).as_json(), plan.as_json(),
+                        None, source_ip, self.clock())
+            return plan
+
+    def _plan(self, row: asyncpg.Record) -> Plan:
+        return Plan(
+            name=row["name"],
+            monthly_tokens=self._plan_tokens(row),
+            requests_per_minute=row["requests_per_minute"] or self.settings.rate_limit_per_minute,
+            rollover=row["rollover"],
+        )
+
+    async def plans(self) -> list[Plan]:
+        return [self._plan(r) for r in await self.pool.fetch("SELECT * FROM plans ORDER BY name")]
+
     # ------------------------------------------------------------ reads
 
     async def account(self, user_id: str) -> Account | None:
@@ -533,7 +615,7 @@ class Ledger:
             "SELECT model, count(*) AS exchanges, SUM(prompt_tokens) AS prompt_tokens,"
             " SUM(prompt_chars) AS prompt_chars, SUM(real_tokens) AS real_tokens,"
             " SUM(estimate) AS estimate FROM ledger_entries"
-            " WHERE kind = 'usage' AND created_at >= $1 - make_interval(days => $2)"
+            " WHERE kind = 'usage' AND created_at >= $1::timestamptz - make_interval(days => $2::int)"
             "   AND prompt_chars > 0 AND estimate > 0 AND flags = '{}'"
             " GROUP BY model ORDER BY model",
             self.clock(), days,

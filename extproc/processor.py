@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -72,9 +72,30 @@ class RateLimiter(Protocol):
     async def hit(self, user_id: str, limit_per_minute: int) -> RateDecision: ...
 
 
-class NoLimit:
-    async def hit(self, user_id: str, limit_per_minute: int) -> RateDecision:
-        return RateDecision(True, limit_per_minute, limit_per_minute, 60)
+class PlanLimits:
+    """Requests-per-minute of each user's plan, known without a database round trip at
+    request headers: plans are reloaded by the maintenance loop, and a user's plan is learnt
+    from each admission (a plan change applies from the user's next request after that)."""
+
+    MAX_USERS = 200_000
+
+    def __init__(self, default_rpm: int) -> None:
+        self.default_rpm = default_rpm
+        self.by_plan: dict[str, int] = {}
+        self.user_plan: dict[str, str] = {}
+
+    def load(self, plans: dict[str, int]) -> None:
+        self.by_plan = dict(plans)
+
+    def learn(self, user_id: str, plan: str) -> None:
+        if self.user_plan.get(user_id) != plan:
+            if len(self.user_plan) >= self.MAX_USERS:
+                self.user_plan.clear()  # bounded memory; entries are relearnt on admission
+            self.user_plan[user_id] = plan
+
+    def limit_for(self, user_id: str) -> int:
+        plan = self.user_plan.get(user_id, "default")
+        return self.by_plan.get(plan) or self.by_plan.get("default") or self.default_rpm
 
 
 @dataclass
@@ -149,7 +170,7 @@ class Gate:
         limiter: RateLimiter,
         metrics: Metrics,
         spool: Spool,
-        limit_for: Callable[[str], int] | None = None,
+        limits: PlanLimits | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -159,7 +180,7 @@ class Gate:
         self.spool = spool
         self.messages = Messages(settings.language)
         self.open_paths = tuple(settings.open_path_list())
-        self.limit_for = limit_for or (lambda _user: settings.rate_limit_per_minute)
+        self.limits = limits or PlanLimits(settings.rate_limit_per_minute)
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -193,7 +214,7 @@ class Gate:
             return self.reject(self.messages.unauthorized(str(exc)))
         ex.request_id = headers.get("x-request-id")
         user = ex.identity.user_id
-        ex.rate = await self.limiter.hit(user, self.limit_for(user))
+        ex.rate = await self.limiter.hit(user, self.limits.limit_for(user))
         if not ex.rate.allowed:
             return self.reject(self.messages.rate_limited(
                 ex.rate.limit, ex.rate.retry_after, ex.rate.headers()))
@@ -291,6 +312,8 @@ class Gate:
             admission = None
         finally:
             self.metrics.ledger_latency.labels("admit").observe(time.perf_counter() - started)
+        if admission is not None:
+            self.limits.learn(ident.user_id, admission.account.plan)
         if admission is not None and admission.outcome == "suspended":
             return self.reject(self.messages.suspended())
         if admission is not None and admission.outcome == "insufficient":

@@ -60,7 +60,7 @@ else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local interval = math.ceil(60000000 / limit)
+local interval = math.max(1, math.floor(60000000 / limit))
 local window = interval * limit
 local raw = redis.call('GET', KEYS[1])
 local tat = now
@@ -101,8 +101,10 @@ def gcra(tat_ms: float | None, now_ms: float, limit: int) -> GcraResult:
     if limit < 1:
         raise ValueError("gcra needs a limit >= 1")
     now = _to_us(now_ms)
-    # Rounding the interval up keeps integer maths and errs on the strict side by < 1 us/request.
-    interval = math.ceil(WINDOW_US / limit)
+    # Whole microseconds keep the maths exact. Rounding down (not up) keeps the window within
+    # 60 s, so "reset" never reads 61 s; it is generous by under 1 us per request. Python's //
+    # equals Lua's floor(a / b) here: the quotient is never within rounding of an integer.
+    interval = max(1, WINDOW_US // limit)
     window = interval * limit
     tat = now
     if tat_ms is not None:

@@ -1,0 +1,295 @@
+"""The ledger against real PostgreSQL with an injected clock: cycles, plans, states,
+reservations, exactly-once, and the invariants after every scenario."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from extproc.ledger import Ledger, UnknownPlan, UnknownUser, Usage
+from extproc.settings import Settings
+from extproc.spool import Spool
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def d(y: int, m: int, day: int, h: int = 12) -> datetime:
+    return datetime(y, m, day, h, tzinfo=UTC)
+
+
+@pytest.fixture
+async def pool(service) -> asyncpg.Pool:
+    return service.pool
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(d(2026, 1, 31))
+
+
+@pytest.fixture
+def ledger(pool, settings: Settings, clock: Clock) -> Ledger:
+    return Ledger(pool, settings.replace(default_monthly_tokens=1000), clock)
+
+
+def xid() -> str:
+    return uuid.uuid4().hex
+
+
+async def spend(ledger: Ledger, user: str, tokens: int, estimate: int | None = None) -> None:
+    x = xid()
+    admission = await ledger.admit(user, estimate if estimate is not None else tokens, x)
+    assert admission.outcome == "ok", admission
+    await ledger.settle(Usage(exchange_id=x, user_id=user, prompt_tokens=0, completion_tokens=tokens))
+
+
+async def check_invariants(ledger: Ledger) -> None:
+    assert await ledger.reconcile() == []
+
+
+async def entries(pool: asyncpg.Pool, user: str, kind: str | None = None) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        "SELECT * FROM ledger_entries WHERE user_id = $1 AND ($2::text IS NULL OR kind = $2) ORDER BY id",
+        user, kind)
+
+
+# ---------------------------------------------------------------- cycles
+
+
+async def test_cycle_rolls_lazily_jan31_to_feb28(ledger, clock, pool, user):
+    await spend(ledger, user, 600)
+    account = await ledger.account(user)
+    assert (account.cycle_start, account.cycle_end) == (d(2026, 1, 31, 0), d(2026, 2, 28, 0))
+    clock.now = d(2026, 2, 27, 23)
+    assert (await ledger.admit(user, 1, xid())).account.allowance == 400  # same cycle
+    clock.now = d(2026, 2, 28, 0)
+    admission = await ledger.admit(user, 1, xid())
+    assert admission.outcome == "ok"
+    assert admission.account.allowance == 1000
+    assert admission.account.used_cycle == 0
+    assert (admission.account.cycle_start, admission.account.cycle_end) == (
+        d(2026, 2, 28, 0), d(2026, 3, 31, 0))
+    resets = await entries(pool, user, "cycle_reset")
+    assert [r["tokens"] for r in resets] == [1000, 600]  # opening + reset (400 expired)
+    assert "400 unused tokens expired" in resets[1]["reason"]
+    assert resets[1]["cycle_start"] == d(2026, 2, 28, 0)
+    await check_invariants(ledger)
+
+
+async def test_cycle_rolls_december_to_january(ledger, clock, user):
+    clock.now = d(2026, 12, 15)
+    await spend(ledger, user, 10)
+    clock.now = d(2027, 1, 15, 0)
+    account = (await ledger.admit(user, 1, xid())).account
+    assert (account.cycle_start, account.cycle_end) == (d(2027, 1, 15, 0), d(2027, 2, 15, 0))
+
+
+async def test_idle_account_rolls_once_for_many_months(ledger, clock, pool, user):
+    await spend(ledger, user, 10)
+    clock.now = d(2026, 7, 4)
+    account = (await ledger.admit(user, 1, xid())).account
+    assert (account.cycle_start, account.cycle_end) == (d(2026, 6, 30, 0), d(2026, 7, 31, 0))
+    assert len(await entries(pool, user, "cycle_reset")) == 2
+
+
+async def test_request_and_sweep_racing_roll_once(ledger, clock, pool, user):
+    await spend(ledger, user, 100)
+    clock.now = d(2026, 3, 1)
+    results = await asyncio.gather(
+        *[ledger.admit(user, 1, xid()) for _ in range(10)],
+        ledger.roll_idle_cycles(), ledger.roll_idle_cycles())
+    assert all(r.outcome == "ok" for r in results[:10])
+    assert len(await entries(pool, user, "cycle_reset")) == 2
+    assert await ledger.roll_idle_cycles() == 0
+    await check_invariants(ledger)
+
+
+async def test_rollover_plan_carries_unused_allowance_and_credits_survive(ledger, clock, user):
+    await ledger.upsert_plan("carry", monthly_tokens=500, requests_per_minute=None, rollover=True,
+                             actor="test")
+    await spend(ledger, user, 100)  # default plan: 1000 -> 900
+    await ledger.grant(user, 250, actor="test", reason="bonus")
+    await ledger.set_plan(user, "carry", actor="test", reason="upgrade")
+    clock.now = d(2026, 2, 28, 1)
+    account = (await ledger.admit(user, 1, xid())).account
+    assert account.allowance == 900 + 500
+    assert account.credits == 250
+    assert account.cycle_budget == 900 + 500 + 250
+    await check_invariants(ledger)
+
+
+async def test_no_rollover_by_default(ledger, clock, user):
+    await spend(ledger, user, 100)
+    await ledger.grant(user, 30, actor="test", reason="bonus")
+    clock.now = d(2026, 2, 28, 1)
+    account = (await ledger.admit(user, 1, xid())).account
+    assert (account.allowance, account.credits) == (1000, 30)
+
+
+async def test_plan_errors(ledger, user):
+    with pytest.raises(UnknownUser):
+        await ledger.set_plan(user, "default", actor="t", reason="r")
+    await spend(ledger, user, 1)
+    with pytest.raises(UnknownPlan):
+        await ledger.set_plan(user, "nope", actor="t", reason="r")
+    plans = {p.name: p for p in await ledger.plans()}
+    assert plans["default"].monthly_tokens == 1000  # NULL column -> deployment default
+
+
+# ---------------------------------------------------------------- states
+
+
+async def test_states_follow_usage_thresholds(ledger, clock, user):
+    await spend(ledger, user, 790)
+    assert (await ledger.account(user)).state == "active"
+    await spend(ledger, user, 10)
+    assert (await ledger.account(user)).state == "warned_80"
+    await spend(ledger, user, 100)
+    assert (await ledger.account(user)).state == "warned_90"
+    await spend(ledger, user, 100)
+    account = await ledger.account(user)
+    assert (account.state, account.balance, account.used_pct) == ("blocked", 0, 100.0)
+    assert (await ledger.admit(user, 1, xid())).outcome == "insufficient"
+    account, applied = await ledger.grant(user, 500, actor="test", reason="top-up")
+    assert applied and account.state == "active"  # 1000 of a 1500 budget: 66.67 %
+    clock.now = d(2026, 3, 1)
+    assert (await ledger.admit(user, 1, xid())).account.state == "active"
+    await check_invariants(ledger)
+
+
+async def test_suspended_refused_regardless_of_balance(ledger, user):
+    await spend(ledger, user, 1)
+    await ledger.set_suspended(user, True, actor="admin", reason="abuse")
+    assert (await ledger.admit(user, 1, xid())).outcome == "suspended"
+    await ledger.grant(user, 10_000, actor="admin", reason="still suspended")
+    assert (await ledger.admit(user, 1, xid())).outcome == "suspended"
+    account = await ledger.set_suspended(user, False, actor="admin", reason="ok")
+    assert account.state == "active"
+    assert (await ledger.admit(user, 1, xid())).outcome == "ok"
+
+
+async def test_admin_changes_write_audit_rows(ledger, pool, user):
+    await spend(ledger, user, 1)
+    await ledger.grant(user, 5, actor="admin:ana", reason="gift", source_ip="10.0.0.1")
+    await ledger.set_suspended(user, True, actor="admin:ana", reason="x")
+    await ledger.set_plan(user, "default", actor="admin:ana", reason="y")
+    rows = await pool.fetch("SELECT * FROM audit_log WHERE target = $1 ORDER BY id", user)
+    assert [r["action"] for r in rows] == ["grant", "suspend", "plan"]
+    assert rows[0]["source_ip"] == "10.0.0.1" and rows[0]["actor"] == "admin:ana"
+    with pytest.raises(asyncpg.RaiseError):
+        await pool.execute("DELETE FROM audit_log WHERE target = $1", user)
+
+
+async def test_grant_is_idempotent_by_key(ledger, pool, user):
+    await spend(ledger, user, 1)
+    results = await asyncio.gather(*[
+        ledger.grant(user, 100, actor="admin", reason="double click", idempotency_key=f"k-{user}")
+        for _ in range(5)])
+    assert sorted(applied for _, applied in results) == [False] * 4 + [True]
+    assert len(await entries(pool, user, "grant")) == 1
+    with pytest.raises(UnknownUser):
+        await ledger.grant("nobody-" + user, 1, actor="a", reason="r")
+
+
+# ---------------------------------------------------------------- reservations
+
+
+async def test_expired_reservations_are_charged_once_by_racing_sweepers(ledger, clock, pool, user):
+    await spend(ledger, user, 1)
+    x = xid()
+    assert (await ledger.admit(user, 40, x)).outcome == "ok"
+    assert (await ledger.account(user)).reserved == 40
+    clock.now += timedelta(seconds=ledger.settings.reservation_ttl_seconds + 1)
+    swept = await asyncio.gather(ledger.sweep_reservations(), ledger.sweep_reservations())
+    assert sum(swept) >= 1  # other tests' stale holds may be swept too; ours exactly once:
+    [entry] = [e for e in await entries(pool, user, "usage") if e["exchange_id"] == x]
+    assert entry["tokens"] == -40 and list(entry["flags"]) == ["expired"]
+    state = await pool.fetchval("SELECT state FROM reservations WHERE exchange_id = $1", x)
+    assert state == "expired"
+    assert (await ledger.account(user)).reserved == 0
+    await check_invariants(ledger)
+
+
+async def test_release_returns_the_hold_without_entry(ledger, pool, user):
+    x = xid()
+    await ledger.admit(user, 50, x)
+    assert await ledger.release(x) is True
+    assert await ledger.release(x) is False
+    account = await ledger.account(user)
+    assert (account.reserved, account.balance) == (0, 1000)
+    assert await entries(pool, user, "usage") == []
+
+
+async def test_concurrent_settle_replays_debit_once(ledger, pool, user):
+    x = xid()
+    await ledger.admit(user, 100, x)
+    usage = Usage(exchange_id=x, user_id=user, prompt_tokens=30, completion_tokens=20)
+    results = await asyncio.gather(*[ledger.settle(usage) for _ in range(20)])
+    assert sum(r is not None for r in results) == 1
+    assert [e["tokens"] for e in await entries(pool, user, "usage")] == [-50]
+    await check_invariants(ledger)
+
+
+async def test_overspend_beyond_reservation_is_bounded_and_recorded(ledger, user):
+    """Real usage above the estimate is debited in full (credits go negative): the bound of
+    invariant 3 is the excess of real over estimated tokens of the requests in flight."""
+    await spend(ledger, user, 990)
+    x = xid()
+    await ledger.admit(user, 10, x)
+    await ledger.settle(Usage(exchange_id=x, user_id=user, prompt_tokens=0, completion_tokens=25))
+    account = await ledger.account(user)
+    assert (account.allowance, account.credits, account.state) == (0, -15, "blocked")
+    await check_invariants(ledger)
+
+
+# ---------------------------------------------------------------- spool
+
+
+async def test_spool_replays_exactly_once(ledger, pool, user, tmp_path):
+    spool = Spool(tmp_path)
+    x = xid()
+    await ledger.admit(user, 100, x)
+    usage = Usage(exchange_id=x, user_id=user, prompt_tokens=3, completion_tokens=4)
+    await spool.append(usage)
+    await spool.append(usage)  # a retry that spooled twice
+    (tmp_path / "settles.jsonl").open("ab").write(b"{not json\n")
+    assert spool.pending() == 3
+    assert await spool.replay(ledger) == 3
+    assert spool.pending() == 0
+    assert (tmp_path / "settles.rejected").read_bytes() == b"{not json\n"
+    assert [e["tokens"] for e in await entries(pool, user, "usage")] == [-7]
+    await check_invariants(ledger)
+
+
+async def test_spool_replay_of_unknown_user_opens_account(ledger, pool, user, tmp_path):
+    """Fail-open admissions have no reservation and maybe no account yet."""
+    spool = Spool(tmp_path)
+    await spool.append(Usage(exchange_id=xid(), user_id=user, prompt_tokens=5, completion_tokens=5,
+                             email="late@example.com"))
+    assert await spool.replay(ledger) == 1
+    [entry] = await entries(pool, user, "usage")
+    assert "unreserved" in entry["flags"]
+    account = await ledger.account(user)
+    assert (account.balance, account.email) == (990, "late@example.com")
+
+
+async def test_calibration_reports_factor_per_model(ledger, pool, user):
+    for chars, prompt in ((1000, 380), (2000, 740)):
+        x = xid()
+        assert (await ledger.admit(user, 400, x, model="m-cal")).outcome == "ok"
+        await ledger.settle(Usage(exchange_id=x, user_id=user, model="m-cal", prompt_tokens=prompt,
+                                  completion_tokens=100, estimate=400, prompt_chars=chars))
+    [row] = [r for r in await ledger.calibration(days=1) if r["model"] == "m-cal"]
+    assert row["exchanges"] == 2
+    assert row["suggested_factor"] == round(1120 / 3000, 4)
+    assert row["real_to_estimate"] == round(1320 / 800, 4)
