@@ -612,9 +612,9 @@ class Ledger:
         conversion factor the data suggests) and real/estimate of whole exchanges. Only
         exchanges whose usage the upstream reported count (not counted or expired ones)."""
         rows = await self.pool.fetch(
-            "SELECT model, count(*) AS exchanges, SUM(prompt_tokens) AS prompt_tokens,"
-            " SUM(prompt_chars) AS prompt_chars, SUM(real_tokens) AS real_tokens,"
-            " SUM(estimate) AS estimate FROM ledger_entries"
+            "SELECT model, count(*) AS exchanges, SUM(prompt_tokens)::bigint AS prompt_tokens,"
+            " SUM(prompt_chars)::bigint AS prompt_chars, SUM(real_tokens)::bigint AS real_tokens,"
+            " SUM(estimate)::bigint AS estimate FROM ledger_entries"
             " WHERE kind = 'usage' AND created_at >= $1::timestamptz - make_interval(days => $2::int)"
             "   AND prompt_chars > 0 AND estimate > 0 AND flags = '{}'"
             " GROUP BY model ORDER BY model",
@@ -630,8 +630,8 @@ class Ledger:
         """Accounts whose columns disagree with their ledger entries or reservations."""
         rows = await self.pool.fetch(
             "SELECT a.user_id, a.allowance, a.credits, a.reserved,"
-            " COALESCE(e.allowance, 0) AS ledger_allowance, COALESCE(e.credits, 0) AS ledger_credits,"
-            " COALESCE(r.held, 0) AS held"
+            " COALESCE(e.allowance, 0)::bigint AS ledger_allowance,"
+            " COALESCE(e.credits, 0)::bigint AS ledger_credits, COALESCE(r.held, 0)::bigint AS held"
             " FROM accounts a"
             " LEFT JOIN (SELECT user_id, SUM(allowance_delta) AS allowance,"
             "   SUM(credits_delta) AS credits FROM ledger_entries GROUP BY user_id) e"
