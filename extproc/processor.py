@@ -149,9 +149,6 @@ CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersRespo
 CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
 CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
-SWITCH_TO_STREAMED = pb.ProcessingResponse(
-    response_headers=pb.HeadersResponse(),
-    mode_override=processing_mode_pb2.ProcessingMode(response_body_mode=_STREAMED))
 # Unmetered pass-through (GET /v1/models): nothing more to see on this stream.
 PASS_THROUGH = pb.ProcessingResponse(
     request_headers=pb.HeadersResponse(),
@@ -342,15 +339,18 @@ class Gate:
             ex.status = 0
         if not ex.admitted:
             return CONTINUE_RESPONSE_HEADERS
+        rate = pb.CommonResponse(header_mutation=_mutation(ex.rate.headers())) if ex.rate else None
         if headers.get("content-type", "").startswith("text/event-stream"):
             ex.sse = True
             ex.tap = StreamTap(self.settings.max_usage_tokens)
             if msg.end_of_stream:
                 self._finish_later(ex)
-            return SWITCH_TO_STREAMED
+            return pb.ProcessingResponse(
+                response_headers=pb.HeadersResponse(response=rate),
+                mode_override=processing_mode_pb2.ProcessingMode(response_body_mode=_STREAMED))
         if msg.end_of_stream:  # no body at all: nothing was produced
             self._finish_later(ex)
-        return CONTINUE_RESPONSE_HEADERS
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=rate))
 
     async def on_response_body(self, ex: Exchange, msg: pb.HttpBody) -> pb.ProcessingResponse:
         if not ex.admitted or ex.closed:
@@ -373,14 +373,12 @@ class Gate:
         if account is None:
             return CONTINUE_RESPONSE_BODY
         return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
-            header_mutation=_mutation(self._budget_headers(ex, account)))))
+            header_mutation=_mutation(self._budget_headers(account)))))
 
-    def _budget_headers(self, ex: Exchange, account: Any) -> list[tuple[str, str]]:
-        out = [("x-solaris-tokens-remaining", str(max(account.available, 0))),
-               ("x-solaris-quota-used-pct", f"{account.used_pct:.2f}")]
-        if ex.rate is not None:
-            out.extend(ex.rate.headers())
-        return out
+    @staticmethod
+    def _budget_headers(account: Any) -> list[tuple[str, str]]:
+        return [("x-solaris-tokens-remaining", str(max(account.available, 0))),
+                ("x-solaris-quota-used-pct", f"{account.used_pct:.2f}")]
 
     def _usage(self, ex: Exchange, observed: Any, text: str) -> Usage | None:
         """The debit of a finished exchange, or None for "release without debit"."""

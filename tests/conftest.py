@@ -12,6 +12,7 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,14 @@ def make_database(pg_server_url: str) -> Iterator[Any]:
         finally:
             await conn.close()
 
+    def run(sql: str) -> None:
+        # Own thread and loop: callable from sync fixtures and from inside async tests alike.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, admin(sql)).result()
+
     def make(migrate: bool = True) -> str:
         name = f"solaris_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+        run(f'CREATE DATABASE "{name}"')
         created.append(name)
         url = _with_database(pg_server_url, name)
         if migrate:
@@ -80,7 +86,7 @@ def make_database(pg_server_url: str) -> Iterator[Any]:
 
     yield make
     for name in created:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

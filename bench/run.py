@@ -1,0 +1,910 @@
+#!/usr/bin/env python3
+"""The gate's benchmark: the same load against three stacks, on this machine, in one go.
+
+  (a) direct  Envoy straight to the fast upstream (tests/fake_upstream.py), no ext_proc filter
+  (b) noop    Envoy + `extproc serve --noop` (answers every phase, touches nothing)
+  (c) gate    Envoy + `extproc serve` (JWT, Redis rate limit, Postgres reserve and settle)
+
+Each stack runs three passes of POST /v1/chat/completions, rotating over --users users' JWTs:
+  throughput  --concurrency connections flat out (closed loop): requests/s, p50, p99
+  latency     one connection flat out: the per-request latency with nothing queued
+  paced       --concurrency connections with exponential think times, offering about
+              --paced-fraction of the gate's throughput ("moderate load"): p50, p99
+
+Passes are interleaved over the stacks (all stacks stay up, idle when not measured), so slow
+drift in background load hits every stack alike. The processors' CPU seconds per request
+(/proc/<pid>/stat) are reported for the throughput pass, with Envoy's, the upstream's,
+the Postgres backends' and Redis's. After the gate's passes its processors are stopped
+gracefully, `extproc reconcile` must find no drift, and the ledger must hold one usage
+entry per exchange (at least one per 200 the load generator saw).
+
+Everything is set up here and torn down at the end (also on Ctrl-C): a fresh database on
+DATABASE_URL's server (migrated with dbmate, dropped at the end), REDIS_URL, embedded
+PostgreSQL/Redis when those do not answer. `make bench` runs it with the defaults; see
+bench/README.md for options and measured numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import resource
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from extproc import devstack
+from extproc.identity import mint_token
+from extproc.migrate import dbmate
+from extproc.settings import Settings
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+LUA = BENCH / "chat.lua"
+UPSTREAM = ROOT / "tests" / "fake_upstream.py"
+PATH = "/v1/chat/completions"
+PROMPT = "Say hello to the Solaris benchmark in one short sentence, please."
+SCENARIOS = ("direct", "noop", "gate")
+LABELS = {"direct": "(a) envoy direct", "noop": "(b) envoy + noop", "gate": "(c) envoy + gate"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GOAL_THROUGHPUT = 0.70  # c >= 70 % of b
+GOAL_P50_MS = 2.0  # p50(c) - p50(a) under 2 ms at moderate load
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- measurements
+
+
+@dataclass
+class Load:
+    """One load-generator run."""
+
+    requests: int = 0  # completed responses, any status
+    seconds: float = 0.0
+    non2xx: int = 0  # non-2xx/3xx responses
+    socket_errors: int = 0  # connect/read/write errors and timeouts (no response)
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    mean_ms: float = 0.0
+    loadgen_cpu_s: float = 0.0
+    concurrency: int = 0
+    think_ms: float = 0.0
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def ok(self) -> int:
+        return self.requests - self.non2xx
+
+    @property
+    def failed(self) -> int:
+        return self.non2xx + self.socket_errors
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a whole process (all threads), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    if not sorted_values:
+        return 0.0
+    k = min(len(sorted_values) - 1, max(0, round(pct / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[k]
+
+
+# ---------------------------------------------------------------- load generators
+
+
+class Wrk:
+    name = "wrk"
+
+    def __init__(self, tokens_file: Path, threads: int) -> None:
+        self.tokens_file = tokens_file
+        self.threads = threads
+
+    def run(self, url: str, concurrency: int, duration: float, stream_ratio: float,
+            think_ms: float = 0.0) -> Load:
+        threads = max(1, min(self.threads, concurrency))
+        cmd = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(duration))}s",
+               "--timeout", "10s", "--latency", "-s", str(LUA), url + PATH]
+        env = devstack.child_env(BENCH_TOKENS_FILE=str(self.tokens_file),
+                                 BENCH_STREAM_RATIO=str(stream_ratio), BENCH_THINK_MS=str(think_ms))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
+        if proc.returncode != 0 or line is None:
+            raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()}\n{proc.stdout}")
+        data = json.loads(line.split(" ", 1)[1])
+        return Load(
+            requests=data["requests"], seconds=data["duration_us"] / 1e6, non2xx=data["status"],
+            socket_errors=data["connect"] + data["read"] + data["write"] + data["timeout"],
+            p50_ms=data["p50"] / 1000, p90_ms=data["p90"] / 1000, p99_ms=data["p99"] / 1000,
+            max_ms=data["max"] / 1000, mean_ms=data["mean"] / 1000,
+            loadgen_cpu_s=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+            concurrency=concurrency, think_ms=think_ms)
+
+
+class PythonLoad:
+    """Fallback when wrk is unavailable: aiohttp in this process. It costs far more CPU per
+    request than wrk, CPU the stacks under test then do not get: compare ratios, not
+    absolute numbers."""
+
+    name = "python-aiohttp"
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self.tokens = list(tokens)
+
+    def run(self, url: str, concurrency: int, duration: float, stream_ratio: float,
+            think_ms: float = 0.0) -> Load:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        load = asyncio.run(self._run(url + PATH, concurrency, duration, stream_ratio, think_ms))
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        load.loadgen_cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        return load
+
+    async def _run(self, url: str, concurrency: int, duration: float, stream_ratio: float,
+                   think_ms: float) -> Load:
+        import aiohttp
+
+        bodies = [json.dumps({"model": "gpt-4o-mini", **({"stream": True} if s else {}),
+                              "messages": [{"role": "user", "content": PROMPT}]}).encode()
+                  for s in (False, True)]
+        headers = [{"Content-Type": "application/json", "Authorization": f"Bearer {t}"}
+                   for t in self.tokens]
+        latencies: list[float] = []
+        counts = {"non2xx": 0, "errors": 0, "n": 0}
+        started = time.perf_counter()
+        deadline = started + duration
+        connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+            async def worker() -> None:
+                while time.perf_counter() < deadline:
+                    if think_ms > 0:
+                        await asyncio.sleep(random.expovariate(1000 / think_ms))
+                    i = counts["n"]
+                    counts["n"] += 1
+                    stream = int((i + 1) * stream_ratio) > int(i * stream_ratio)
+                    t0 = time.perf_counter()
+                    try:
+                        async with session.post(url, data=bodies[stream],
+                                                headers=headers[i % len(headers)]) as resp:
+                            await resp.read()
+                            status = resp.status
+                    except (aiohttp.ClientError, OSError, TimeoutError):
+                        counts["errors"] += 1
+                        continue
+                    latencies.append(time.perf_counter() - t0)
+                    if not 200 <= status < 400:
+                        counts["non2xx"] += 1
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        lat = sorted(x * 1000 for x in latencies)
+        return Load(
+            requests=len(lat), seconds=elapsed, non2xx=counts["non2xx"], socket_errors=counts["errors"],
+            p50_ms=percentile(lat, 50), p90_ms=percentile(lat, 90), p99_ms=percentile(lat, 99),
+            max_ms=lat[-1] if lat else 0.0, mean_ms=sum(lat) / len(lat) if lat else 0.0,
+            concurrency=concurrency, think_ms=think_ms)
+
+
+def ensure_wrk(allow_install: bool) -> bool:
+    if shutil.which("wrk"):
+        return True
+    if not allow_install:
+        return False
+    log("wrk not found; trying `apt-get install -y wrk`")
+    env = devstack.child_env(DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "install", "-y", "-qq", "wrk"],
+                ["sh", "-c", "apt-get update -qq && apt-get install -y -qq wrk"]):
+        with contextlib.suppress(OSError):
+            subprocess.run(cmd, env=env, capture_output=True, check=False, timeout=300)
+        if shutil.which("wrk"):
+            return True
+    log("could not install wrk; falling back to the Python (aiohttp) load generator")
+    return False
+
+
+# ---------------------------------------------------------------- the stacks
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+def http_status(url: str, timeout: float = 1.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (OSError, ValueError):
+        return 0
+
+
+class Processor:
+    """One `extproc serve [--noop]` child process on its own ports."""
+
+    def __init__(self, env: dict[str, str], noop: bool, logdir: Path, index: int) -> None:
+        self.noop = noop
+        self.grpc_port = devstack.free_port()
+        self.http_port = devstack.free_port()
+        self.env = {**env, "GATE_GRPC_PORT": str(self.grpc_port), "GATE_HTTP_PORT": str(self.http_port)}
+        self.log_path = logdir / f"{'noop' if noop else 'gate'}-{index}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> Processor:
+        cmd = [devstack.binary("extproc"), "serve", *(["--noop"] if self.noop else [])]
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        def ready() -> bool:
+            if not devstack.port_open("127.0.0.1", self.grpc_port):
+                return False
+            return self.noop or http_status(f"http://127.0.0.1:{self.http_port}/readyz") == 200
+
+        try:
+            devstack.wait_until(ready, timeout, f"processor {self.log_path.name}", self.proc)
+        except (RuntimeError, TimeoutError):
+            sys.stderr.write(self.log_path.read_text(errors="replace")[-4000:])
+            raise
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is not None:
+            devstack.stop_process(self.proc, timeout)
+
+
+@dataclass
+class Stack:
+    name: str
+    processors: list[Processor]
+    envoy: devstack.Envoy
+    loads: dict[str, Load] = field(default_factory=dict)  # pass name -> result
+    cpu_ms_per_request: dict[str, float] = field(default_factory=dict)  # component -> ms
+    extra_ok: int = 0  # 2xx outside the measured passes (smoke, warm-up)
+    runs: list[int] = field(default_factory=list)  # concurrency of every load run (cut-offs)
+
+    @property
+    def url(self) -> str:
+        return self.envoy.url
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.stack = contextlib.ExitStack()
+        self.workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="solaris-bench-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.logdir = self.workdir / "logs"
+        self.logdir.mkdir(exist_ok=True)
+        self.run_id = secrets.token_hex(4)
+        self.secret = secrets.token_hex(32)
+        self.database_url = ""
+        self.redis_url = ""
+        self.stacks: dict[str, Stack] = {}
+        self.failures: list[str] = []
+        self.money: dict[str, Any] = {}
+        self.profile: dict[str, Any] = {}
+        self.loadgen: Wrk | PythonLoad | None = None
+        self.pg_pids: list[int] = []
+        self.upstream_pid = 0
+
+    # ------------------------------------------------------------ setup
+
+    def __enter__(self) -> Bench:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        log("tearing down")
+        self.stack.close()
+        if not self.args.keep and not self.failures and exc[0] is None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        else:
+            log(f"logs kept in {self.workdir}")
+
+    def setup_services(self) -> None:
+        args = self.args
+        server = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
+        if not devstack.postgres_reachable(server):
+            log(f"{server} does not answer; starting an embedded PostgreSQL")
+            pg, server = devstack.embedded_postgres(self.workdir / "pg")
+            self.stack.callback(pg.cleanup)
+        name = f"solaris_bench_{self.run_id}"
+        admin_url = with_database(server, "postgres")
+
+        async def admin(sql: str) -> None:
+            conn = await asyncpg.connect(admin_url)
+            try:
+                await conn.execute(sql)
+            finally:
+                await conn.close()
+
+        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+        if not args.keep_db:
+            self.stack.callback(lambda: asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
+        self.database_url = with_database(server, name)
+        dbmate(self.database_url, "up")
+        log(f"database {name} created and migrated")
+
+        self.redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+        if not devstack.redis_reachable(self.redis_url):
+            log(f"{self.redis_url} does not answer; starting an embedded Redis")
+            rd, self.redis_url = devstack.embedded_redis(self.workdir / "redis")
+            self.stack.callback(rd.shutdown)
+
+        settings = Settings(jwt_secret=self.secret)
+        tokens = [mint_token(settings, f"bench-{self.run_id}-{i:05d}",
+                             email=f"bench{i}@example.test", ttl=args.token_ttl)
+                  for i in range(args.users)]
+        tokens_file = self.workdir / "tokens.txt"
+        tokens_file.write_text("\n".join(tokens) + "\n")
+        if args.loadgen != "python" and ensure_wrk(args.loadgen == "auto"):
+            self.loadgen = Wrk(tokens_file, args.wrk_threads)
+        elif args.loadgen == "wrk":
+            raise SystemExit("--loadgen wrk: wrk is not installed")
+        else:
+            self.loadgen = PythonLoad(tokens)
+        log(f"load generator: {self.loadgen.name}; {args.users} users")
+
+    def processor_env(self) -> dict[str, str]:
+        return devstack.child_env(
+            DATABASE_URL=self.database_url,
+            REDIS_URL=self.redis_url,
+            GATE_JWT_SECRET=self.secret,
+            GATE_RATE_LIMIT_PER_MINUTE=str(self.args.rate_limit),
+            GATE_DEFAULT_MONTHLY_TOKENS=str(10**15),
+            GATE_SPOOL_DIR=str(self.workdir / "spool"),
+            GATE_LOG_LEVEL=self.args.log_level,
+        )
+
+    def start_upstream(self) -> tuple[str, int]:
+        port = devstack.free_port()
+        with (self.logdir / "upstream.log").open("wb") as out:
+            proc = subprocess.Popen([sys.executable, str(UPSTREAM), "--port", str(port)],
+                                    stdout=out, stderr=subprocess.STDOUT)
+        self.stack.callback(devstack.stop_process, proc)
+        devstack.wait_until(lambda: devstack.port_open("127.0.0.1", port), 30, "fake upstream", proc)
+        self.upstream_pid = proc.pid
+        return ("127.0.0.1", port)
+
+    def start_stack(self, name: str, upstream: tuple[str, int]) -> Stack:
+        procs: list[Processor] = []
+        if name != "direct":
+            env = self.processor_env()
+            procs = [Processor(env, name == "noop", self.logdir, i).start()
+                     for i in range(self.args.processors)]
+            for p in procs:
+                self.stack.callback(p.stop)
+            for p in procs:
+                p.wait_ready()
+        http = ("127.0.0.1", procs[0].http_port) if name == "gate" else upstream
+        envoy = devstack.Envoy(
+            self.workdir / f"envoy-{name}", upstream=upstream,
+            extproc=[("127.0.0.1", p.grpc_port) for p in procs] if procs else None,
+            http=http, concurrency=self.args.envoy_concurrency)
+        self.stack.callback(envoy.stop)
+        envoy.start(timeout=60)
+        stack = Stack(name, procs, envoy)
+        self.smoke(stack)
+        return stack
+
+    def smoke(self, stack: Stack) -> None:
+        """One request by hand: a bench where everything is refused measures nothing."""
+        token = self.workdir.joinpath("tokens.txt").read_text().split("\n", 1)[0]
+        body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]})
+        req = urllib.request.Request(stack.url + PATH, data=body.encode(), method="POST", headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                status, headers, text = resp.status, resp.headers, resp.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            status, headers, text = exc.code, exc.headers, exc.read().decode(errors="replace")
+        if status != 200:
+            raise RuntimeError(f"smoke request through {stack.name} got {status}: {text[:500]}")
+        if stack.name == "gate" and "x-solaris-tokens-remaining" not in headers:
+            raise RuntimeError("smoke request through the gate lacks x-solaris-tokens-remaining: "
+                               "it did not pass the gate")
+        stack.extra_ok += 1
+
+    # ------------------------------------------------------------ passes
+
+    def cpu_snapshot(self, stack: Stack) -> dict[str, float]:
+        snap = {"processors": sum(proc_cpu_seconds(p.pid) for p in stack.processors),
+                "envoy": proc_cpu_seconds(stack.envoy.proc.pid) if stack.envoy.proc else 0.0,
+                "upstream": proc_cpu_seconds(self.upstream_pid)}
+        if stack.name == "gate":
+            snap["postgres"] = sum(proc_cpu_seconds(pid) for pid in self.pg_pids)
+            snap["redis"] = self.redis_cpu()
+        return snap
+
+    def redis_cpu(self) -> float:
+        import redis
+
+        try:
+            client = redis.Redis.from_url(self.redis_url, socket_timeout=1)
+            info = client.info("cpu")
+            client.close()
+            return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        except (OSError, redis.RedisError):
+            return 0.0
+
+    def postgres_backends(self) -> list[int]:
+        """PIDs of the server processes serving the bench database (the processors' pools)."""
+
+        async def fetch() -> list[int]:
+            conn = await asyncpg.connect(self.database_url)
+            try:
+                rows = await conn.fetch("SELECT pid FROM pg_stat_activity"
+                                        " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                return [r["pid"] for r in rows]
+            finally:
+                await conn.close()
+
+        pids = asyncio.run(fetch())
+        return [p for p in pids if Path(f"/proc/{p}").exists()]  # local server only
+
+    def load(self, stack: Stack, pass_name: str, concurrency: int, duration: float,
+             think_ms: float = 0.0) -> Load:
+        assert self.loadgen is not None
+        stack.runs.append(concurrency)
+        return self.loadgen.run(stack.url, concurrency, duration, self.args.stream_ratio, think_ms)
+
+    def warm_up(self, stack: Stack) -> None:
+        if self.args.warmup > 0:
+            load = self.load(stack, "warmup", self.args.concurrency, self.args.warmup)
+            stack.extra_ok += load.ok
+            if load.failed:
+                log(f"  warm-up of {stack.name}: {load.non2xx} non-2xx, {load.socket_errors} socket errors")
+
+    def throughput_pass(self, stack: Stack) -> None:
+        args = self.args
+        if stack.name == "gate":
+            self.pg_pids = self.postgres_backends()
+        profiler = self.start_profiler(stack) if args.profile and stack.name == "gate" else None
+        before = self.cpu_snapshot(stack)
+        load = self.load(stack, "throughput", args.concurrency, args.duration)
+        after = self.cpu_snapshot(stack)
+        if profiler is not None:
+            self.finish_profiler(*profiler)
+        stack.loads["throughput"] = load
+        n = max(load.requests, 1)
+        stack.cpu_ms_per_request = {k: (after[k] - before[k]) * 1000 / n for k in before}
+        stack.cpu_ms_per_request["loadgen"] = load.loadgen_cpu_s * 1000 / n
+        self.report_load(stack, "throughput", load)
+
+    def report_load(self, stack: Stack, pass_name: str, load: Load) -> None:
+        log(f"  {stack.name:6} {pass_name:10} c={load.concurrency:<3} {load.rps:8.1f} req/s"
+            f"  p50 {load.p50_ms:7.2f} ms  p99 {load.p99_ms:7.2f} ms"
+            f"  non-2xx {load.non2xx}  socket errors {load.socket_errors}")
+        if load.failed:
+            msg = (f"{stack.name}/{pass_name}: {load.non2xx} non-2xx responses and "
+                   f"{load.socket_errors} socket errors out of {load.requests}")
+            self.failures.append(msg)
+            log("!" * 20 + " " + msg)
+
+    def run(self) -> int:
+        args = self.args
+        self.setup_services()
+        upstream = self.start_upstream()
+        for name in args.modes:
+            log(f"starting stack {name}")
+            self.stacks[name] = self.start_stack(name, upstream)
+        for stack in self.stacks.values():
+            self.warm_up(stack)
+        log(f"throughput pass: {args.concurrency} connections, {args.duration:.0f} s each")
+        for stack in self.stacks.values():
+            self.throughput_pass(stack)
+        if args.latency_duration > 0:
+            log(f"latency pass: 1 connection, {args.latency_duration:.0f} s each")
+            for stack in self.stacks.values():
+                load = self.load(stack, "latency", 1, args.latency_duration)
+                stack.loads["latency"] = load
+                self.report_load(stack, "latency", load)
+        rate = self.paced_rate()
+        if rate > 0 and args.duration > 0:
+            think = args.concurrency * 1000 / rate
+            log(f"paced pass: {args.concurrency} connections offering ~{rate:.0f} req/s "
+                f"(mean think time {think:.1f} ms), {args.duration:.0f} s each")
+            for stack in self.stacks.values():
+                load = self.load(stack, "paced", args.concurrency, args.duration, think)
+                stack.loads["paced"] = load
+                self.report_load(stack, "paced", load)
+        if "gate" in self.stacks:
+            self.verify_money(self.stacks["gate"])
+        self.print_report()
+        if args.json:
+            Path(args.json).write_text(json.dumps(self.as_json(), indent=2))
+        return 1 if self.failures else 0
+
+    def paced_rate(self) -> float:
+        if self.args.rate:
+            return float(self.args.rate)
+        tp = [s.loads["throughput"].rps for s in self.stacks.values() if "throughput" in s.loads]
+        base = self.stacks["gate"].loads["throughput"].rps if "gate" in self.stacks else min(tp or [0])
+        return round(base * self.args.paced_fraction)
+
+    # ------------------------------------------------------------ profiling
+
+    def start_profiler(self, stack: Stack) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
+        pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not Path(pyspy).exists():
+            raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
+        procs, outs = [], []
+        for i, p in enumerate(stack.processors):
+            out = self.workdir / f"profile-gate-{i}.txt"
+            cmd = [pyspy, "record", "--pid", str(p.pid), "--duration", str(round(self.args.duration)),
+                   "--rate", str(self.args.profile_rate), "--format", "raw", "--output", str(out),
+                   "--nonblocking"]
+            if self.args.profile_native:
+                cmd.append("--native")
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            outs.append(out)
+        return procs, outs
+
+    def finish_profiler(self, procs: list[subprocess.Popen[bytes]], outs: list[Path]) -> None:
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        stacks: list[tuple[list[str], int]] = []
+        for out in outs:
+            if out.exists():
+                for line in out.read_text(errors="replace").splitlines():
+                    frames, _, count = line.rpartition(" ")
+                    if frames and count.isdigit():
+                        stacks.append((frames.split(";"), int(count)))
+        self.profile = summarize_profile(stacks)
+        dest = Path(self.args.profile)
+        dest.mkdir(parents=True, exist_ok=True)
+        for out in outs:
+            if out.exists():
+                shutil.copy(out, dest / out.name)
+        (dest / "summary.json").write_text(json.dumps(self.profile, indent=2))
+        log(f"profile (collapsed stacks, for flamegraph.pl or speedscope) in {dest}")
+
+    # ------------------------------------------------------------ money
+
+    def verify_money(self, stack: Stack) -> None:
+        """Stop the gate's processors gracefully (in-flight settles finish), then: reconcile
+        finds no drift, every exchange appears once, no reservation is left held, and there is a
+        usage entry for every 2xx the load generator saw."""
+        log("stopping the gate's processors gracefully, then checking the ledger")
+        stack.envoy.stop()
+        for p in stack.processors:
+            p.stop()
+        env = self.processor_env()
+        rec = subprocess.run([devstack.binary("extproc"), "reconcile"], env=env,
+                             capture_output=True, text=True, check=False)
+
+        async def counts() -> dict[str, Any]:
+            conn = await asyncpg.connect(self.database_url)
+            try:
+                row = await conn.fetchrow(
+                    "SELECT count(*) FILTER (WHERE kind = 'usage') AS usage_entries,"
+                    " count(DISTINCT exchange_id) FILTER (WHERE kind = 'usage') AS distinct_exchanges,"
+                    " COALESCE(SUM(tokens) FILTER (WHERE kind = 'usage'), 0) AS tokens_debited"
+                    " FROM ledger_entries")
+                states = await conn.fetch("SELECT state, count(*) AS n FROM reservations GROUP BY state")
+                accounts = await conn.fetchval("SELECT count(*) FROM accounts")
+                return {**dict(row), "reservations": {r["state"]: r["n"] for r in states},
+                        "accounts": accounts}
+            finally:
+                await conn.close()
+
+        data = asyncio.run(counts())
+        ok = stack.extra_ok + sum(load.ok for load in stack.loads.values())
+        cutoff_bound = sum(stack.runs)  # requests in flight when a load run stopped
+        data.update({
+            "reconcile_exit": rec.returncode, "reconcile_output": (rec.stdout + rec.stderr).strip(),
+            "ok_responses": ok, "cutoff_bound": cutoff_bound,
+        })
+        self.money = data
+        entries = data["usage_entries"]
+        if rec.returncode != 0:
+            self.failures.append(f"extproc reconcile exited {rec.returncode}: {data['reconcile_output'][:500]}")
+        if entries != data["distinct_exchanges"]:
+            self.failures.append(f"{entries} usage entries but {data['distinct_exchanges']} exchanges")
+        if data["reservations"].get("held", 0):
+            self.failures.append(f"{data['reservations']['held']} reservations still held after a graceful stop")
+        if entries < ok:
+            self.failures.append(f"{ok} responses were 2xx but only {entries} usage entries exist")
+        elif entries > ok + cutoff_bound:
+            self.failures.append(f"{entries} usage entries for {ok} 2xx responses (+{cutoff_bound} cut off)")
+
+    # ------------------------------------------------------------ report
+
+    def print_report(self) -> None:
+        args = self.args
+        gen = self.loadgen.name if self.loadgen else "?"
+        print()
+        print(f"Solaris gate benchmark — {os.cpu_count()} CPUs shared by everything; load generator {gen}; "
+              f"{args.users} users; {args.processors} processor process(es); stream ratio {args.stream_ratio}; "
+              f"Envoy --concurrency {args.envoy_concurrency}")
+        header = (f"{'scenario':18} {'pass':10} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} "
+                  f"{'p99 ms':>8} {'non-2xx':>8} {'sock err':>8}")
+        print(header)
+        print("-" * len(header))
+        for pass_name in ("throughput", "paced", "latency"):
+            for name, stack in self.stacks.items():
+                load = stack.loads.get(pass_name)
+                if load is None:
+                    continue
+                print(f"{LABELS[name]:18} {pass_name:10} {load.concurrency:>5} {load.rps:>9.1f} "
+                      f"{load.p50_ms:>8.2f} {load.p90_ms:>8.2f} {load.p99_ms:>8.2f} {load.non2xx:>8} "
+                      f"{load.socket_errors:>8}")
+        print()
+        print("CPU per request in the throughput pass (ms of CPU; all share the same cores):")
+        components = ("processors", "envoy", "upstream", "postgres", "redis", "loadgen")
+        print(f"{'scenario':18} " + " ".join(f"{c:>10}" for c in components) + f" {'total':>8}")
+        for name, stack in self.stacks.items():
+            cpu = stack.cpu_ms_per_request
+            cells = " ".join(f"{cpu[c]:>10.3f}" if c in cpu else f"{'-':>10}" for c in components)
+            print(f"{LABELS[name]:18} {cells} {sum(cpu.values()):>8.3f}")
+        self.print_ratios()
+        if self.money:
+            m = self.money
+            print()
+            print(f"Money check (gate): extproc reconcile exit {m['reconcile_exit']} "
+                  f"({m['reconcile_output'].splitlines()[-1] if m['reconcile_output'] else ''}); "
+                  f"{m['usage_entries']} usage entries, {m['distinct_exchanges']} distinct exchange ids, "
+                  f"{m['ok_responses']} 2xx responses seen by the load generator "
+                  f"(+{m['usage_entries'] - m['ok_responses']} settled for requests cut off when a load run "
+                  f"stopped; at most {m['cutoff_bound']}); reservations {m['reservations']}; "
+                  f"{m['accounts']} accounts; {m['tokens_debited']} tokens debited")
+        if self.profile:
+            print()
+            print_profile(self.profile)
+        print()
+        if self.failures:
+            print("FAILURES:")
+            for f in self.failures:
+                print(f"  - {f}")
+        else:
+            print("All requests answered 2xx; ledger consistent.")
+
+    def ratios(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        tp = {n: s.loads["throughput"] for n, s in self.stacks.items() if "throughput" in s.loads}
+        if "gate" in tp and "noop" in tp and tp["noop"].rps:
+            out["throughput_c_over_b"] = tp["gate"].rps / tp["noop"].rps
+        if "gate" in tp and "direct" in tp and tp["direct"].rps:
+            out["throughput_c_over_a"] = tp["gate"].rps / tp["direct"].rps
+        if "noop" in tp and "direct" in tp and tp["direct"].rps:
+            out["throughput_b_over_a"] = tp["noop"].rps / tp["direct"].rps
+        for pass_name in ("paced", "latency", "throughput"):
+            loads = {n: s.loads[pass_name] for n, s in self.stacks.items() if pass_name in s.loads}
+            if "direct" not in loads:
+                continue
+            for name, key in (("gate", "c"), ("noop", "b")):
+                if name in loads:
+                    out[f"p50_overhead_{key}_minus_a_{pass_name}_ms"] = loads[name].p50_ms - loads["direct"].p50_ms
+                    out[f"p99_overhead_{key}_minus_a_{pass_name}_ms"] = loads[name].p99_ms - loads["direct"].p99_ms
+        return out
+
+    def print_ratios(self) -> None:
+        r = self.ratios()
+        if not r:
+            return
+        print()
+        if "throughput_c_over_b" in r:
+            verdict = "meets" if r["throughput_c_over_b"] >= GOAL_THROUGHPUT else "MISSES"
+            print(f"throughput c/b = {r['throughput_c_over_b']:.2f}  ({verdict} the goal >= {GOAL_THROUGHPUT:.2f})")
+        if "throughput_c_over_a" in r:
+            print(f"throughput c/a = {r['throughput_c_over_a']:.2f}")
+        if "throughput_b_over_a" in r:
+            print(f"throughput b/a = {r['throughput_b_over_a']:.2f}")
+        for pass_name, what in (("paced", "moderate load (paced)"), ("latency", "1 connection"),
+                                ("throughput", "saturation")):
+            c = r.get(f"p50_overhead_c_minus_a_{pass_name}_ms")
+            b = r.get(f"p50_overhead_b_minus_a_{pass_name}_ms")
+            if c is None and b is None:
+                continue
+            parts = []
+            if c is not None:
+                goal = ""
+                if pass_name == "paced":
+                    goal = f" ({'meets' if c < GOAL_P50_MS else 'MISSES'} the goal < {GOAL_P50_MS:.0f} ms)"
+                parts.append(f"c-a {c:+.2f} ms{goal}")
+            if b is not None:
+                parts.append(f"b-a {b:+.2f} ms")
+            print(f"p50 overhead at {what}: " + ", ".join(parts))
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "args": {k: v for k, v in vars(self.args).items()},
+            "loadgen": self.loadgen.name if self.loadgen else None,
+            "cpus": os.cpu_count(),
+            "scenarios": {n: {"passes": {p: {**asdict(x), "rps": x.rps} for p, x in s.loads.items()},
+                              "cpu_ms_per_request": s.cpu_ms_per_request}
+                          for n, s in self.stacks.items()},
+            "ratios": self.ratios(),
+            "money": self.money,
+            "profile": self.profile,
+            "failures": self.failures,
+        }
+
+
+# ---------------------------------------------------------------- profile summary
+
+# Buckets for "where does the gate's time go", matched against py-spy frames
+# ("function (file:line)"), first match wins, checked from the innermost frame outwards.
+BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("logging (JSON log lines)", ("logging/__init__.py", "extproc/logs.py")),
+    ("prometheus metrics", ("prometheus_client",)),
+    ("JWT verification", ("jwt/", "extproc/identity.py")),
+    ("redis client (rate limit)", ("redis/", "extproc/ratelimit.py")),
+    ("asyncpg (ledger round trips)", ("asyncpg",)),
+    ("ledger.py (SQL building, records)", ("extproc/ledger.py",)),
+    ("JSON parse/dump", ("json/",)),
+    ("usage parsing / tiktoken", ("extproc/usage.py", "tiktoken")),
+    ("protobuf", ("google/protobuf", "_pb2")),
+    ("grpc aio (server, streams)", ("grpc/", "grpc_")),
+    ("asyncio event loop", ("asyncio/", "uvloop")),
+    ("processor.py (gate logic)", ("extproc/processor.py", "extproc/accounting.py", "extproc/errors.py")),
+)
+
+
+_LINE = re.compile(r":\d+\)$")
+
+
+def bucket_of(frames: Sequence[str]) -> str:
+    for frame in reversed(frames):
+        for name, needles in BUCKETS:
+            if any(n in frame for n in needles):
+                return name
+    return "other"
+
+
+def summarize_profile(stacks: Sequence[tuple[Sequence[str], int]]) -> dict[str, Any]:
+    """Self time by bucket (innermost attributable frame) and inclusive time of the gate's
+    own coroutines, as shares of all samples."""
+    total = sum(c for _, c in stacks) or 1
+    buckets: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    self_fn: dict[str, int] = {}
+    for frames, count in stacks:
+        b = bucket_of(frames)
+        buckets[b] = buckets.get(b, 0) + count
+        seen = set()
+        for frame in frames:
+            if "extproc/" in frame or "logging/__init__" in frame:
+                name = _LINE.sub(")", frame)
+                if name not in seen:
+                    seen.add(name)
+                    inclusive[name] = inclusive.get(name, 0) + count
+        if frames:
+            leaf = frames[-1]
+            self_fn[leaf] = self_fn.get(leaf, 0) + count
+
+    def top(d: dict[str, int], n: int) -> list[tuple[str, float]]:
+        return [(k, round(100 * v / total, 1)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:n]]
+
+    return {"samples": total, "buckets_pct": top(buckets, 20), "gate_inclusive_pct": top(inclusive, 25),
+            "self_pct": top(self_fn, 25)}
+
+
+def print_profile(profile: dict[str, Any]) -> None:
+    print(f"Gate processor profile (py-spy, {profile['samples']} samples, throughput pass):")
+    print("  self time by area:")
+    for name, pct in profile["buckets_pct"]:
+        print(f"    {pct:5.1f} %  {name}")
+    print("  inclusive time of the gate's functions:")
+    for name, pct in profile["gate_inclusive_pct"][:15]:
+        print(f"    {pct:5.1f} %  {name}")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", default="all",
+                   help="direct, noop, gate, or a comma-separated list; default all three")
+    p.add_argument("--processors", type=int, default=1, help="processor processes per stack (b, c)")
+    p.add_argument("--users", type=int, default=100, help="distinct users (JWTs) the load rotates over")
+    p.add_argument("--duration", type=float, default=12, help="seconds of the throughput and paced passes")
+    p.add_argument("--latency-duration", type=float, default=6,
+                   help="seconds of the one-connection latency pass (0: skip)")
+    p.add_argument("--warmup", type=float, default=3, help="seconds of unmeasured load first (onboards users)")
+    p.add_argument("--concurrency", type=int, default=16, help="connections of the throughput and paced passes")
+    p.add_argument("--stream-ratio", type=float, default=0.0, help="share of requests with stream: true (0..1)")
+    p.add_argument("--paced-fraction", type=float, default=0.5,
+                   help="the paced pass offers this share of the gate's throughput (0: skip)")
+    p.add_argument("--rate", type=float, default=0, help="offered req/s of the paced pass (overrides the fraction)")
+    p.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads")
+    p.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto",
+                   help="auto: wrk (installed with apt-get if missing), else Python")
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (each is a busy loop)")
+    p.add_argument("--rate-limit", type=int, default=10_000_000,
+                   help="GATE_RATE_LIMIT_PER_MINUTE for the gate (high: the limiter never refuses)")
+    p.add_argument("--log-level", default="INFO", help="GATE_LOG_LEVEL of the processors")
+    p.add_argument("--token-ttl", type=int, default=6 * 3600, help="validity of the users' JWTs (s)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="py-spy record the gate's processors during its throughput pass into DIR")
+    p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
+    p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--workdir", help="keep configs and logs here (default: a temporary directory)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--keep-db", action="store_true", help="do not drop the bench database (for inspection)")
+    args = p.parse_args(argv)
+    modes = SCENARIOS if args.mode == "all" else tuple(m.strip() for m in args.mode.split(",") if m.strip())
+    unknown = [m for m in modes if m not in SCENARIOS]
+    if unknown or not modes:
+        p.error(f"--mode: unknown {unknown}; use {', '.join(SCENARIOS)} or all")
+    args.modes = [m for m in SCENARIOS if m in modes]  # always a, b, c order
+    if not 0 <= args.stream_ratio <= 1:
+        p.error("--stream-ratio must be in [0, 1]")
+    if args.processors < 1 or args.users < 1 or args.concurrency < 1:
+        p.error("--processors, --users and --concurrency must be >= 1")
+    return args
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    with sigterm_as_interrupt():
+        try:
+            with Bench(args) as bench:
+                return bench.run()
+        except KeyboardInterrupt:
+            log("interrupted; everything was stopped")
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

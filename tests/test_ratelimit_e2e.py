@@ -1,0 +1,153 @@
+"""Rate limits through a real Envoy: 429 and its headers, per-plan limits, two processor
+processes sharing one Redis limit, and a Redis that stops mid-test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import GATE_KEY, JWT_SECRET
+
+from extproc import devstack
+from extproc.identity import mint_token
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "oi"}], "max_tokens": 5}
+
+
+async def test_per_plan_limit_gives_429_with_headers(http, envoy, service, auth, user, upstream):
+    assert service.ledger is not None and service.gate is not None
+    async with http.post(envoy.url + CHAT, json=BODY, headers=auth(user)) as resp:
+        assert resp.status == 200
+        assert int(resp.headers["x-ratelimit-limit-requests"]) == 100_000
+        assert int(resp.headers["x-ratelimit-remaining-requests"]) < 100_000
+    await service.ledger.upsert_plan("tiny", monthly_tokens=None, requests_per_minute=2,
+                                     rollover=False, actor="test")
+    await service.ledger.set_plan(user, "tiny", actor="test", reason="test")
+    await service.maintain_once()
+    statuses, limited = [], None
+    before = len(upstream.requests)
+    for _ in range(6):
+        async with http.post(envoy.url + CHAT, json=BODY, headers=auth(user)) as resp:
+            statuses.append(resp.status)
+            if resp.status == 429 and limited is None:
+                limited = (dict(resp.headers), await resp.json())
+    assert 429 in statuses and statuses[0] == 200
+    assert statuses.count(200) <= 3  # the request that learnt the plan + a burst of 2
+    headers, body = limited
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert body["error"]["type"] == "rate_limit_error"
+    assert "2 por minuto" in body["error"]["message"]
+    assert int(headers["Retry-After"]) >= 1
+    assert headers["x-ratelimit-limit-requests"] == "2"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert len(upstream.requests) - before == statuses.count(200)
+
+
+# ---------------------------------------------------------------- two processes, one Redis
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    """A redis-server of our own, so the test can stop and restart it."""
+    port = devstack.free_port()
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [devstack.binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        devstack.wait_until(lambda: devstack.port_open("127.0.0.1", port), 10, "redis", proc)
+        return proc
+
+    state = {"proc": start()}
+    yield state, port, start  # type: ignore[misc]
+    devstack.stop_process(state["proc"])
+
+
+def _serve(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve"], env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+async def _scrape(http: aiohttp.ClientSession, port: int, name: str) -> float:
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = await resp.text()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+async def test_two_processes_share_limit_and_survive_redis_stop(
+        http, make_database, private_redis, upstream, tmp_path):
+    state, redis_port, start_redis = private_redis
+    database = make_database()
+    ports = [(devstack.free_port(), devstack.free_port()) for _ in range(2)]
+    procs = []
+    for grpc_port, http_port in ports:
+        env = {**os.environ, "DATABASE_URL": database, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+               "GATE_GRPC_PORT": str(grpc_port), "GATE_HTTP_PORT": str(http_port),
+               "GATE_JWT_SECRET": JWT_SECRET, "GATE_KEY": GATE_KEY, "GATE_RATE_LIMIT_PER_MINUTE": "5",
+               "GATE_SPOOL_DIR": str(tmp_path / f"spool-{grpc_port}")}
+        procs.append(_serve(env, tmp_path / f"serve-{grpc_port}.log"))
+    proxy = None
+    try:
+        for proc, (_, http_port) in zip(procs, ports, strict=True):
+            await asyncio.to_thread(devstack.wait_until, lambda p=http_port: devstack.http_ok(
+                f"http://127.0.0.1:{p}/readyz"), 30, "extproc serve", proc)
+        proxy = devstack.Envoy(tmp_path, upstream=("127.0.0.1", upstream.port),
+                               extproc=[("127.0.0.1", g) for g, _ in ports],
+                               http=("127.0.0.1", ports[0][1]), health_check=False)
+        await asyncio.to_thread(proxy.start)
+        from extproc.settings import Settings
+
+        user = f"shared-{uuid.uuid4().hex[:8]}"
+        token = mint_token(Settings(jwt_secret=JWT_SECRET), user)
+        headers = {"authorization": f"Bearer {token}"}
+
+        async def one() -> int:
+            async with http.post(proxy.url + CHAT, json=BODY, headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = [await one() for _ in range(10)]
+        assert statuses.count(200) == 5 and statuses.count(429) == 5, statuses
+        # both processes took part (round robin over the two endpoints)
+        served = [await _scrape(http, hp, "solaris_decisions_total") for _, hp in ports]
+        assert all(n > 0 for n in served), served
+
+        # Redis goes away: requests are still served, by the in-process limiter, quickly.
+        devstack.stop_process(state["proc"])
+        other = f"after-redis-{uuid.uuid4().hex[:8]}"
+        headers = {"authorization": f"Bearer {mint_token(Settings(jwt_secret=JWT_SECRET), other)}"}
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        after = [await one() for _ in range(4)]
+        assert after == [200] * 4
+        assert loop.time() - started < 5
+        fallbacks = sum([await _scrape(http, hp, "solaris_ratelimit_fallback_total") for _, hp in ports])
+        assert fallbacks >= 4
+        async with http.get(f"http://127.0.0.1:{ports[0][1]}/readyz") as resp:
+            ready = await resp.json()
+        assert resp.status == 200 and ready["redis"].startswith("unavailable")
+
+        # Redis comes back: the shared limit applies again.
+        state["proc"] = start_redis()
+        await asyncio.sleep(1.5)  # the limiter's circuit breaker retries after 1 s
+        third = f"back-{uuid.uuid4().hex[:8]}"
+        headers = {"authorization": f"Bearer {mint_token(Settings(jwt_secret=JWT_SECRET), third)}"}
+        statuses = [await one() for _ in range(8)]
+        assert statuses.count(429) >= 2, statuses
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        for proc in procs:
+            devstack.stop_process(proc)
+    for proc in procs:
+        assert proc.returncode == 0, "extproc serve must exit cleanly on SIGTERM"
