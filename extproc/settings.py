@@ -1,7 +1,8 @@
 """The one place where configuration lives.
 
-Every knob is an environment variable with a documented default (the README's
-configuration table is generated from ``FIELDS`` below, so the two never drift).
+Every knob is an environment variable with a documented default. The README's
+configuration table is printed by ``python -m extproc.settings`` and a test checks that
+the README lists every variable with its default, so the two never drift.
 Code receives a ``Settings`` object explicitly; nothing reads ``os.environ`` elsewhere.
 """
 
@@ -13,70 +14,69 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# (env var, attribute, default, meaning). Defaults are strings exactly as an operator
-# would write them; ``Settings.from_env`` parses them.
-FIELDS: list[tuple[str, str, str, str]] = [
-    ("DATABASE_URL", "database_url", "postgresql://postgres@127.0.0.1:5432/solaris",
+# (env var, attribute, meaning); the default is the dataclass field's default below.
+FIELDS: list[tuple[str, str, str]] = [
+    ("DATABASE_URL", "database_url",
      "PostgreSQL DSN of the ledger database (its own database)."),
-    ("REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0",
+    ("REDIS_URL", "redis_url",
      "Redis for rate limits and caches; never the only copy of money."),
-    ("GATE_LISTEN_PORT", "listen_port", "8080", "Envoy listener port (LibreChat points here)."),
-    ("GATE_GRPC_PORT", "grpc_port", "50051", "Processor gRPC (ext_proc) port."),
-    ("GATE_HTTP_PORT", "http_port", "8081",
+    ("GATE_LISTEN_PORT", "listen_port", "Envoy listener port (LibreChat points here)."),
+    ("GATE_GRPC_PORT", "grpc_port", "Processor gRPC (ext_proc) port."),
+    ("GATE_HTTP_PORT", "http_port",
      "Processor HTTP port: /metrics, /healthz, /readyz, /admin, /me, /api."),
-    ("GATE_UPSTREAM_PORT", "upstream_port", "4000", "LiteLLM port (the upstream Envoy routes to)."),
-    ("GATE_ENVOY_ADMIN_PORT", "envoy_admin_port", "9901", "Envoy admin port."),
-    ("GATE_IDENTITY_MODE", "identity_mode", "both", "`jwt`, `trusted-headers` or `both` (JWT first)."),
-    ("GATE_JWT_SECRET", "jwt_secret", "", "HS256 secret (e.g. LibreChat's JWT_SECRET)."),
-    ("GATE_JWKS_URL", "jwks_url", "", "JWKS URL for RS256/ES256 tokens (e.g. an OpenID provider)."),
-    ("GATE_JWT_HEADER", "jwt_header", "authorization",
+    ("GATE_UPSTREAM_PORT", "upstream_port", "LiteLLM port (the upstream Envoy routes to)."),
+    ("GATE_ENVOY_ADMIN_PORT", "envoy_admin_port", "Envoy admin port."),
+    ("GATE_IDENTITY_MODE", "identity_mode", "`jwt`, `trusted-headers` or `both` (JWT first)."),
+    ("GATE_JWT_SECRET", "jwt_secret", "HS256 secret (e.g. LibreChat's JWT_SECRET)."),
+    ("GATE_JWKS_URL", "jwks_url", "JWKS URL for RS256/ES256 tokens (e.g. an OpenID provider)."),
+    ("GATE_JWT_HEADER", "jwt_header",
      "Header carrying the JWT (a `Bearer ` prefix is stripped)."),
-    ("GATE_JWT_AUDIENCE", "jwt_audience", "", "Required `aud` claim, when set."),
-    ("GATE_JWT_ISSUER", "jwt_issuer", "", "Required `iss` claim, when set."),
-    ("GATE_KEY", "gate_key", "",
+    ("GATE_JWT_AUDIENCE", "jwt_audience", "Required `aud` claim, when set."),
+    ("GATE_JWT_ISSUER", "jwt_issuer", "Required `iss` claim, when set."),
+    ("GATE_KEY", "gate_key",
      "Gateway key LibreChat sends as its apiKey; proves the trusted identity headers."),
-    ("GATE_CONVERSION_FACTOR", "conversion_factor", "0.376",
+    ("GATE_CONVERSION_FACTOR", "conversion_factor",
      "Estimated tokens per prompt character (the seed's measured factor)."),
-    ("GATE_DEFAULT_COMPLETION_TOKENS", "default_completion_tokens", "1024",
+    ("GATE_DEFAULT_COMPLETION_TOKENS", "default_completion_tokens",
      "Completion allowance reserved when a request carries no max_tokens."),
-    ("GATE_ENFORCE_MAX_TOKENS", "enforce_max_tokens", "false",
+    ("GATE_ENFORCE_MAX_TOKENS", "enforce_max_tokens",
      "Write the completion allowance into requests without max_tokens."),
-    ("GATE_MAX_COMPLETION_TOKENS", "max_completion_tokens", "131072",
+    ("GATE_MAX_COMPLETION_TOKENS", "max_completion_tokens",
      "Largest max_tokens accepted in a request (400 above it)."),
-    ("GATE_DEFAULT_MONTHLY_TOKENS", "default_monthly_tokens", "1000000",
+    ("GATE_DEFAULT_MONTHLY_TOKENS", "default_monthly_tokens",
      "Monthly allowance of the default plan (new accounts get it on first request)."),
-    ("GATE_MODEL_WEIGHTS", "model_weights", "",
+    ("GATE_MODEL_WEIGHTS", "model_weights",
      "Optional per-model weights, `model=weight,...` (real tokens x weight are debited)."),
-    ("GATE_MAX_USAGE_TOKENS", "max_usage_tokens", "10000000",
+    ("GATE_MAX_USAGE_TOKENS", "max_usage_tokens",
      "A reported usage above this is capped and flagged (garbled upstream)."),
-    ("GATE_RESERVATION_TTL_SECONDS", "reservation_ttl_seconds", "900",
+    ("GATE_RESERVATION_TTL_SECONDS", "reservation_ttl_seconds",
      "A reservation not settled by then is swept (charged its estimate, flagged)."),
-    ("GATE_SWEEP_INTERVAL_SECONDS", "sweep_interval_seconds", "30",
+    ("GATE_SWEEP_INTERVAL_SECONDS", "sweep_interval_seconds",
      "How often `serve` sweeps expired reservations and idle cycles."),
-    ("GATE_MAX_BODY_BYTES", "max_body_bytes", "8388608",
+    ("GATE_MAX_BODY_BYTES", "max_body_bytes",
      "Largest request body accepted (413 above it)."),
-    ("GATE_RATE_LIMIT_PER_MINUTE", "rate_limit_per_minute", "100",
+    ("GATE_RATE_LIMIT_PER_MINUTE", "rate_limit_per_minute",
      "Requests per user per minute (default; plans may override)."),
-    ("GATE_ALERT_THRESHOLDS", "alert_thresholds", "80,90,100", "Usage % that trigger alerts."),
-    ("GATE_FAIL_MODE", "fail_mode", "closed",
+    ("GATE_ALERT_THRESHOLDS", "alert_thresholds", "Usage % that trigger alerts."),
+    ("GATE_FAIL_MODE", "fail_mode",
      "Ledger unreachable at admission: `closed` (503) or `open` (admit, settle later)."),
-    ("GATE_SPOOL_DIR", "spool_dir", "spool",
+    ("GATE_SPOOL_DIR", "spool_dir",
      "Directory of the durable settle spool (used when the ledger is unreachable)."),
-    ("GATE_LANGUAGE", "language", "pt-BR", "`pt-BR` or `en`: messages shown to users."),
-    ("GATE_SMTP_URL", "smtp_url", "", "`smtp://` or `smtps://user:pass@host:port` for alerts."),
-    ("GATE_MAIL_FROM", "mail_from", "solaris@localhost", "Sender of alert e-mails."),
-    ("GATE_ADMIN_EMAILS", "admin_emails", "", "Comma-separated admins who get 100 % alerts."),
-    ("GATE_WEBHOOK_URL", "webhook_url", "", "Optional alert webhook (JSON, HMAC-signed)."),
-    ("GATE_WEBHOOK_SECRET", "webhook_secret", "", "HMAC-SHA256 secret for the webhook."),
-    ("GATE_ADMIN_TOKEN", "admin_token", "", "Admin API token (Bearer) for /api/admin."),
-    ("GATE_PUBLIC_URL", "public_url", "http://localhost:8080",
+    ("GATE_LANGUAGE", "language", "`pt-BR` or `en`: messages shown to users."),
+    ("GATE_SMTP_URL", "smtp_url", "`smtp://` or `smtps://user:pass@host:port` for alerts."),
+    ("GATE_MAIL_FROM", "mail_from", "Sender of alert e-mails."),
+    ("GATE_ADMIN_EMAILS", "admin_emails", "Comma-separated admins who get 100 % alerts."),
+    ("GATE_WEBHOOK_URL", "webhook_url", "Optional alert webhook (JSON, HMAC-signed)."),
+    ("GATE_WEBHOOK_SECRET", "webhook_secret", "HMAC-SHA256 secret for the webhook."),
+    ("GATE_ADMIN_TOKEN", "admin_token", "Admin API token (Bearer) for /api/admin."),
+    ("GATE_PUBLIC_URL", "public_url",
      "Public base URL, used in links (e-mails, 402 messages)."),
-    ("GATE_OPEN_PATHS", "open_paths", "",
+    ("GATE_OPEN_PATHS", "open_paths",
      "Extra path prefixes passed through unmetered (explicit opt-in; e.g. `/v1/audio`)."),
-    ("GATE_LOG_LEVEL", "log_level", "INFO", "Python log level."),
-    ("STRIPE_SECRET_KEY", "stripe_secret_key", "", "Stripe API key (billing is off without it)."),
-    ("STRIPE_WEBHOOK_SECRET", "stripe_webhook_secret", "", "Stripe webhook signing secret."),
-    ("STRIPE_API_BASE", "stripe_api_base", "", "Override of Stripe's API base URL (tests)."),
+    ("GATE_LOG_LEVEL", "log_level", "Python log level."),
+    ("STRIPE_SECRET_KEY", "stripe_secret_key", "Stripe API key (billing is off without it)."),
+    ("STRIPE_WEBHOOK_SECRET", "stripe_webhook_secret", "Stripe webhook signing secret."),
+    ("STRIPE_API_BASE", "stripe_api_base", "Override of Stripe's API base URL (tests)."),
 ]
 
 _BOOL_TRUE = {"1", "true", "yes", "on"}
@@ -143,7 +143,7 @@ class Settings:
         env = os.environ if env is None else env
         defaults = cls()
         values: dict[str, Any] = {}
-        for name, attr, _default, _meaning in FIELDS:
+        for name, attr, _meaning in FIELDS:
             if name in env and env[name] != "":
                 try:
                     values[attr] = _parse(getattr(defaults, attr), env[name])
@@ -188,3 +188,19 @@ class Settings:
 
     def open_path_list(self) -> list[str]:
         return [p.strip() for p in self.open_paths.split(",") if p.strip()]
+
+
+def markdown_table() -> str:
+    """The README's configuration table."""
+    defaults = Settings()
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for name, attr, meaning in FIELDS:
+        value = getattr(defaults, attr)
+        if isinstance(value, bool):
+            value = str(value).lower()
+        rows.append(f"| `{name}` | {f'`{value}`' if value != '' else '(empty)'} | {meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
