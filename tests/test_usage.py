@@ -1,0 +1,95 @@
+"""Reading usage from upstream responses: validated like any input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from extproc import usage as u
+
+
+def sse(*events: object) -> bytes:
+    return b"".join(b"data: " + (e if isinstance(e, bytes) else json.dumps(e).encode()) + b"\n\n"
+                    for e in events)
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ({"prompt_tokens": 3, "completion_tokens": 4}, (3, 4, ())),
+    ({"input_tokens": 5, "output_tokens": 6}, (5, 6, ())),          # Responses API
+    ({"prompt_tokens": 9, "total_tokens": 9}, (9, 0, ())),          # embeddings
+    ({"total_tokens": 9}, (9, 0, ())),
+    ({"prompt_tokens": 10**9, "completion_tokens": 10**9}, (1000, 0, ("capped",))),
+    ({"prompt_tokens": 10, "completion_tokens": 10**9}, (10, 990, ("capped",))),
+])
+def test_read_usage(raw: dict, expected: tuple) -> None:
+    observed = u.read_usage(raw, cap=1000)
+    assert observed is not None
+    assert (observed.prompt_tokens, observed.completion_tokens, observed.flags) == expected
+
+
+@pytest.mark.parametrize("raw", [
+    None, "12", [], {}, {"prompt_tokens": -1, "completion_tokens": 5}, {"prompt_tokens": 1.5},
+    {"prompt_tokens": True}, {"completion_tokens": "7"},
+])
+def test_unusable_usage_is_none_never_a_credit(raw: object) -> None:
+    assert u.read_usage(raw, cap=1000) is None
+
+
+def test_usage_from_json_shapes() -> None:
+    body = json.dumps({"choices": [{"message": {"content": "hi there"}}],
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
+    observed, text = u.usage_from_json(body, 100)
+    assert (observed.prompt_tokens, observed.completion_tokens, text) == (1, 2, "hi there")
+    responses = json.dumps({"response": {"usage": {"input_tokens": 4, "output_tokens": 5}}}).encode()
+    assert u.usage_from_json(responses, 100)[0].completion_tokens == 5
+    assert u.usage_from_json(b"<html>bad gateway</html>", 100) == (None, "")
+    assert u.usage_from_json(b"[1]", 100) == (None, "")
+    assert u.usage_from_json(json.dumps({"choices": [{"text": "old"}, 5]}).encode(), 100) == (None, "old")
+
+
+def test_stream_tap_reads_final_usage_chunk() -> None:
+    tap = u.StreamTap(cap=10**6)
+    stream = sse({"choices": [{"delta": {"content": "a"}}]}, b"not json", [1, 2],
+                 {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 8}}, b"[DONE]")
+    for i in range(0, len(stream), 7):  # chunk boundaries anywhere
+        tap.feed(stream[i:i + 7])
+    tap.feed(b"")
+    observed = tap.result(0.376, prompt_estimate=99)
+    assert (observed.prompt_tokens, observed.completion_tokens, observed.flags) == (7, 8, ())
+
+
+def test_stream_tap_responses_api_completed_event() -> None:
+    tap = u.StreamTap(cap=10**6)
+    tap.feed(sse({"type": "response.output_text.delta", "delta": "Olá"},
+                 {"type": "response.completed", "response": {"usage": {"input_tokens": 3, "output_tokens": 2}}}))
+    observed = tap.result(0.376, prompt_estimate=1)
+    assert (observed.prompt_tokens, observed.completion_tokens) == (3, 2)
+
+
+def test_stream_without_usage_counts_output_and_prompt_estimate() -> None:
+    tap = u.StreamTap(cap=10**6)
+    tap.feed(sse({"choices": [{"delta": {"content": "hello world"}}]}))
+    observed = tap.result(0.376, prompt_estimate=12)
+    assert observed.prompt_tokens == 12
+    assert observed.completion_tokens == len(u.encoder().encode("hello world"))
+    assert observed.flags == ("no_usage", "tiktoken")
+    assert u.StreamTap(cap=1).result(0.376, 5) is None  # nothing seen: nothing to charge
+
+
+def test_huge_stream_keeps_the_tail_and_counts_the_rest(monkeypatch) -> None:
+    monkeypatch.setattr(u, "STREAM_KEEP_BYTES", 2000)
+    monkeypatch.setattr(u, "STREAM_TAIL_BYTES", 500)
+    tap = u.StreamTap(cap=10**6)
+    for _ in range(100):
+        tap.feed(sse({"choices": [{"delta": {"content": "x" * 20}}]}))
+    assert tap.size <= 2000 + 200 and tap.dropped_chars > 0
+    observed = tap.result(0.376, prompt_estimate=0)
+    assert "no_usage" in observed.flags and observed.completion_tokens > 0
+    tap.feed(sse({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}))
+    assert tap.result(0.376, 0).completion_tokens == 1  # the final usage chunk survives
+
+
+def test_count_tokens_falls_back_to_characters(monkeypatch) -> None:
+    monkeypatch.setattr(u, "encoder", lambda: None)
+    assert u.count_tokens("x" * 100, 0.376) == (38, "chars")
