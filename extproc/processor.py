@@ -135,7 +135,9 @@ def immediate(error: GateError) -> pb.ProcessingResponse:
     headers = (("content-type", "application/json"), *error.headers)
     return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=error.status),
-        headers=_mutation(headers), body=error.body(), details=error.code))
+        headers=_mutation(headers), body=error.body(),
+        # the prefix tells envoy.yaml's local_reply_config this reply is ours, not Envoy's
+        details=f"solaris_{error.code}"))
 
 
 def headers_map(msg: pb.HttpHeaders) -> dict[str, str]:

@@ -325,7 +325,9 @@ async def test_body_over_limit_is_413(http, envoy, auth, user, settings, upstrea
     big = chat("x" * (settings.max_body_bytes + 10))
     status, _, body = await post(http, envoy, auth(user), big)
     assert status == 413
-    assert json.loads(body)["error"]["code"] == "request_too_large"
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_too_large"
+    assert "Inicie uma nova conversa" in error["message"]  # the processor's own reply, kept
     huge = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"y" * (50 << 20) + b'"}]}'
     status, _, body = await post(http, envoy, auth(user), huge)
     assert status == 413
