@@ -103,6 +103,7 @@ class Exchange:
     """What one ext_proc stream knows about its HTTP exchange."""
 
     exchange_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.perf_counter)
     kind: str = ""
     identity: Identity | None = None
     request_id: str | None = None
@@ -189,11 +190,17 @@ class Gate:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    def decide(self, outcome: str) -> None:
+    def decide(self, ex: Exchange, outcome: str, code: str = "") -> None:
+        """Count the decision and log it: one line per request, never a token or key."""
         self.metrics.decisions.labels(outcome).inc()
+        log.info("decision", extra={
+            "decision": outcome, "code": code, "exchange_id": ex.exchange_id,
+            "request_id": ex.request_id, "user_id": ex.identity.user_id if ex.identity else None,
+            "model": ex.model, "estimate": ex.estimate,
+            "latency_ms": round((time.perf_counter() - ex.started) * 1000, 3)})
 
-    def reject(self, error: GateError) -> pb.ProcessingResponse:
-        self.decide(str(error.status))
+    def reject(self, ex: Exchange, error: GateError) -> pb.ProcessingResponse:
+        self.decide(ex, str(error.status), error.code)
         return immediate(error)
 
     # ------------------------------------------------------------ request headers
@@ -203,27 +210,27 @@ class Gate:
         path = headers.get(":path", "").split("?", 1)[0]
         method = headers.get(":method", "")
         ex.kind = METERED.get(path, "")
+        ex.request_id = headers.get("x-request-id")
         passthrough = method == "GET" and (
             path in MODELS or path.startswith(tuple(m + "/" for m in MODELS)))
         if not ex.kind and not passthrough and not (self.open_paths and path.startswith(self.open_paths)):
-            return self.reject(self.messages.not_found())
+            return self.reject(ex, self.messages.not_found())
         try:
             ex.identity = await self.auth.authenticate(headers)
         except IdentityError as exc:
-            return self.reject(self.messages.unauthorized(str(exc)))
-        ex.request_id = headers.get("x-request-id")
+            return self.reject(ex, self.messages.unauthorized(str(exc)))
         user = ex.identity.user_id
         ex.rate = await self.limiter.hit(user, self.limits.limit_for(user))
         if not ex.rate.allowed:
-            return self.reject(self.messages.rate_limited(
+            return self.reject(ex, self.messages.rate_limited(
                 ex.rate.limit, ex.rate.retry_after, ex.rate.headers()))
         if not ex.kind:
-            self.decide("passthrough")
+            self.decide(ex, "passthrough")
             return PASS_THROUGH
         if method != "POST":
-            return self.reject(self.messages.invalid(f"{method} is not supported on {path}"))
+            return self.reject(ex, self.messages.invalid(f"{method} is not supported on {path}"))
         if msg.end_of_stream:
-            return self.reject(self.messages.invalid("empty body"))
+            return self.reject(ex, self.messages.invalid("empty body"))
         return CONTINUE_REQUEST_HEADERS
 
     # ------------------------------------------------------------ request body
@@ -234,13 +241,13 @@ class Gate:
         ex.body += msg.body
         limit = self.settings.max_body_bytes
         if len(ex.body) > limit:
-            return self.reject(self.messages.too_large(len(ex.body), limit))
+            return self.reject(ex, self.messages.too_large(len(ex.body), limit))
         if not msg.end_of_stream:
             return None  # more body to come (only if Envoy splits a buffered body)
         raw, ex.body = bytes(ex.body), bytearray()
         parsed = self._parse_body(ex, raw)
         if isinstance(parsed, GateError):
-            return self.reject(parsed)
+            return self.reject(ex, parsed)
         return await self._admit(ex, parsed)
 
     def _parse_body(self, ex: Exchange, raw: bytes) -> dict[str, Any] | GateError:
@@ -306,7 +313,7 @@ class Gate:
             self.metrics.db_errors.inc()
             if self.settings.fail_mode == "closed":
                 log.error("ledger unavailable at admission, refusing: %s", exc)
-                return self.reject(self.messages.unavailable())
+                return self.reject(ex, self.messages.unavailable())
             log.warning("ledger unavailable at admission, admitting (fail-open): %s", exc)
             admission = None
         finally:
@@ -314,16 +321,16 @@ class Gate:
         if admission is not None:
             self.limits.learn(ident.user_id, admission.account.plan)
         if admission is not None and admission.outcome == "suspended":
-            return self.reject(self.messages.suspended())
+            return self.reject(ex, self.messages.suspended())
         if admission is not None and admission.outcome == "insufficient":
             acc = admission.account
-            return self.reject(self.messages.quota_exceeded(
+            return self.reject(ex, self.messages.quota_exceeded(
                 acc.available, ex.estimate, acc.cycle_end.date().isoformat()))
         ex.admitted = True
         ex.reserved = admission.reserved if admission is not None else 0
         if ex.reserved:
             self.metrics.reservations_held.inc()
-        self.decide("allowed" if admission is not None else "allowed_fail_open")
+        self.decide(ex, "allowed" if admission is not None else "allowed_fail_open")
         new_body = self._mutated_body(ex, body)
         if new_body is None:
             return CONTINUE_REQUEST_BODY
@@ -507,7 +514,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                     # clean 500 (no money has moved unless admission finished, which the
                     # abandon path below settles or releases).
                     log.exception("ext_proc phase %s failed", phase)
-                    gate.decide("500")
+                    gate.decide(ex, "500", "internal_error")
                     reply = immediate(GateError(500, "api_error", "internal_error",
                                                 "internal error in the token gate"))
                 self._timers.get(phase, self._timers["other"]).observe(
