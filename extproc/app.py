@@ -99,7 +99,11 @@ class Service:
             self.ledger = Ledger(self.pool, s, self.clock)
             limiter = RedisRateLimiter(self.redis, self.metrics, prefix=s.redis_prefix, timeout=0.01)
             self.gate = Gate(s, self.ledger, Authenticator(s), limiter, self.metrics, self.spool)
-            await self.maintain_once()  # replays a spool left by a crash, loads plans
+            try:
+                await self.maintain_once()  # replays a spool left by a crash, loads plans
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # Not fatal: /readyz reports why (e.g. migrations pending) and the loop retries.
+                log.error("start-up maintenance failed: %s", exc)
             servicer: pb_grpc.ExternalProcessorServicer = Processor(self.gate)
         else:
             servicer = NoopProcessor()
