@@ -159,6 +159,28 @@ def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return _with_ledger(settings, work)
 
 
+def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    from . import backup
+
+    try:
+        major = asyncio.run(backup.server_major(settings.database_url))
+        if args.command == "backup":
+            backup.backup(settings.database_url, Path(args.file), major)
+        else:
+            backup.restore(settings.database_url, Path(args.file), major)
+    except subprocess.CalledProcessError as exc:
+        print(f"error: {args.command} failed: {exc.stderr.strip()}", file=sys.stderr)
+        return 1
+    except (RuntimeError, OSError) as exc:
+        print(f"error: {args.command}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.command}: {args.file}")
+    return 0
+
+
 def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
     async def work(ledger: Ledger) -> int:
         report = await ledger.calibration(days=args.days)
@@ -232,6 +254,13 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("reconcile", help="check balance == sum(entries) for every account")
     s.set_defaults(func=cmd_reconcile)
+
+    s = sub.add_parser("backup", help="pg_dump the ledger database (custom format)")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_backup)
+    s = sub.add_parser("restore", help="pg_restore a backup over the ledger database")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_backup)
 
     s = sub.add_parser("calibrate", help="real/estimate ratio per model and a suggested factor")
     s.add_argument("--days", type=int, default=30)
