@@ -575,8 +575,8 @@ class Ledger:
     async def sweep_reservations(self, limit: int = 500) -> int:
         """Charge expired reservations their estimate (documented rule: an exchange admitted
         and never settled, e.g. its processor died mid-stream, costs what was reserved),
-        flagged ``expired``. Two sweepers never take the same row (SKIP LOCKED) and settle()
-        is exactly-once anyway."""
+        flagged ``expired``. Two sweepers may pick the same row; settle() locks the account
+        and re-checks the exchange, so only one of them charges it."""
         now = self.clock()
         swept = 0
         rows = await self.pool.fetch(

@@ -4,16 +4,14 @@ processes sharing one Redis limit, and a Redis that stops mid-test."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import GATE_KEY, JWT_SECRET
+from conftest import JWT_SECRET, start_serve
 
 from extproc import devstack
 from extproc.identity import mint_token
@@ -72,11 +70,6 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int
     devstack.stop_process(state["proc"])
 
 
-def _serve(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve"], env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
-
-
 async def _scrape(http: aiohttp.ClientSession, port: int, name: str) -> float:
     async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
         text = await resp.text()
@@ -88,19 +81,13 @@ async def test_two_processes_share_limit_and_survive_redis_stop(
         http, make_database, private_redis, upstream, tmp_path):
     state, redis_port, start_redis = private_redis
     database = make_database()
-    ports = [(devstack.free_port(), devstack.free_port()) for _ in range(2)]
-    procs = []
-    for grpc_port, http_port in ports:
-        env = {**os.environ, "DATABASE_URL": database, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-               "GATE_GRPC_PORT": str(grpc_port), "GATE_HTTP_PORT": str(http_port),
-               "GATE_JWT_SECRET": JWT_SECRET, "GATE_KEY": GATE_KEY, "GATE_RATE_LIMIT_PER_MINUTE": "5",
-               "GATE_SPOOL_DIR": str(tmp_path / f"spool-{grpc_port}")}
-        procs.append(_serve(env, tmp_path / f"serve-{grpc_port}.log"))
+    started = await asyncio.gather(*[asyncio.to_thread(
+        start_serve, database, f"redis://127.0.0.1:{redis_port}/0", tmp_path, GATE_RATE_LIMIT_PER_MINUTE="5")
+        for _ in range(2)])
+    procs = [proc for proc, _, _ in started]
+    ports = [(g, h) for _, g, h in started]
     proxy = None
     try:
-        for proc, (_, http_port) in zip(procs, ports, strict=True):
-            await asyncio.to_thread(devstack.wait_until, lambda p=http_port: devstack.http_ok(
-                f"http://127.0.0.1:{p}/readyz"), 30, "extproc serve", proc)
         proxy = devstack.Envoy(tmp_path, upstream=("127.0.0.1", upstream.port),
                                extproc=[("127.0.0.1", g) for g, _ in ports],
                                http=("127.0.0.1", ports[0][1]), health_check=False)
