@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench install chromium clean
+.PHONY: run test lint bench install tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,22 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/extproc dev
 
-# Browser tests drive Debian's chromium; install it when missing (CI runs as root).
-chromium:
-	@command -v chromium >/dev/null 2>&1 || command -v /usr/bin/chromium >/dev/null 2>&1 || \
-	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	    || echo "warning: could not install chromium; browser tests will be skipped"; }
+# System tools some tests drive: Debian's chromium (browser tests), docker-compose (validates
+# docker-compose.yml without an engine) and promtool (Prometheus rules). Installed when
+# missing and apt is usable (CI runs as root); otherwise those tests skip and say why.
+DEBIAN_TOOLS := chromium:chromium docker-compose:docker-compose promtool:prometheus
+tools:
+	@missing=""; for pair in $(DEBIAN_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	      || echo "warning: could not install$$missing; the tests that need them will skip"; \
+	  else echo "warning: missing$$missing (not root or no apt); the tests that need them will skip"; fi; \
+	fi
 
-test: $(STAMP) chromium
+test: $(STAMP) tools
 	$(VENV)/bin/ruff check extproc tests bench
 	$(VENV)/bin/pytest -p no:cacheprovider --cov=extproc --cov-report=term --cov-fail-under=85 tests
 

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from . import envoy_config
+from .settings import Settings
 
 LITELLM_CONFIG = Path(__file__).with_name("litellm.yaml")
 
@@ -54,7 +55,7 @@ def wait_until(check: Any, timeout: float, what: str, proc: subprocess.Popen[Any
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what} exited with code {proc.returncode}")
         time.sleep(0.05)
-    raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
+    raise TimeoutError(f"{what} did not come up within {timeout:.0f}s")
 
 
 def http_status(url: str, headers: Mapping[str, str] | None = None, timeout: float = 1.0) -> int:
@@ -104,7 +105,7 @@ def spawn(cmd: Sequence[str], log: Path, *, env: Mapping[str, str] | None = None
     process group, so a Ctrl-C in the terminal reaches only its parent, which then stops the
     children in order; it also dies with its parent (Linux)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
+    with log.open("wb") as out:
         return subprocess.Popen(
             list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=dict(env) if env is not None else None, start_new_session=detach,
@@ -142,25 +143,18 @@ def tail(path: Path, lines: int = 15) -> str:
 
 
 class Envoy:
-    """A real Envoy running envoy.yaml rendered with the given ports.
-
-    ``upstream_key``: when set, requests routed to the upstream (LiteLLM) carry
-    ``Authorization: Bearer <upstream_key>`` instead of the client's credentials (the JWT or
-    the gateway key, which a LiteLLM with a master key would refuse)."""
+    """A real Envoy running envoy.yaml rendered with the given ports."""
 
     def __init__(self, workdir: Path, *, upstream: tuple[str, int],
                  extproc: Sequence[tuple[str, int]] | None, http: tuple[str, int],
                  listen_port: int | None = None, admin_port: int | None = None,
-                 concurrency: int = 2, health_check: bool = True,
-                 upstream_key: str | None = None) -> None:
+                 concurrency: int = 2, health_check: bool = True) -> None:
         self.workdir = workdir
         self.listen_port = listen_port or free_port()
         self.admin_port = admin_port or free_port()
         config = envoy_config.render(
             listen_port=self.listen_port, admin_port=self.admin_port, extproc=extproc,
             upstream=upstream, http=http, health_check=health_check)
-        if upstream_key:
-            _replace_upstream_authorization(config, upstream_key)
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = envoy_config.write(config, workdir / f"envoy-{self.listen_port}.yaml")
         self.log_path = workdir / f"envoy-{self.listen_port}.log"
@@ -183,20 +177,6 @@ class Envoy:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
-
-
-def _replace_upstream_authorization(config: dict[str, Any], key: str) -> None:
-    """Route-level header rewriting happens in the router, after the ext_proc filter has seen
-    the client's own Authorization header."""
-    for listener in config["static_resources"]["listeners"]:
-        for chain in listener["filter_chains"]:
-            for flt in chain["filters"]:
-                for vhost in flt["typed_config"].get("route_config", {}).get("virtual_hosts", []):
-                    for route in vhost["routes"]:
-                        if route.get("route", {}).get("cluster") == "litellm":
-                            route["request_headers_to_add"] = [{
-                                "header": {"key": "authorization", "value": f"Bearer {key}"},
-                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
 
 
 class LiteLLM:
@@ -291,10 +271,12 @@ DEV_DEFAULTS = {
     "GATE_KEY": "solaris-dev-gate-key",
     "GATE_ADMIN_TOKEN": "solaris-dev-admin-token",
 }
-# The mock LiteLLM's master key; Envoy presents it upstream in place of the client's credentials.
+# The mock LiteLLM's master key; the processor presents it upstream (GATE_UPSTREAM_API_KEY)
+# in place of the client's credentials.
 DEV_LITELLM_MASTER_KEY = "sk-solaris-dev-litellm"
-PORT_VARS = ("GATE_LISTEN_PORT", "GATE_GRPC_PORT", "GATE_HTTP_PORT", "GATE_UPSTREAM_PORT",
-             "GATE_ENVOY_ADMIN_PORT")
+PORTS = (("GATE_LISTEN_PORT", "listen_port"), ("GATE_GRPC_PORT", "grpc_port"),
+         ("GATE_HTTP_PORT", "http_port"), ("GATE_UPSTREAM_PORT", "upstream_port"),
+         ("GATE_ENVOY_ADMIN_PORT", "envoy_admin_port"))
 
 
 class DevStackError(Exception):
@@ -313,6 +295,7 @@ class Component:
     log: Path
     alive: Callable[[], bool]
     stop: Callable[[], None]
+    exit_code: Callable[[], int | None] = lambda: None
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -334,6 +317,15 @@ def _terminate_pid(pid: int, timeout: float = 10.0) -> None:
                 os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.05)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for printing."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def with_database(url: str, name: str) -> str:
@@ -375,6 +367,8 @@ class DevStack:
         self.out = out or (lambda line: print(line, flush=True))
         self.components: list[Component] = []
         self.env: dict[str, str] = {}
+        # Lines naming paths wait until after the `ready` line: a path may contain "ready".
+        self.where: list[str] = []
         self.started = time.monotonic()
 
     # ------------------------------------------------------------ configuration
@@ -388,20 +382,19 @@ class DevStack:
         path.chmod(0o600)
         return secret
 
-    def configure(self) -> Any:
+    def configure(self) -> Settings:
         """The environment of the processor: the caller's, plus printed development defaults
         for what is unset. Returns the Settings it amounts to."""
-        from .settings import Settings
-
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = dict(self.environ)
-        defaults = {"GATE_JWT_SECRET": self._jwt_secret(), **DEV_DEFAULTS,
-                    "GATE_SPOOL_DIR": str(self.workdir / "spool")}
+        defaults = {"GATE_JWT_SECRET": env.get("GATE_JWT_SECRET") or self._jwt_secret(),
+                    **DEV_DEFAULTS}
         listen = env.get("GATE_LISTEN_PORT") or "8080"
         defaults["GATE_PUBLIC_URL"] = f"http://localhost:{listen}"
         if self.upstream_url is None:
             defaults["LITELLM_MASTER_KEY"] = DEV_LITELLM_MASTER_KEY
-        self.out(f"Solaris token gate: development stack in {self.workdir}")
+            defaults["GATE_UPSTREAM_API_KEY"] = env.get("LITELLM_MASTER_KEY") or DEV_LITELLM_MASTER_KEY
+        self.out("Solaris token gate: development stack")
         self.out("Configuration (development defaults for what the environment leaves unset):")
         for name, value in defaults.items():
             if env.get(name):
@@ -411,26 +404,26 @@ class DevStack:
             else:
                 env[name] = value
                 self.out(f"  {name}={value}    # dev default")
+        if env.get("GATE_SPOOL_DIR"):
+            env["GATE_SPOOL_DIR"] = str(Path(env["GATE_SPOOL_DIR"]).resolve())
+            self.where.append(f"  GATE_SPOOL_DIR={env['GATE_SPOOL_DIR']}")
+        else:
+            env["GATE_SPOOL_DIR"] = str(self.workdir / "spool")
+            self.where.append(f"  GATE_SPOOL_DIR={env['GATE_SPOOL_DIR']}    # dev default")
         try:
             settings = Settings.from_env(env)
         except ValueError as exc:
             raise DevStackError(f"configuration error: {exc}") from None
-        for name in PORT_VARS:
-            attr = {"GATE_LISTEN_PORT": "listen_port", "GATE_GRPC_PORT": "grpc_port",
-                    "GATE_HTTP_PORT": "http_port", "GATE_UPSTREAM_PORT": "upstream_port",
-                    "GATE_ENVOY_ADMIN_PORT": "envoy_admin_port"}[name]
+        for name, attr in PORTS:
             env[name] = str(getattr(settings, attr))
-        self.out("  ports: " + " ".join(f"{n}={env[n]}" for n in PORT_VARS))
+        self.out("  ports: " + " ".join(f"{name}={env[name]}" for name, _ in PORTS))
         env["PYTHONUNBUFFERED"] = "1"
         self.env = env
         return settings
 
-    def check_ports(self, settings: Any) -> None:
-        wanted = [("GATE_LISTEN_PORT", settings.listen_port), ("GATE_GRPC_PORT", settings.grpc_port),
-                  ("GATE_HTTP_PORT", settings.http_port),
-                  ("GATE_ENVOY_ADMIN_PORT", settings.envoy_admin_port)]
-        if self.upstream_url is None:
-            wanted.append(("GATE_UPSTREAM_PORT", settings.upstream_port))
+    def check_ports(self, settings: Settings) -> None:
+        wanted = [(name, getattr(settings, attr)) for name, attr in PORTS
+                  if name != "GATE_UPSTREAM_PORT" or self.upstream_url is None]
         busy = [f"{name}={port}" for name, port in wanted if port_open("127.0.0.1", port)]
         if busy:
             raise DevStackError(f"port(s) in use: {', '.join(busy)}; set those variables to free "
@@ -444,9 +437,9 @@ class DevStack:
     def _add_process(self, name: str, proc: subprocess.Popen[Any], log: Path,
                      timeout: float = 10.0) -> None:
         self.components.append(Component(name, log, lambda: proc.poll() is None,
-                                         lambda: stop_process(proc, timeout)))
+                                         lambda: stop_process(proc, timeout), proc.poll))
 
-    def start_litellm(self, settings: Any) -> LiteLLM | None:
+    def start_litellm(self, settings: Settings) -> LiteLLM | None:
         if self.upstream_url is not None:
             return None
         litellm = LiteLLM(self.workdir, master_key=self.env["LITELLM_MASTER_KEY"],
@@ -459,7 +452,8 @@ class DevStack:
     def start_postgres(self) -> str:
         if self.environ.get("DATABASE_URL"):
             url = self.environ["DATABASE_URL"]
-            self.out(f"  DATABASE_URL={url}    # from the environment")
+            self.out("  postgres: DATABASE_URL from the environment")
+            self.where.insert(0, f"  DATABASE_URL={redact(url)}")
             return url
         import logging
 
@@ -472,13 +466,15 @@ class DevStack:
                                          server.cleanup))
         asyncio.run(_ensure_database(server_url, DEV_DATABASE))
         url = with_database(server_url, DEV_DATABASE)
-        self._step(f"DATABASE_URL={url}    # embedded PostgreSQL, data in {datadir}", since)
+        self._step(f"postgres: embedded, database {DEV_DATABASE!r}", since)
+        self.where.insert(0, f"  DATABASE_URL={url}    # embedded PostgreSQL, data in {datadir}")
         return url
 
     def start_redis(self) -> str:
         if self.environ.get("REDIS_URL"):
             url = self.environ["REDIS_URL"]
-            self.out(f"  REDIS_URL={url}    # from the environment")
+            self.out("  redis: REDIS_URL from the environment")
+            self.where.insert(1, f"  REDIS_URL={redact(url)}")
             return url
         since = time.monotonic()
         log = self.workdir / "redis.log"
@@ -492,7 +488,8 @@ class DevStack:
                 _terminate_pid(pid)
 
         self.components.append(Component("redis", log, lambda: _pid_alive(server.pid), stop))
-        self._step(f"REDIS_URL={url}    # embedded Redis, data in {self.workdir / 'redis'}", since)
+        self._step("redis: embedded", since)
+        self.where.insert(1, f"  REDIS_URL={url}    # embedded Redis, data in {self.workdir / 'redis'}")
         return url
 
     def migrate(self, url: str) -> None:
@@ -504,7 +501,7 @@ class DevStack:
             raise DevStackError(f"migrations failed:\n{result.stdout}{result.stderr}")
         self._step("migrations applied", since)
 
-    def start_processor(self, settings: Any) -> None:
+    def start_processor(self, settings: Settings) -> None:
         since = time.monotonic()
         log = self.workdir / "extproc.log"
         proc = spawn([sys.executable, "-m", "extproc.cli", "serve"], log, env=self.env, detach=True)
@@ -517,14 +514,12 @@ class DevStack:
             raise DevStackError(f"{exc}; see {log}:\n{tail(log)}") from None
         self._step(f"extproc serve: gRPC :{settings.grpc_port}, HTTP :{settings.http_port}", since)
 
-    def start_envoy(self, settings: Any, upstream: tuple[str, int]) -> Envoy:
+    def start_envoy(self, settings: Settings, upstream: tuple[str, int]) -> Envoy:
         since = time.monotonic()
-        key = self.env.get("LITELLM_MASTER_KEY") if self.upstream_url is None \
-            else self.environ.get("LITELLM_MASTER_KEY")
         envoy = Envoy(self.workdir, upstream=upstream,
                       extproc=[("127.0.0.1", settings.grpc_port)],
                       http=("127.0.0.1", settings.http_port), listen_port=settings.listen_port,
-                      admin_port=settings.envoy_admin_port, upstream_key=key)
+                      admin_port=settings.envoy_admin_port)
         try:
             envoy.start(detach=True)
         except (RuntimeError, TimeoutError) as exc:
@@ -563,6 +558,10 @@ class DevStack:
 
     def start(self) -> None:
         settings = self.configure()
+        if self.upstream_url is not None:
+            upstream = parse_upstream(self.upstream_url)
+        else:
+            upstream = ("127.0.0.1", settings.upstream_port)
         self.check_ports(settings)
         self.out("Starting:")
         litellm = self.start_litellm(settings)  # slowest to boot: in parallel with the rest
@@ -571,10 +570,6 @@ class DevStack:
         self.env.update(DATABASE_URL=database_url, REDIS_URL=redis_url)
         self.migrate(database_url)
         self.start_processor(settings)
-        if self.upstream_url is not None:
-            upstream = parse_upstream(self.upstream_url)
-        else:
-            upstream = ("127.0.0.1", settings.upstream_port)
         envoy = self.start_envoy(settings, upstream)
         if litellm is not None:
             self.wait_litellm(litellm)
@@ -584,7 +579,7 @@ class DevStack:
                  f"http://127.0.0.1:{settings.listen_port}  (Ctrl-C stops everything)")
         self.banner(settings, demo)
 
-    def demo(self, settings: Any) -> dict[str, dict[str, str]]:
+    def demo(self, settings: Settings) -> dict[str, dict[str, str]]:
         """Headers of the demo user for each identity mode that is on."""
         from .identity import mint_token
 
@@ -597,7 +592,7 @@ class DevStack:
                                "X-User-Id": DEMO_USER, "X-User-Email": DEMO_EMAIL}
         return demo
 
-    def banner(self, settings: Any, demo: dict[str, dict[str, str]]) -> None:
+    def banner(self, settings: Settings, demo: dict[str, dict[str, str]]) -> None:
         gate = f"http://127.0.0.1:{settings.listen_port}"
         side = f"http://127.0.0.1:{settings.http_port}"
         body = json.dumps({"model": "gpt-4o-mini",
@@ -609,6 +604,10 @@ class DevStack:
                 args += ["-H", f"{name}: {value}"]
             return shlex.join([*args, "-d", body])
 
+        self.out("Databases and files:")
+        for line in self.where:
+            self.out(line)
+        self.out(f"  logs: {self.workdir}/*.log (and pg/log)")
         self.out("")
         if "jwt" in demo:
             self.out(f"Demo request as user {DEMO_USER!r} (a JWT signed with GATE_JWT_SECRET, "
@@ -618,31 +617,35 @@ class DevStack:
             self.out("The same as LibreChat sends it (gateway key + trusted identity headers):")
             self.out(f"  {curl(demo['trusted'])}")
         self.out("Balance afterwards:")
-        self.out(f"  DATABASE_URL={shlex.quote(self.env['DATABASE_URL'])} "
-                 f"{shlex.quote(binary('extproc'))} balance {DEMO_USER} --json")
+        database = "" if self.environ.get("DATABASE_URL") else \
+            f"DATABASE_URL={shlex.quote(self.env['DATABASE_URL'])} "
+        self.out(f"  {database}{shlex.quote(binary('extproc'))} balance {DEMO_USER} --json")
         self.out("Pages (through Envoy / the processor directly):")
         for path in ("/admin", "/me"):
             self.out(f"  {path:<9}{gate}{path}    {side}{path}")
         self.out(f"  /metrics {side}/metrics")
-        self.out(f"  admin API token: Authorization: Bearer {settings.admin_token}")
+        if not self.environ.get("GATE_ADMIN_TOKEN"):
+            self.out(f"  admin API token: Authorization: Bearer {settings.admin_token}")
         self.out(f"  admin JWT: {shlex.quote(binary('extproc'))} token admin --admin   "
                  "(with GATE_JWT_SECRET above)")
         self.out("librechat.yaml (LibreChat in Docker: host.docker.internal instead of localhost):")
         self.out(LIBRECHAT_SNIPPET.format(key=settings.gate_key, port=settings.listen_port))
-        self.out(f"Logs: {self.workdir}/*.log")
+        self.out("")
 
     def watch(self, interval: float = 0.25) -> int:
         """Until a signal (→ 0) or a component dying (→ 1)."""
         while True:
             for component in self.components:
                 if not component.alive():
-                    self.out(f"error: {component.name} exited unexpectedly; its log is "
+                    code = component.exit_code()
+                    how = f" with code {code}" if code is not None else ""
+                    self.out(f"error: {component.name} exited unexpectedly{how}; its log is "
                              f"{component.log}:\n{tail(component.log)}")
                     return 1
             time.sleep(interval)
 
     def stop(self) -> None:
-        """Everything, in reverse order of start: Envoy first (no new requests), the processor
+        """Everything, in this order: Envoy first (no new requests), the processor
         (settles in-flight streams), then LiteLLM, Redis, PostgreSQL."""
         order = {"envoy": 0, "extproc": 1, "litellm": 2, "redis": 3, "postgres": 4}
         for component in sorted(self.components, key=lambda c: order.get(c.name, -1)):
@@ -687,8 +690,9 @@ def run_dev(upstream: str | None = None, workdir: str = ".devstack") -> int:
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the stop
         stack.out("Stopping...")
+        since = time.monotonic()
         stack.stop()
-        stack.out("Stopped.")
+        stack.out(f"Stopped ({time.monotonic() - since:.1f}s).")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code

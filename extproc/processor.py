@@ -149,14 +149,20 @@ def headers_map(msg: pb.HttpHeaders) -> dict[str, str]:
 
 
 CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_PASS_THROUGH_MODE = processing_mode_pb2.ProcessingMode(
+    request_body_mode=_NONE, response_header_mode=_SKIP, response_body_mode=_NONE)
 CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
 CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
-# Unmetered pass-through (GET /v1/models): nothing more to see on this stream.
-PASS_THROUGH = pb.ProcessingResponse(
-    request_headers=pb.HeadersResponse(),
-    mode_override=processing_mode_pb2.ProcessingMode(
-        request_body_mode=_NONE, response_header_mode=_SKIP, response_body_mode=_NONE))
+
+
+def upstream_credentials(key: str) -> pb.CommonResponse:
+    """The request-headers mutation that swaps the client's credentials (our JWT or gateway
+    key, never meant for LiteLLM) for the upstream's own key."""
+    if key:
+        return pb.CommonResponse(header_mutation=pb.HeaderMutation(
+            set_headers=[_header("authorization", f"Bearer {key}")], remove_headers=["x-api-key"]))
+    return pb.CommonResponse(header_mutation=pb.HeaderMutation(remove_headers=["authorization", "x-api-key"]))
 
 
 class Gate:
@@ -182,6 +188,11 @@ class Gate:
         self.open_paths = tuple(settings.open_path_list())
         self.limits = limits or PlanLimits(settings.rate_limit_per_minute)
         self.tasks: set[asyncio.Task[Any]] = set()
+        credentials = upstream_credentials(settings.upstream_api_key)
+        self.admit_headers = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=credentials))
+        # Unmetered pass-through (GET /v1/models): nothing more to see on this stream.
+        self.pass_through = pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(response=credentials), mode_override=_PASS_THROUGH_MODE)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run money work that must outlive a cancelled stream; drained on shutdown."""
@@ -226,12 +237,12 @@ class Gate:
                 ex.rate.limit, ex.rate.retry_after, ex.rate.headers()))
         if not ex.kind:
             self.decide(ex, "passthrough")
-            return PASS_THROUGH
+            return self.pass_through
         if method != "POST":
             return self.reject(ex, self.messages.invalid(f"{method} is not supported on {path}"))
         if msg.end_of_stream:
             return self.reject(ex, self.messages.invalid("empty body"))
-        return CONTINUE_REQUEST_HEADERS
+        return self.admit_headers
 
     # ------------------------------------------------------------ request body
 

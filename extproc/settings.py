@@ -35,6 +35,9 @@ FIELDS: list[tuple[str, str, str]] = [
     ("GATE_JWT_ISSUER", "jwt_issuer", "Required `iss` claim, when set."),
     ("GATE_KEY", "gate_key",
      "Gateway key LibreChat sends as its apiKey; proves the trusted identity headers."),
+    ("GATE_UPSTREAM_API_KEY", "upstream_api_key",
+     "Key sent to LiteLLM as `Authorization` (its master or a virtual key); the client's own "
+     "credentials never reach the upstream."),
     ("GATE_CONVERSION_FACTOR", "conversion_factor",
      "Estimated tokens per prompt character (the seed's measured factor)."),
     ("GATE_DEFAULT_COMPLETION_TOKENS", "default_completion_tokens",
@@ -108,6 +111,7 @@ class Settings:
     jwt_audience: str = ""
     jwt_issuer: str = ""
     gate_key: str = ""
+    upstream_api_key: str = ""
     conversion_factor: float = 0.376
     default_completion_tokens: int = 1024
     enforce_max_tokens: bool = False

@@ -32,6 +32,7 @@ from fake_upstream import Upstream
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
 GATE_KEY = "test-gate-key-0123456789"
 ADMIN_TOKEN = "test-admin-token-0123456789"
+UPSTREAM_KEY = "sk-litellm-test-master-key-0123456789"  # what LiteLLM accepts; clients never hold it
 
 
 @pytest.fixture(scope="session")
@@ -116,6 +117,7 @@ def settings(database_url: str, redis_url: str, workdir: Path) -> Settings:
         jwt_secret=JWT_SECRET,
         gate_key=GATE_KEY,
         admin_token=ADMIN_TOKEN,
+        upstream_api_key=UPSTREAM_KEY,
         identity_mode="both",
         default_monthly_tokens=100_000,
         rate_limit_per_minute=100_000,

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+from conftest import UPSTREAM_KEY
 from multidict import CIMultiDict
 
 from extproc.app import Service
@@ -171,10 +172,15 @@ async def test_embeddings_metered_prompt_only(http, envoy, service, auth, user):
     assert entry["estimate"] == 2  # ceil(3 * 0.376), no completion allowance
 
 
-async def test_trusted_headers_identity_with_email(http, envoy, service, auth, user):
-    status, _, _ = await post(http, envoy, auth(user, via="headers", email="ana@example.com"),
-                              chat())
+async def test_trusted_headers_identity_with_email(http, envoy, service, auth, user, upstream):
+    before = len(upstream.requests)
+    status, _, _ = await post(http, envoy, {**auth(user, via="headers", email="ana@example.com"),
+                                            "x-api-key": "client-key"}, chat())
     assert status == 200
+    # the client's credentials never reach the upstream: it gets the upstream's own key
+    forwarded = {k.lower(): v for k, v in upstream.requests[before]["headers"].items()}
+    assert forwarded["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert "x-api-key" not in forwarded
     account = await balance(service, user)
     assert account.email == "ana@example.com"
 
