@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 
 from . import usage
 from . import web as webapp
+from .alerts import AlertWorker
 from .identity import Authenticator
 from .ledger import Clock, Ledger, create_pool, utcnow
 from .metrics import Metrics
@@ -79,6 +80,7 @@ class Service:
         self.health = health.aio.HealthServicer()
         self.http_runner: web.AppRunner | None = None
         self.background: list[asyncio.Task[Any]] = []
+        self.alerts: AlertWorker | None = None
         self.grpc_port = settings.grpc_port
         self.http_port = settings.http_port
 
@@ -126,6 +128,9 @@ class Service:
             await site.start()
             self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             self.background.append(asyncio.create_task(self._maintenance()))
+            assert self.pool is not None
+            self.alerts = AlertWorker(self.pool, s, self.metrics, clock=self.clock)
+            self.background.append(asyncio.create_task(self.alerts.run_forever(interval=5.0)))
         log.info("serving", extra={"grpc_port": self.grpc_port, "http_port": self.http_port,
                                    "noop": self.noop})
 
@@ -136,11 +141,15 @@ class Service:
             await self.grpc_server.stop(grace)
         if self.gate is not None and self.gate.tasks:
             await asyncio.wait(set(self.gate.tasks), timeout=grace)
+        if self.alerts is not None:
+            self.alerts.stop()  # in-flight sends finish; nothing new is claimed
         for task in self.background:
             task.cancel()
         for task in self.background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.alerts is not None:
+            await self.alerts.aclose()
         if self.http_runner is not None:
             await self.http_runner.cleanup()
         if self.redis is not None:

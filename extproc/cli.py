@@ -1,5 +1,5 @@
 """The `extproc` command (DESIGN.md section 10): serve, migrate, dev, token, grant, balance,
-reconcile, calibrate, suspend, unsuspend."""
+reconcile, calibrate, plus plan, suspend, unsuspend, worker, backup, restore."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     asyncio.run(serve(settings, noop=args.noop))
     return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from .alerts import worker_main
+
+    return worker_main(settings, once=args.once, interval=args.interval)
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -198,6 +204,11 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the ext_proc gRPC service and the HTTP side")
     s.add_argument("--noop", action="store_true", help="answer every phase, touch nothing")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("worker", help="deliver threshold alerts (e-mail, webhook) until stopped")
+    s.add_argument("--once", action="store_true", help="deliver what is due now, then exit")
+    s.add_argument("--interval", type=float, default=5.0, help="seconds between polls when idle")
+    s.set_defaults(func=cmd_worker)
 
     s = sub.add_parser("migrate", help="apply (or roll back) the ledger schema with dbmate")
     s.add_argument("direction", nargs="?", default="up", choices=["up", "rollback", "status"])
