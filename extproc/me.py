@@ -1,0 +1,260 @@
+"""/me: a user's own balance, usage and statement ("extrato"), and /api/me.
+
+Who the user is comes only from a signed session cookie (set by a single-use e-mailed link)
+or a verified JWT (Bearer) — never from a parameter, so no URL shows another user's data.
+Asking for a link answers the same page, at the same speed, whether or not the address is
+known: the lookup and the e-mail happen in the background."""
+
+from __future__ import annotations
+
+import logging
+import time
+from email.message import EmailMessage
+from email.utils import make_msgid
+from typing import Any
+
+from aiohttp import web
+
+from . import admin_queries as q
+from .admin import Invalid, entries_json, field_messages, parse_int, statement_csv_response
+from .alerts import SmtpSender, parse_smtp_url
+from .identity import IdentityError, bearer
+from .ledger import Account
+from .sessions import (
+    MAGIC_LINK_SECONDS,
+    ME_COOKIE,
+    ME_SESSION_SECONDS,
+    PRE_COOKIE,
+    PRE_SESSION_SECONDS,
+    MagicLinks,
+    WebSession,
+    clear_cookie,
+    new_session,
+    pre_session,
+    read_session,
+    session_cookie,
+    set_cookie,
+)
+from .web import SERVICE, WEB, WebContext, json_error, json_response
+
+log = logging.getLogger(__name__)
+
+MAX_EMAIL = 320
+
+
+def valid_email(raw: Any) -> str:
+    text = raw.strip() if isinstance(raw, str) else ""
+    if not text:
+        raise Invalid({"email": "required"})
+    local, at, domain = text.rpartition("@")
+    if (len(text) > MAX_EMAIL or not at or not local or "." not in domain or domain.startswith(".")
+            or any(c.isspace() or not c.isprintable() for c in text)):
+        raise Invalid({"email": "invalid_email"})
+    return text
+
+
+def _with_pre(ctx: WebContext, request: web.Request, template: str, context: dict[str, Any],
+              status: int = 200) -> web.Response:
+    """Render a sign-in form whose CSRF token is bound to the visitor's pre-session cookie."""
+    pre, fresh = pre_session(request)
+    response = ctx.render(template, {**context, "csrf": ctx.signer.csrf(pre)}, status=status)
+    if fresh:
+        set_cookie(response, PRE_COOKIE, pre, path="/", max_age=PRE_SESSION_SECONDS, secure=ctx.secure_cookies)
+    return response
+
+
+def signin_page(request: web.Request, *, status: int = 200, errors: dict[str, str] | None = None,
+                email: str = "") -> web.Response:
+    ctx = request.app[WEB]
+    return _with_pre(ctx, request, "me/signin.html", {
+        "title": ctx.t("me.signin_title"), "errors": errors or {}, "email": email}, status)
+
+
+def current_session(request: web.Request) -> WebSession | None:
+    return read_session(request.app[WEB].signer, "me", request, ME_COOKIE)
+
+
+async def me_page(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[WEB]
+    session = current_session(request)
+    if session is None:
+        return signin_page(request)
+    pool = request.app[SERVICE].pool
+    account = await q.get_account(pool, session.subject)
+    if account is None:  # the account is gone: the session means nothing any more
+        response = signin_page(request)
+        clear_cookie(response, ME_COOKIE, path="/me", secure=ctx.secure_cookies)
+        return response
+    try:
+        before_id = parse_int(request.query.get("before_id"), "before_id", low=1, high=2**62)
+        after_id = parse_int(request.query.get("after_id"), "after_id", low=1, high=2**62)
+    except Invalid:
+        before_id = after_id = None
+    entries = await q.entries_page(pool, account.user_id, limit=25, before_id=before_id, after_id=after_id)
+    return ctx.render("me/statement.html", {
+        "title": ctx.t("me.title"), "a": account, "entries": entries, "csrf": ctx.signer.csrf(session.sid)})
+
+
+async def request_link(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[WEB]
+    form = await request.post()
+    email = str(form.get("email", ""))
+    csrf = form.get("csrf")
+    if not ctx.signer.csrf_ok(request.cookies.get(PRE_COOKIE), csrf if isinstance(csrf, str) else None):
+        return signin_page(request, status=403, errors={"form": ctx.t("error.csrf")}, email=email)
+    try:
+        address = valid_email(email)
+    except Invalid as exc:
+        return signin_page(request, status=400, errors=field_messages(ctx, exc.fields), email=email)
+    if ctx.signer.enabled:
+        ctx.spawn(send_links(request.app, address))
+    return ctx.render("me/sent.html", {"title": ctx.t("me.sent_title"), "minutes": MAGIC_LINK_SECONDS // 60})
+
+
+async def send_links(app: web.Application, address: str) -> None:
+    """Mail a sign-in link to each account with this address (errors are logged: the visitor
+    was already told "if the address is known, a link is on its way")."""
+    ctx = app[WEB]
+    service = app[SERVICE]
+    try:
+        accounts = await q.accounts_by_email(service.pool, address)
+        if not accounts:
+            return
+        if not ctx.settings.smtp_url:
+            log.warning("sign-in link not sent: GATE_SMTP_URL is not set")
+            return
+        sender = SmtpSender(parse_smtp_url(ctx.settings.smtp_url))
+        links = MagicLinks(service.pool, ctx.signer)
+        for account in accounts:
+            token = await links.issue(account.user_id, service.clock())
+            if token is None or not account.email:
+                continue
+            await sender.send(link_message(ctx, account, token))
+    except Exception:
+        log.exception("sign-in link delivery failed")
+
+
+def link_message(ctx: WebContext, account: Account, token: str) -> EmailMessage:
+    url = f"{ctx.settings.public_url.rstrip('/')}/me/login?token={token}"
+    message = EmailMessage()
+    message["From"] = ctx.settings.mail_from
+    message["To"] = account.email or ""
+    message["Subject"] = ctx.t("me.mail_subject")
+    message["Message-ID"] = make_msgid(domain="solaris.invalid")
+    message.set_content(ctx.jinja.get_template("me/login_email.txt").render(
+        url=url, account=account, minutes=MAGIC_LINK_SECONDS // 60))
+    return message
+
+
+async def confirm_page(request: web.Request) -> web.StreamResponse:
+    """The link lands here and only shows a button: signing in takes a POST, so a mail
+    scanner that fetches the link does not use it up."""
+    ctx = request.app[WEB]
+    token = request.query.get("token", "")
+    if MagicLinks(request.app[SERVICE].pool, ctx.signer).peek(token) is None:
+        return ctx.render("me/link_invalid.html", {"title": ctx.t("me.link_invalid_title")}, status=400)
+    return _with_pre(ctx, request, "me/confirm.html", {"title": ctx.t("me.confirm_title"), "token": token})
+
+
+async def confirm_post(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[WEB]
+    service = request.app[SERVICE]
+    form = await request.post()
+    csrf = form.get("csrf")
+    if not ctx.signer.csrf_ok(request.cookies.get(PRE_COOKIE), csrf if isinstance(csrf, str) else None):
+        return ctx.render("error.html", {"title": ctx.t("error.title"), "message": ctx.t("error.csrf"),
+                                         "nav": None}, status=403)
+    token = form.get("token")
+    user_id = await MagicLinks(service.pool, ctx.signer).consume(
+        token if isinstance(token, str) else None, service.clock())
+    if user_id is None:
+        return ctx.render("me/link_invalid.html", {"title": ctx.t("me.link_invalid_title")}, status=400)
+    session = new_session(user_id, ME_SESSION_SECONDS, "link")
+    response = web.HTTPSeeOther("/me")
+    set_cookie(response, ME_COOKIE, session_cookie(ctx.signer, "me", session), path="/me",
+               max_age=session.expires - int(time.time()), secure=ctx.secure_cookies)
+    raise response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[WEB]
+    session = current_session(request)
+    form = await request.post()
+    csrf = form.get("csrf")
+    if session is not None and not ctx.signer.csrf_ok(session.sid, csrf if isinstance(csrf, str) else None):
+        return ctx.render("error.html", {"title": ctx.t("error.title"), "message": ctx.t("error.csrf"),
+                                         "nav": None}, status=403)
+    response = web.HTTPSeeOther("/me")
+    clear_cookie(response, ME_COOKIE, path="/me", secure=ctx.secure_cookies)
+    raise response
+
+
+async def statement_csv(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[WEB]
+    session = current_session(request)
+    if session is None:
+        return signin_page(request, status=401)
+    if await q.get_account(request.app[SERVICE].pool, session.subject) is None:
+        return ctx.render("error.html", {"title": ctx.t("error.title"), "message": ctx.t("me.no_account"),
+                                         "nav": None}, status=404)
+    return await statement_csv_response(request, session.subject, include_actor=False)
+
+
+# ---------------------------------------------------------------- /api/me (Bearer JWT)
+
+
+async def api_identity(request: web.Request) -> str | web.Response:
+    ctx = request.app[WEB]
+    token = bearer(request.headers.get("authorization"))
+    headers = {"WWW-Authenticate": 'Bearer realm="solaris-me"'}
+    if not token or token.count(".") != 2:
+        return json_error(401, "missing_credentials", ctx.t("login.missing_credentials"), headers=headers)
+    try:
+        identity = await ctx.authenticator.verify_jwt(token)
+    except IdentityError:
+        return json_error(401, "invalid_credentials", ctx.t("login.invalid_credentials"), headers=headers)
+    return identity.user_id
+
+
+async def api_me(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[WEB]
+    user_id = await api_identity(request)
+    if isinstance(user_id, web.Response):
+        return user_id
+    account = await q.get_account(request.app[SERVICE].pool, user_id)
+    if account is None:
+        return json_error(404, "no_account", ctx.t("me.no_account"))
+    return json_response({"account": account.as_json()})
+
+
+async def api_entries(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[WEB]
+    user_id = await api_identity(request)
+    if isinstance(user_id, web.Response):
+        return user_id
+    try:
+        return json_response(await entries_json(request, user_id, include_actor=False))
+    except Invalid as exc:
+        return json_error(400, "validation_failed", ctx.t("err.validation_failed"),
+                          fields={k: {"code": v, "message": ctx.t(f"err.{v}")} for k, v in exc.fields.items()})
+
+
+async def api_statement_csv(request: web.Request) -> web.StreamResponse:
+    user_id = await api_identity(request)
+    if isinstance(user_id, web.Response):
+        return user_id
+    return await statement_csv_response(request, user_id, include_actor=False)
+
+
+def setup(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/me", me_page)
+    r.add_get("/me/", me_page)
+    r.add_get("/me/login", confirm_page)
+    r.add_post("/me/login", request_link)
+    r.add_post("/me/login/confirm", confirm_post)
+    r.add_post("/me/logout", logout)
+    r.add_get("/me/statement.csv", statement_csv)
+    r.add_get("/api/me", api_me)
+    r.add_get("/api/me/entries", api_entries)
+    r.add_get("/api/me/statement.csv", api_statement_csv)
