@@ -3,7 +3,6 @@ network): Envoy → processor → LiteLLM. The debit must equal the `usage` Lite
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import UPSTREAM_KEY
+from test_gate_e2e import settled, usage_entries
 
 from extproc import devstack
 from extproc.app import Service
@@ -45,21 +45,6 @@ def litellm_envoy(workdir: Path, service: Service, litellm: devstack.LiteLLM
 def chat(**extra: Any) -> dict[str, Any]:
     return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Olá, tudo bem?"}],
             **extra}
-
-
-async def settled(service: Service) -> None:
-    """Stream settles run after the last chunk is answered: wait for them."""
-    assert service.gate is not None
-    for _ in range(300):
-        if not service.gate.tasks:
-            return
-        await asyncio.sleep(0.01)
-
-
-async def usage_entries(service: Service, user_id: str) -> list[Any]:
-    assert service.pool is not None
-    return await service.pool.fetch(
-        "SELECT * FROM ledger_entries WHERE user_id = $1 AND kind = 'usage' ORDER BY id", user_id)
 
 
 async def assert_debited(service: Service, user_id: str, usage: dict[str, int]) -> None:
