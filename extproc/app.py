@@ -72,6 +72,7 @@ class Service:
         self.noop = noop
         self.metrics = Metrics()
         self.pool: asyncpg.Pool | None = None
+        self.admit_pool: asyncpg.Pool | None = None
         self.redis: aioredis.Redis | None = None
         self.ledger: Ledger | None = None
         self.gate: Gate | None = None
@@ -93,12 +94,13 @@ class Service:
             # the first stream that lacks usage.
             await asyncio.to_thread(usage.encoder)
             self.pool = await create_pool(s)
+            self.admit_pool = await create_pool(s, asynchronous_commit=True)
             # No client-side retries: a dead Redis must fail fast so the limiter's circuit
             # breaker can take over (money never waits on Redis).
             self.redis = aioredis.Redis.from_url(
                 s.redis_url, socket_timeout=0.05, socket_connect_timeout=0.05,
                 retry=Retry(NoBackoff(), 0))
-            self.ledger = Ledger(self.pool, s, self.clock)
+            self.ledger = Ledger(self.pool, s, self.clock, admit_pool=self.admit_pool)
             limiter = RedisRateLimiter(self.redis, self.metrics, prefix=s.redis_prefix, timeout=0.01)
             self.gate = Gate(s, self.ledger, Authenticator(s), limiter, self.metrics, self.spool)
             try:
@@ -154,8 +156,9 @@ class Service:
             await self.http_runner.cleanup()
         if self.redis is not None:
             await self.redis.aclose()
-        if self.pool is not None:
-            await self.pool.close()
+        for pool in (self.admit_pool, self.pool):
+            if pool is not None:
+                await pool.close()
 
     # ------------------------------------------------------------ background work
 

@@ -106,6 +106,31 @@ class JwksCache:
         return self._keys[kid]
 
 
+class VerifiedCache:
+    """Tokens verified in the last minute (LibreChat sends the same one on every message), so
+    the signature check is not repeated per request. Only successes are kept, never past the
+    token's own ``exp``, and for at most ``ttl`` seconds (a JWKS key rotation takes effect)."""
+
+    def __init__(self, ttl: float = 60.0, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, Identity]] = {}
+
+    def get(self, token: str) -> Identity | None:
+        hit = self._entries.get(token)
+        if hit is None:
+            return None
+        if hit[0] <= time.time():
+            del self._entries[token]
+            return None
+        return hit[1]
+
+    def put(self, token: str, identity: Identity, exp: float) -> None:
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()  # bounded memory; the next requests re-verify
+        self._entries[token] = (min(exp, time.time() + self.ttl), identity)
+
+
 class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -114,6 +139,7 @@ class Authenticator:
         self._gate_key = settings.gate_key.encode()
         self._jwks = JwksCache(settings.jwks_url) if settings.jwks_url else None
         self._options: dict[str, Any] = {"require": ["exp"]}
+        self._verified = VerifiedCache()
 
     async def authenticate(self, headers: Mapping[str, str]) -> Identity:
         """Identity of a request from its (lower-cased) headers, or IdentityError."""
@@ -138,6 +164,9 @@ class Authenticator:
     async def verify_jwt(self, token: str) -> Identity:
         if len(token) > MAX_TOKEN_BYTES:
             raise IdentityError("token too large")
+        cached = self._verified.get(token)
+        if cached is not None:
+            return cached
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -166,7 +195,9 @@ class Authenticator:
             raise IdentityError("token expired") from None
         except jwt.PyJWTError:
             raise IdentityError("invalid token") from None
-        return identity_from_claims(claims)
+        identity = identity_from_claims(claims)
+        self._verified.put(token, identity, float(claims["exp"]))
+        return identity
 
 
 def identity_from_claims(claims: Mapping[str, Any]) -> Identity:

@@ -185,8 +185,16 @@ class Settled:
 
 
 class Ledger:
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, clock: Clock = utcnow) -> None:
+    """``admit_pool``: connections with ``synchronous_commit = off`` for admissions. An
+    admission writes no money that cannot be re-derived: a reservation, a lazy cycle roll or an
+    account opening lost to a database crash is lost whole (WAL keeps the transaction atomic)
+    and redone by the next request, and any later settle's synchronous commit flushes it
+    first. Debits, grants and audit rows always commit synchronously on ``pool``."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, clock: Clock = utcnow,
+                 admit_pool: asyncpg.Pool | None = None) -> None:
         self.pool = pool
+        self.admit_pool = admit_pool or pool
         self.settings = settings
         self.clock = clock
         self._weights = settings.weights()
@@ -281,7 +289,7 @@ class Ledger:
         now = self.clock()
         expires = accounting.reservation_expiry(now, self.settings.reservation_ttl_seconds)
         try:
-            async with self.pool.acquire() as conn:
+            async with self.admit_pool.acquire() as conn:
                 # Fast path, one round trip: a known, current, funded, unsuspended account.
                 row = await conn.fetchrow(
                     "WITH a AS (UPDATE accounts SET reserved = reserved + $2"
@@ -365,10 +373,21 @@ class Ledger:
         self, usage: Usage, cost: int, reservation_state: str, now: datetime
     ) -> Settled | None:
         async with self.pool.acquire() as conn, conn.transaction():
-            row = await self._settle_row(conn, usage, now)
-            if row["settled"]:
-                return None
-            held = row["held"] or 0
+            # Common case, one statement: close this exchange's held reservation and lock the
+            # account. Owning the held reservation proves no settle of it committed before.
+            row = await conn.fetchrow(
+                "WITH r AS (UPDATE reservations SET state = $3, closed_at = $4"
+                "   WHERE exchange_id = $2 AND state = 'held' RETURNING tokens)"
+                " SELECT a.*, r.tokens AS held FROM accounts a, r WHERE a.user_id = $1 FOR UPDATE OF a",
+                usage.user_id, usage.exchange_id, reservation_state, now,
+            )
+            flags = list(usage.flags)
+            if row is None:
+                row = await self._unreserved_row(conn, usage, now)
+                if row is None:
+                    return None  # settled before: a replay
+                flags.append("unreserved")
+            held = row["held"]
             split = accounting.split_debit(row["allowance"], cost)
             allowance = row["allowance"] + split.allowance_delta
             credits = row["credits"] + split.credits_delta
@@ -377,21 +396,16 @@ class Ledger:
             after = accounting.usage_pct(used, row["cycle_budget"])
             state = accounting.state_for(row["state"], allowance + credits, after)
             alerts = accounting.crossings(before, after, self._thresholds)
-            flags = list(usage.flags)
-            if row["held"] is None:
-                flags.append("unreserved")
             updated = await conn.fetchrow(
-                "WITH r AS (UPDATE reservations SET state = $17, closed_at = $5"
-                "   WHERE exchange_id = $8 AND state = 'held'),"
-                " e AS (INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta,"
+                "WITH e AS (INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta,"
                 "   credits_delta, balance_after, exchange_id, request_id, model, prompt_tokens,"
                 "   completion_tokens, estimate, real_tokens, flags, actor, cycle_start,"
                 "   created_at, prompt_chars)"
                 "   VALUES ($1, 'usage', $9, $10, $11, $2::bigint + $3::bigint, $8, $12, $13, $14, $15, $16,"
-                "   $18, $19, 'gateway', $20, $5, $25)),"
+                "   $17, $18, 'gateway', $19, $5, $24)),"
                 " o AS (INSERT INTO alert_outbox (user_id, cycle_start, cycle_end, threshold,"
                 "   used_pct, used, budget, remaining, created_at, next_attempt_at)"
-                "   SELECT $1, $20, $21, t, $22, $4, $23, $2::bigint + $3::bigint, $5, $5 FROM unnest($24::int[]) t"
+                "   SELECT $1, $19, $20, t, $21, $4, $22, $2::bigint + $3::bigint, $5, $5 FROM unnest($23::int[]) t"
                 "   ON CONFLICT (user_id, cycle_start, threshold) DO NOTHING)"
                 " UPDATE accounts SET allowance = $2, credits = $3, used_cycle = $4,"
                 "   reserved = reserved - $6, state = $7, updated_at = $5 WHERE user_id = $1"
@@ -399,28 +413,27 @@ class Ledger:
                 usage.user_id, allowance, credits, used, now, held, state, usage.exchange_id,
                 split.tokens, split.allowance_delta, split.credits_delta, usage.request_id,
                 usage.model, usage.prompt_tokens, usage.completion_tokens, usage.estimate,
-                reservation_state, usage.real_tokens, flags, row["cycle_start"],
-                row["cycle_end"], after, row["cycle_budget"], alerts, usage.prompt_chars,
+                usage.real_tokens, flags, row["cycle_start"], row["cycle_end"], after,
+                row["cycle_budget"], alerts, usage.prompt_chars,
             )
             return Settled(_account(updated), cost, tuple(alerts))
 
-    async def _settle_row(
+    async def _unreserved_row(
         self, conn: asyncpg.Connection, usage: Usage, now: datetime
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
+        """No held reservation: a replay of a settled exchange (None), or an exchange admitted
+        while the ledger was unreachable (fail-open) and replayed from the spool."""
         row = await self._locked_account(conn, usage.user_id)
         if row is None:
-            # Admitted while the ledger was unreachable (fail-open) and replayed from the spool.
             await self._open_account(conn, usage.user_id, usage.email, None, now)
             row = await self._locked_account(conn, usage.user_id)
         # A separate statement on purpose: under READ COMMITTED it takes a snapshot after the
         # lock was granted, so it sees a settle that committed while we waited (a subquery in
         # the locking SELECT would not).
-        state = await conn.fetchrow(
-            "SELECT (SELECT tokens FROM reservations WHERE exchange_id = $1 AND state = 'held') AS held,"
-            " EXISTS (SELECT 1 FROM ledger_entries WHERE exchange_id = $1) AS settled",
-            usage.exchange_id,
-        )
-        return {**dict(row), **dict(state)}
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM ledger_entries WHERE exchange_id = $1)",
+                               usage.exchange_id):
+            return None
+        return {**dict(row), "held": 0}
 
     async def release(self, exchange_id: str) -> bool:
         """Give back a reservation without a debit (upstream error before any output)."""
@@ -663,8 +676,11 @@ async def audit(
     )
 
 
-async def create_pool(settings: Settings, **kwargs: Any) -> asyncpg.Pool:
+async def create_pool(settings: Settings, *, asynchronous_commit: bool = False, **kwargs: Any) -> asyncpg.Pool:
+    """A pool on the ledger database; ``asynchronous_commit`` only for ``Ledger.admit_pool``."""
+    server_settings = {"synchronous_commit": "off"} if asynchronous_commit else None
     return await asyncpg.create_pool(
-        settings.database_url, min_size=kwargs.pop("min_size", 2),
-        max_size=kwargs.pop("max_size", 20), command_timeout=10, **kwargs,
+        settings.database_url, min_size=kwargs.pop("min_size", 1),
+        max_size=kwargs.pop("max_size", settings.db_pool_size), command_timeout=10,
+        server_settings=server_settings, **kwargs,
     )

@@ -119,6 +119,7 @@ class Exchange:
     tap: StreamTap | None = None
     body: bytearray = field(default_factory=bytearray)
     rate: RateDecision | None = None
+    account: Any = None  # the account as admission left it (after this reservation)
     closed: bool = False
 
 
@@ -184,9 +185,11 @@ class Gate:
         self.limiter = limiter
         self.metrics = metrics
         self.spool = spool
-        self.messages = Messages(settings.language)
+        self.messages = Messages(settings.language, purchase_url=f"{settings.public_url.rstrip('/')}/me"
+                                 if settings.stripe_secret_key and settings.stripe_webhook_secret else None)
         self.open_paths = tuple(settings.open_path_list())
         self.limits = limits or PlanLimits(settings.rate_limit_per_minute)
+        self.weights = settings.weights()
         self.tasks: set[asyncio.Task[Any]] = set()
         credentials = upstream_credentials(settings.upstream_api_key)
         self.admit_headers = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=credentials))
@@ -202,13 +205,20 @@ class Gate:
         return task
 
     def decide(self, ex: Exchange, outcome: str, code: str = "") -> None:
-        """Count the decision and log it: one line per request, never a token or key."""
+        """Count the decision. Refusals are logged now; admitted exchanges once they close,
+        with their tokens: one log line per request."""
         self.metrics.decisions.labels(outcome).inc()
+        if not outcome.startswith("allowed"):
+            self._log(ex, outcome, code=code)
+
+    @staticmethod
+    def _log(ex: Exchange, decision: str, **fields: Any) -> None:
+        # Never a token, key, e-mail or body: identifiers and numbers only.
         log.info("decision", extra={
-            "decision": outcome, "code": code, "exchange_id": ex.exchange_id,
-            "request_id": ex.request_id, "user_id": ex.identity.user_id if ex.identity else None,
-            "model": ex.model, "estimate": ex.estimate,
-            "latency_ms": round((time.perf_counter() - ex.started) * 1000, 3)})
+            "decision": decision, "exchange_id": ex.exchange_id, "request_id": ex.request_id,
+            "user_id": ex.identity.user_id if ex.identity else None, "model": ex.model,
+            "estimate": ex.estimate, "latency_ms": round((time.perf_counter() - ex.started) * 1000, 3),
+            **fields})
 
     def reject(self, ex: Exchange, error: GateError) -> pb.ProcessingResponse:
         self.decide(ex, str(error.status), error.code)
@@ -312,14 +322,31 @@ class Gate:
                 changed = True
         return json.dumps(body, ensure_ascii=False).encode() if changed else None
 
+    def _release_orphan(self, done: asyncio.Task[Any], exchange_id: str) -> None:
+        if not done.cancelled() and done.exception() is None and done.result().outcome == "ok":
+            self.spawn(self._release(exchange_id))
+
+    async def _release(self, exchange_id: str) -> None:
+        try:
+            await self.ledger.release(exchange_id)
+        except LedgerUnavailable:
+            self.metrics.db_errors.inc()  # the hold expires and is swept; nothing is lost
+
     async def _admit(self, ex: Exchange, body: dict[str, Any]) -> pb.ProcessingResponse:
         ident = ex.identity
         assert ident is not None
         started = time.perf_counter()
+        # The admission runs as its own task: if Envoy cancels this stream meanwhile (the
+        # client went away), a reservation that did get made is released, not left to expire
+        # and be charged for an answer nobody received.
+        task = self.spawn(self.ledger.admit(
+            ident.user_id, ex.estimate, ex.exchange_id, email=ident.email, name=ident.name,
+            request_id=ex.request_id, model=ex.model))
         try:
-            admission = await self.ledger.admit(
-                ident.user_id, ex.estimate, ex.exchange_id, email=ident.email, name=ident.name,
-                request_id=ex.request_id, model=ex.model)
+            admission = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._release_orphan(done, ex.exchange_id))
+            raise
         except LedgerUnavailable as exc:
             self.metrics.db_errors.inc()
             if self.settings.fail_mode == "closed":
@@ -338,6 +365,7 @@ class Gate:
             return self.reject(ex, self.messages.quota_exceeded(
                 acc.available, ex.estimate, acc.cycle_end.date().isoformat()))
         ex.admitted = True
+        ex.account = admission.account if admission is not None else None
         ex.reserved = admission.reserved if admission is not None else 0
         if ex.reserved:
             self.metrics.reservations_held.inc()
@@ -389,16 +417,25 @@ class Gate:
         ex.body = bytearray()
         usage = self._usage(ex, observed, text)
         ex.closed = True
-        account = await asyncio.shield(self.spawn(self._close(ex, usage)))
-        if account is None:
+        # Reply now and settle right after (a tracked task: drained on shutdown, spooled if
+        # the ledger is down), so the debit's transaction is not on the user's latency path.
+        self.spawn(self._close(ex, usage))
+        if ex.account is None or usage is None:
             return CONTINUE_RESPONSE_BODY
         return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
-            header_mutation=_mutation(self._budget_headers(account)))))
+            header_mutation=_mutation(self._budget_headers(ex.account, ex.reserved, self._cost(usage))))))
+
+    def _cost(self, usage: Usage) -> int:
+        return accounting.weighted_cost(usage.real_tokens, usage.model, self.weights)
 
     @staticmethod
-    def _budget_headers(account: Any) -> list[tuple[str, str]]:
-        return [("x-solaris-tokens-remaining", str(max(account.available, 0))),
-                ("x-solaris-quota-used-pct", f"{account.used_pct:.2f}")]
+    def _budget_headers(account: Any, reserved: int, cost: int) -> list[tuple[str, str]]:
+        """The balance after this exchange's debit, from the account as its admission left it
+        (concurrent exchanges of the same user are not reflected: informational headers)."""
+        remaining = account.available + reserved - cost
+        pct = accounting.usage_pct(account.used_cycle + cost, account.cycle_budget)
+        return [("x-solaris-tokens-remaining", str(max(remaining, 0))),
+                ("x-solaris-quota-used-pct", f"{pct:.2f}")]
 
     def _usage(self, ex: Exchange, observed: Any, text: str) -> Usage | None:
         """The debit of a finished exchange, or None for "release without debit"."""
@@ -451,16 +488,23 @@ class Gate:
                 return
             self._finish_later(ex)
 
-    async def _close(self, ex: Exchange, usage: Usage | None) -> Any:
+    async def _close(self, ex: Exchange, usage: Usage | None) -> None:
         """Settle or release; a settle the ledger cannot take goes to the durable spool."""
         if ex.reserved:
             self.metrics.reservations_held.dec()
         started = time.perf_counter()
+        cost: int | None = None
         try:
             if usage is None:
                 await self.ledger.release(ex.exchange_id)
-                return None
-            settled = await self.ledger.settle(usage)
+            elif (settled := await self.ledger.settle(usage)) is not None:
+                cost = settled.cost
+                self.metrics.tokens.labels(usage.model or "", "prompt").inc(usage.prompt_tokens)
+                self.metrics.tokens.labels(usage.model or "", "completion").inc(usage.completion_tokens)
+                if ex.estimate:
+                    self.metrics.estimate_ratio.observe(usage.real_tokens / ex.estimate)
+                for threshold in settled.alerts:
+                    self.metrics.alerts.labels(str(threshold), "queued").inc()
         except LedgerUnavailable as exc:
             self.metrics.db_errors.inc()
             if usage is not None:
@@ -468,21 +512,10 @@ class Gate:
                 await self.spool.append(usage)
                 self.metrics.spooled.inc()
             # An unreleased reservation is swept by its expiry; nothing is lost.
-            return None
         finally:
             self.metrics.ledger_latency.labels("settle").observe(time.perf_counter() - started)
-        if settled is None:
-            return await self.ledger.account(usage.user_id)
-        self.metrics.tokens.labels(usage.model or "", "prompt").inc(usage.prompt_tokens)
-        self.metrics.tokens.labels(usage.model or "", "completion").inc(usage.completion_tokens)
-        if ex.estimate:
-            self.metrics.estimate_ratio.observe(usage.real_tokens / ex.estimate)
-        for threshold in settled.alerts:
-            self.metrics.alerts.labels(str(threshold), "queued").inc()
-        log.info("settled", extra={"exchange_id": ex.exchange_id, "request_id": ex.request_id,
-                                    "user_id": usage.user_id, "tokens": settled.cost,
-                                    "estimate": ex.estimate})
-        return settled.account
+            self._log(ex, "allowed", status=ex.status, tokens=cost,
+                      flags=list(usage.flags) if usage is not None else ["released"])
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):

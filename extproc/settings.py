@@ -18,6 +18,8 @@ from typing import Any
 FIELDS: list[tuple[str, str, str]] = [
     ("DATABASE_URL", "database_url",
      "PostgreSQL DSN of the ledger database (its own database)."),
+    ("GATE_DB_POOL_SIZE", "db_pool_size",
+     "Connections per pool and process (two pools: settles/admin, and admissions)."),
     ("REDIS_URL", "redis_url",
      "Redis for rate limits and caches; never the only copy of money."),
     ("GATE_LISTEN_PORT", "listen_port", "Envoy listener port (LibreChat points here)."),
@@ -77,9 +79,12 @@ FIELDS: list[tuple[str, str, str]] = [
     ("GATE_OPEN_PATHS", "open_paths",
      "Extra path prefixes passed through unmetered (explicit opt-in; e.g. `/v1/audio`)."),
     ("GATE_LOG_LEVEL", "log_level", "Python log level."),
-    ("STRIPE_SECRET_KEY", "stripe_secret_key", "Stripe API key (billing is off without it)."),
+    ("STRIPE_SECRET_KEY", "stripe_secret_key", "Stripe API key; billing is on only when both Stripe keys are set."),
     ("STRIPE_WEBHOOK_SECRET", "stripe_webhook_secret", "Stripe webhook signing secret."),
     ("STRIPE_API_BASE", "stripe_api_base", "Override of Stripe's API base URL (tests)."),
+    ("GATE_CREDIT_PACKS", "credit_packs",
+     "Credit packs sold with Stripe, `id:tokens:price-in-cents:currency,...` (shown only when both "
+     "Stripe keys are set)."),
 ]
 
 _BOOL_TRUE = {"1", "true", "yes", "on"}
@@ -98,6 +103,7 @@ def _parse(default: Any, raw: str) -> Any:
 @dataclass(frozen=True)
 class Settings:
     database_url: str = "postgresql://postgres@127.0.0.1:5432/solaris"
+    db_pool_size: int = 10
     redis_url: str = "redis://127.0.0.1:6379/0"
     listen_port: int = 8080
     grpc_port: int = 50051
@@ -139,6 +145,7 @@ class Settings:
     stripe_secret_key: str = ""
     stripe_webhook_secret: str = ""
     stripe_api_base: str = ""
+    credit_packs: str = "small:100000:2990:brl,medium:500000:12990:brl"
     # Not an env var: a key prefix so test runs sharing one Redis never collide.
     redis_prefix: str = field(default="solaris:")
 

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from test_gate_e2e import settled
 
 from extproc import devstack
 from extproc.app import Service
@@ -121,6 +122,7 @@ async def test_fail_closed_answers_503_then_recovers(faulty, http, auth, user, s
 async def test_fail_open_admits_and_settles_later_from_the_spool(faulty, http, auth, user, service):
     proxy, svc, proxy_envoy = await faulty(fail_mode="open")
     assert (await _post(http, proxy_envoy, auth(user), _chat(prompt=2, completion=3)))[0] == 200
+    await settled(svc)
     await proxy.cut()
     for _ in range(3):
         status, _ = await _post(http, proxy_envoy, auth(user), _chat(prompt=10, completion=20))

@@ -31,20 +31,26 @@ def chat(content: str = "Olá, tudo bem?", **extra: Any) -> dict[str, Any]:
 
 
 async def post(http: aiohttp.ClientSession, envoy: Envoy, headers: dict[str, str],
-               body: Any, path: str = CHAT) -> tuple[int, CIMultiDict[str], bytes]:
+               body: Any, path: str = CHAT, service: Service | None = None) -> tuple[int, CIMultiDict[str], bytes]:
+    """POST through Envoy; with ``service``, also wait for the settle that follows the reply."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with http.post(envoy.url + path, data=data,
                          headers={"content-type": "application/json", **headers}) as resp:
-        return resp.status, CIMultiDict(resp.headers), await resp.read()
+        result = resp.status, CIMultiDict(resp.headers), await resp.read()
+    if service is not None:
+        await settled(service)
+    return result
 
 
 async def balance(service: Service, user_id: str) -> Any:
     assert service.ledger is not None
+    await settled(service)
     return await service.ledger.account(user_id)
 
 
 async def ledger_sums(service: Service, user_id: str) -> tuple[int, int, int]:
     assert service.pool is not None
+    await settled(service)
     row = await service.pool.fetchrow(
         "SELECT a.allowance + a.credits AS balance, a.reserved,"
         " (SELECT COALESCE(SUM(tokens), 0) FROM ledger_entries e WHERE e.user_id = a.user_id) AS s"
@@ -54,12 +60,13 @@ async def ledger_sums(service: Service, user_id: str) -> tuple[int, int, int]:
 
 async def usage_entries(service: Service, user_id: str) -> list[Any]:
     assert service.pool is not None
+    await settled(service)
     return await service.pool.fetch(
         "SELECT * FROM ledger_entries WHERE user_id = $1 AND kind = 'usage' ORDER BY id", user_id)
 
 
 async def settled(service: Service) -> None:
-    """Stream settles run after the last chunk is answered: wait for them."""
+    """Settles run right after the reply (the last chunk, the buffered body): wait for them."""
     assert service.gate is not None
     for _ in range(200):
         if not service.gate.tasks:

@@ -200,3 +200,37 @@ async def test_unreachable_jwks_is_401_not_crash() -> None:
 def test_identity_from_claims_ignores_non_string_extras() -> None:
     ident = identity_from_claims({"id": "u", "email": 5, "name": ["x"]})
     assert (ident.email, ident.name) == (None, None)
+
+
+async def test_verified_tokens_are_cached_until_they_expire(monkeypatch) -> None:
+    auth = Authenticator(settings())
+    token = hs({"id": "cached", "exp": now() + 30})
+    first = await auth.authenticate(bearer(token))
+    calls = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+    assert await auth.authenticate(bearer(token)) == first and calls == []  # no second verification
+    other = hs({"id": "other", "exp": now() + 30})
+    assert (await auth.authenticate(bearer(other))).user_id == "other" and calls == [1]
+
+
+def test_verified_cache_never_outlives_the_token(monkeypatch) -> None:
+    from extproc.identity import Identity, VerifiedCache
+
+    cache = VerifiedCache(ttl=60)
+    cache.put("short", Identity("u"), time.time() + 5)
+    cache.put("long", Identity("v"), time.time() + 3600)
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 10)
+    assert cache.get("short") is None and cache.get("long") is not None
+    monkeypatch.setattr(time, "time", lambda: real_time() + 61)
+    assert cache.get("long") is None  # at most ttl, whatever the token's exp
+
+
+def test_verified_cache_is_bounded() -> None:
+    from extproc.identity import Identity, VerifiedCache
+
+    cache = VerifiedCache(max_entries=3)
+    for i in range(5):
+        cache.put(f"t{i}", Identity(f"u{i}"), time.time() + 60)
+    assert cache.get("t4") is not None and cache.get("t0") is None
