@@ -91,8 +91,12 @@ async def me_page(request: web.Request) -> web.StreamResponse:
     except Invalid:
         before_id = after_id = None
     entries = await q.entries_page(pool, account.user_id, limit=25, before_id=before_id, after_id=after_id)
+    from .billing import me_offer  # here: billing builds on this module
+
+    offer = me_offer(request)  # None when billing is off: no "buy credits" section at all
     return ctx.render("me/statement.html", {
-        "title": ctx.t("me.title"), "a": account, "entries": entries, "csrf": ctx.signer.csrf(session.sid)})
+        "title": ctx.t("me.title"), "a": account, "entries": entries, "csrf": ctx.signer.csrf(session.sid),
+        "offer": offer}, headers={"Content-Security-Policy": offer["csp"]} if offer else None)
 
 
 async def request_link(request: web.Request) -> web.StreamResponse:

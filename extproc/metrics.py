@@ -57,3 +57,10 @@ class Metrics:
             ["threshold", "event"], registry=r)
         self.outbox_depth = Gauge(
             "solaris_alert_outbox_pending", "Alerts waiting for delivery.", registry=r)
+        self.purchases = Counter(
+            "solaris_purchases_total",
+            "Credit purchases (Stripe): checkout sessions created and webhook events by outcome.",
+            ["event"], registry=r)
+        self.purchase_tokens = Counter(
+            "solaris_purchase_tokens_total", "Tokens credited by purchases and clawed back by refunds.",
+            ["kind"], registry=r)

@@ -338,10 +338,11 @@ def build_app(service: Any) -> web.Application:
     ctx = WebContext.build(service.settings)
     app[WEB] = ctx
     # Imported here: those modules use this one's helpers.
-    from . import admin, me
+    from . import admin, billing, me
 
     admin.setup(app)
     me.setup(app)
+    billing.setup(app)  # mounts nothing when billing is off (no Stripe keys)
     # Served under both prefixes because Envoy routes only /admin, /me and /api here.
     app.router.add_static("/admin/static/", STATIC, name="admin_static")
     app.router.add_static("/me/static/", STATIC, name="me_static")

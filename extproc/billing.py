@@ -1,0 +1,594 @@
+"""Credit purchases with Stripe (DESIGN.md section 7, issue #7): users buy credit packs with
+Stripe Checkout; a signed webhook adds the credits exactly once and claws them back on refund.
+
+Switch: billing is on only when both ``STRIPE_SECRET_KEY`` and ``STRIPE_WEBHOOK_SECRET`` are set
+(checkout without a webhook secret would take money that could never be credited). When it is
+off, none of the routes below exists (404), /me shows no button and the 402 carries no link.
+
+Routes:
+- ``GET /api/billing/packs``: the packs of ``GATE_CREDIT_PACKS`` (public: id, tokens, price in
+  minor units, currency).
+- ``POST /api/billing/checkout``: a user's JWT (``Authorization: Bearer``, as ``/api/me``) and
+  JSON ``{"pack": id}`` -> ``{"id", "url", "pack"}``, the Stripe Checkout Session to send the
+  user to. The browser path is the "buy" form of /me, ``POST /me/billing/checkout`` (session
+  cookie + CSRF token like the other /me forms, then 303 to Stripe): the /me session cookie is
+  scoped to ``Path=/me``, so a browser never sends it to ``/api``.
+- ``POST /api/billing/stripe/webhook``: Stripe's events, signature checked on the raw body.
+
+Checkout: the session is created with the official ``stripe`` library through a per-service
+``StripeClient`` (``STRIPE_API_BASE`` overrides its API address; no module-level configuration)
+using the library's aiohttp client and its ``*_async`` methods, so nothing blocks the event
+loop. mode=payment, one line item with ``price_data`` (currency, unit_amount, product name),
+success/cancel URLs under ``GATE_PUBLIC_URL/me``, ``client_reference_id`` = user id and
+``metadata`` = {user_id, pack, tokens} (also on the PaymentIntent, for Stripe's dashboard).
+Only a user with an account (one request made) who is not suspended may start a purchase.
+Idempotency key sent to Stripe: with the client's ``Idempotency-Key`` header, a hash of (user,
+that key): a retried request gets the same session, the same key for another pack gets 409.
+Without it, a hash of (user, pack, current UTC minute): a double click reuses the session;
+two purchases of one pack in the same minute are one purchase (wait a minute).
+
+Fulfilment (webhook):
+- The signature is checked by ``StripeClient.construct_event`` (the library's default
+  tolerance, 300 s): missing, malformed, wrong-secret, tampered or old -> 400, nothing recorded.
+- ``stripe_events`` keeps every processed event id and what was done with it; a redelivered
+  event id answers 200 "duplicate" without work. The row is written after the work, so a crash
+  in between only means the work is redone, which is idempotent.
+- ``checkout.session.completed`` with ``payment_status == "paid"`` and
+  ``checkout.session.async_payment_succeeded`` credit the tokens recorded in the session's
+  metadata when it was created (never a client value, never the current pack table, which may
+  have changed since) with ``Ledger.grant(kind="purchase", actor="stripe")`` keyed by
+  ``stripe:checkout:<session id>``. The ledger's UNIQUE idempotency key, checked under the
+  account's row lock, is what makes it exactly once whatever the order, number or concurrency
+  of deliveries; the entry and its audit row are one transaction (I4), so the purchase shows in
+  the statement, the admin user view and the audit trail (actor ``stripe``) like any credit.
+  A completed-but-unpaid session (boleto, Pix) waits for ``async_payment_succeeded``.
+- A session without our metadata (another product on the same Stripe account) is ignored.
+  A paid session whose user has no account cannot come from our checkout (it requires one):
+  it is logged as an error, recorded (outcome ``unknown_user``, and in billing_payments) and
+  answered 200 so Stripe stops retrying; an operator grants by hand after looking.
+- ``charge.refunded`` claws back proportionally: tokens x amount_refunded / amount (rounded
+  down) of the purchase, as kind 'refund' (negative; the balance may go below zero and the
+  account is then blocked until it is positive again). A charge names its PaymentIntent, not
+  the session, so fulfilment records PaymentIntent -> (session, user, tokens) in
+  ``billing_payments`` (migrations/20261125000004_billing.sql). Stripe reports the cumulative
+  amount refunded; the highest value seen is kept, and under a per-payment lock the clawback
+  is brought up to tokens x highest / amount, what was already clawed back being read from the
+  ledger entries themselves (keys ``stripe:refund:<payment intent>:<cumulative amount>``). So
+  each refund is applied once, replays and out-of-order partial refunds converge to the same
+  total, and a crash between the ledger entry and anything else is healed by the retry.
+  A refund that arrives before its purchase is recorded and applied when the purchase is
+  fulfilled (order never matters). A refund that fails later (amount_refunded going down) does
+  not give credits back: an admin grants them.
+- Any other event type: 200, logged, recorded as ``ignored``. A database outage: 503 (Stripe
+  retries with backoff for days).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import asyncpg
+import stripe
+from aiohttp import web
+
+from .ledger import UNAVAILABLE_ERRORS, Account, Ledger, LedgerUnavailable, UnknownUser
+from .me import api_identity, current_session, signin_page
+from .metrics import Metrics
+from .settings import Settings
+from .web import CSP, SERVICE, WEB, WebContext, client_ip, fmt_int, json_error, json_response
+
+log = logging.getLogger(__name__)
+
+ACTOR = "stripe"
+CHECKOUT_ORIGIN = "https://checkout.stripe.com"  # where the /me form's redirect goes (CSP)
+CHECKOUT_WINDOW_SECONDS = 60  # a double click within the same minute reuses the session
+MAX_CLIENT_KEY = 200
+MAX_PACK_TOKENS = 10**12
+STRIPE_TIMEOUT_SECONDS = 30
+# apply_refunds holds one pooled connection (the payment's lock) while Ledger.grant takes
+# another: bounding how many run at once keeps a burst of webhooks from filling the pool with
+# holders that all wait for a second connection. The lock is an advisory lock, not the row's,
+# so the plain upserts of other deliveries never wait on it (they would hold connections too).
+REFUND_CONCURRENCY = 4
+REFUND_LOCK_CLASS = 74_2001  # pg_advisory_xact_lock(class, hashtext(payment intent))
+FULFIL_TYPES = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
+# Currencies Stripe counts in whole units (no cents).
+ZERO_DECIMAL = frozenset({"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx",
+                          "vnd", "vuv", "xaf", "xof", "xpf"})
+SYMBOLS = {"brl": "R$", "usd": "US$", "eur": "€", "gbp": "£"}
+_PACK_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_DIGITS = re.compile(r"[0-9]+")
+
+TEXT: dict[str, dict[str, str]] = {
+    "pt-BR": {
+        "title": "Comprar créditos",
+        "intro": "Créditos comprados somam-se ao saldo e continuam valendo quando o ciclo renova. "
+                 "O pagamento é feito no Stripe.",
+        "buy": "Comprar",
+        "buy_label": "Comprar {tokens} tokens por {price}",
+        "product": "Solaris: {tokens} tokens",
+        "success": "Pagamento enviado. Os créditos entram no extrato assim que o Stripe confirmar o pagamento.",
+        "cancelled": "Compra cancelada: nada foi cobrado.",
+        "unknown_pack": "Pacote de créditos desconhecido.",
+        "suspended": "Sua conta está suspensa: não é possível comprar créditos.",
+        "provider": "O serviço de pagamento não respondeu. Tente novamente em instantes.",
+        "conflict": "Esta chave de idempotência já foi usada para outra compra.",
+        "invalid_key": "Idempotency-Key inválida (até 200 caracteres imprimíveis).",
+        "reason_purchase": "Compra de créditos: pacote {pack}, {price} (Stripe {session})",
+        "reason_refund": "Estorno de {refunded} de {amount} (Stripe {payment})",
+    },
+    "en": {
+        "title": "Buy credits",
+        "intro": "Purchased credits add to your balance and stay when the cycle renews. "
+                 "Payment is handled by Stripe.",
+        "buy": "Buy",
+        "buy_label": "Buy {tokens} tokens for {price}",
+        "product": "Solaris: {tokens} tokens",
+        "success": "Payment sent. The credits appear in your statement as soon as Stripe confirms the payment.",
+        "cancelled": "Purchase cancelled: nothing was charged.",
+        "unknown_pack": "Unknown credit pack.",
+        "suspended": "Your account is suspended: credits cannot be bought.",
+        "provider": "The payment service did not answer. Try again in a moment.",
+        "conflict": "This idempotency key was already used for another purchase.",
+        "invalid_key": "Invalid Idempotency-Key (up to 200 printable characters).",
+        "reason_purchase": "Credit purchase: pack {pack}, {price} (Stripe {session})",
+        "reason_refund": "Refund of {refunded} of {amount} (Stripe {payment})",
+    },
+}
+
+
+# ---------------------------------------------------------------- packs and prices
+
+
+@dataclass(frozen=True)
+class Pack:
+    id: str
+    tokens: int
+    price: int  # minor units (cents), as Stripe's unit_amount
+    currency: str  # ISO 4217, lower case, as Stripe writes it
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "tokens": self.tokens, "price": self.price, "currency": self.currency}
+
+
+def parse_packs(text: str) -> tuple[Pack, ...]:
+    """``id:tokens:price-in-cents:currency,...`` -> packs; ValueError names the bad item."""
+    packs: list[Pack] = []
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        parts = [p.strip() for p in item.split(":")]
+        if len(parts) != 4:
+            raise ValueError(f"GATE_CREDIT_PACKS: {item!r} is not id:tokens:price-in-cents:currency")
+        pack_id, tokens, price, currency = parts[0], parts[1], parts[2], parts[3].lower()
+        if not _PACK_ID.fullmatch(pack_id):
+            raise ValueError(f"GATE_CREDIT_PACKS: bad pack id {pack_id!r} (a-z, 0-9, _ and -)")
+        if not (_DIGITS.fullmatch(tokens) and 0 < int(tokens) <= MAX_PACK_TOKENS):
+            raise ValueError(f"GATE_CREDIT_PACKS: {pack_id}: tokens must be a positive integer")
+        if not (_DIGITS.fullmatch(price) and int(price) > 0):
+            raise ValueError(f"GATE_CREDIT_PACKS: {pack_id}: price must be a positive integer (cents)")
+        if not re.fullmatch(r"[a-z]{3}", currency):
+            raise ValueError(f"GATE_CREDIT_PACKS: {pack_id}: currency must be an ISO 4217 code")
+        if any(p.id == pack_id for p in packs):
+            raise ValueError(f"GATE_CREDIT_PACKS: pack {pack_id!r} is listed twice")
+        packs.append(Pack(pack_id, int(tokens), int(price), currency))
+    if not packs:
+        raise ValueError("GATE_CREDIT_PACKS lists no pack")
+    return tuple(packs)
+
+
+def format_price(amount: int, currency: str, lang: str) -> str:
+    """2990, "brl" -> "R$ 29,90" (pt-BR) / "R$ 29.90" (en)."""
+    digits = 0 if currency in ZERO_DECIMAL else 2
+    text = f"{amount / 10**digits:,.{digits}f}"
+    if lang == "pt-BR":
+        text = text.translate(str.maketrans({",": ".", ".": ","}))
+    return f"{SYMBOLS.get(currency, currency.upper())} {text}"
+
+
+def enabled(settings: Settings) -> bool:
+    return bool(settings.stripe_secret_key and settings.stripe_webhook_secret)
+
+
+def purchase_key(session_id: str) -> str:
+    return f"stripe:checkout:{session_id}"
+
+
+def refund_prefix(payment_intent: str) -> str:
+    return f"stripe:refund:{payment_intent}:"
+
+
+def checkout_idempotency_key(user_id: str, pack_id: str, client_key: str | None, now: float) -> str:
+    """The Idempotency-Key sent to Stripe (see the module docstring)."""
+    if client_key:
+        material = f"client\0{user_id}\0{client_key}"
+    else:
+        material = f"window\0{user_id}\0{pack_id}\0{int(now // CHECKOUT_WINDOW_SECONDS)}"
+    return "solaris-checkout-" + hashlib.sha256(material.encode()).hexdigest()
+
+
+def _id(value: Any) -> str | None:
+    """A Stripe reference: an id string, or an expanded object's id."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("id"), str):
+        return str(value["id"])
+    return None
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+class CheckoutFailed(Exception):
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Checkout:
+    id: str
+    url: str
+    pack: Pack
+
+
+# ---------------------------------------------------------------- the service object
+
+
+class Billing:
+    """Checkout and fulfilment for one service instance (its own Stripe client)."""
+
+    def __init__(self, settings: Settings, *, pool: asyncpg.Pool, ledger: Ledger, metrics: Metrics,
+                 clock: Callable[[], datetime]) -> None:
+        self.settings = settings
+        self.packs = {p.id: p for p in parse_packs(settings.credit_packs)}
+        self.pool = pool
+        self.ledger = ledger
+        self.metrics = metrics
+        self.clock = clock
+        self.lang = settings.language if settings.language in TEXT else "pt-BR"
+        self.text = TEXT[self.lang]
+        self.public_url = settings.public_url.rstrip("/")
+        self.refund_slots = asyncio.Semaphore(REFUND_CONCURRENCY)
+        self.http_client = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=STRIPE_TIMEOUT_SECONDS))
+        base = {"api": settings.stripe_api_base.rstrip("/")} if settings.stripe_api_base else None
+        # The library retries network failures and 5xx itself, with the same idempotency key.
+        self.client = stripe.StripeClient(settings.stripe_secret_key, base_addresses=base,  # type: ignore[arg-type]
+                                          http_client=self.http_client, max_network_retries=2)
+
+    async def close(self) -> None:
+        await self.http_client.close_async()
+
+    def money(self, amount: int | None, currency: str | None) -> str:
+        if amount is None:
+            return "?"
+        return format_price(amount, currency, self.lang) if currency else str(amount)
+
+    # ------------------------------------------------------------ checkout
+
+    def checkout_params(self, account: Account, pack: Pack) -> dict[str, Any]:
+        metadata = {"user_id": account.user_id, "pack": pack.id, "tokens": str(pack.tokens)}
+        params: dict[str, Any] = {
+            "mode": "payment",
+            "line_items": [{
+                "price_data": {
+                    "currency": pack.currency,
+                    "unit_amount": pack.price,
+                    "product_data": {"name": self.text["product"].format(tokens=fmt_int(pack.tokens, self.lang))},
+                },
+                "quantity": 1,
+            }],
+            "success_url": f"{self.public_url}/me?purchase=success",
+            "cancel_url": f"{self.public_url}/me?purchase=cancelled",
+            "client_reference_id": account.user_id,
+            "metadata": metadata,
+            "payment_intent_data": {"metadata": metadata},
+            "locale": self.lang,
+        }
+        if account.email:
+            params["customer_email"] = account.email
+        return params
+
+    async def checkout(self, user_id: str, pack_id: Any, client_key: str | None) -> Checkout:
+        """A Stripe Checkout Session for ``user_id`` buying ``pack_id``; CheckoutFailed says why not."""
+        pack = self.packs.get(pack_id) if isinstance(pack_id, str) else None
+        if pack is None:
+            raise CheckoutFailed(400, "unknown_pack")
+        if client_key is not None and (not client_key or len(client_key) > MAX_CLIENT_KEY
+                                       or not client_key.isprintable()):
+            raise CheckoutFailed(400, "invalid_key")
+        account = await self.ledger.account(user_id)
+        if account is None:
+            raise CheckoutFailed(404, "no_account")
+        if account.state == "suspended":
+            raise CheckoutFailed(403, "suspended")
+        key = checkout_idempotency_key(user_id, pack.id, client_key, time.time())
+        try:
+            session = await self.client.v1.checkout.sessions.create_async(
+                self.checkout_params(account, pack),  # type: ignore[arg-type]
+                {"idempotency_key": key})
+        except stripe.IdempotencyError:
+            raise CheckoutFailed(409, "conflict") from None
+        except stripe.StripeError as exc:
+            log.error("stripe checkout failed: %s", type(exc).__name__,
+                      extra={"user_id": user_id, "pack": pack.id, "stripe_error": str(exc)[:300]})
+            raise CheckoutFailed(502, "provider") from None
+        if not session.id or not session.url:
+            log.error("stripe checkout session without id or url", extra={"user_id": user_id})
+            raise CheckoutFailed(502, "provider")
+        self.metrics.purchases.labels(event="checkout").inc()
+        log.info("checkout session created", extra={"user_id": user_id, "pack": pack.id, "session": session.id})
+        return Checkout(session.id, session.url, pack)
+
+    # ------------------------------------------------------------ webhook
+
+    def verify(self, raw: bytes, header: str | None) -> dict[str, Any]:
+        """The event of a correctly signed, recent body; SignatureVerificationError or
+        ValueError otherwise (HMAC and JSON only: no I/O, fine on the event loop)."""
+        event = self.client.construct_event(raw, header, self.settings.stripe_webhook_secret)
+        data = event.to_dict()
+        if not isinstance(data.get("id"), str) or not isinstance(data.get("type"), str):
+            raise ValueError("not a Stripe event")
+        return data
+
+    async def process(self, event: Mapping[str, Any], source_ip: str | None = None) -> str:
+        """Do what ``event`` asks, once; returns the outcome recorded in stripe_events."""
+        event_id, kind = str(event["id"]), str(event["type"])
+        if await self.pool.fetchval("SELECT 1 FROM stripe_events WHERE event_id = $1", event_id):
+            self.metrics.purchases.labels(event="duplicate").inc()
+            return "duplicate"
+        data = event.get("data")
+        obj = data.get("object") if isinstance(data, Mapping) else None
+        if not isinstance(obj, Mapping):
+            obj = {}
+        if kind == "checkout.session.completed" and obj.get("payment_status") != "paid":
+            outcome = "awaiting_payment"  # boleto, Pix...: async_payment_succeeded follows
+        elif kind in FULFIL_TYPES:
+            outcome = await self.fulfil(obj, source_ip)
+        elif kind == "charge.refunded":
+            outcome = await self.refund(obj, source_ip)
+        else:
+            outcome = "ignored"
+            log.info("stripe event ignored", extra={"event_id": event_id, "type": kind})
+        await self.pool.execute(
+            "INSERT INTO stripe_events (event_id, type, outcome, object_id, received_at)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
+            event_id, kind[:200], outcome, _id(obj.get("id")), self.clock())
+        self.metrics.purchases.labels(event=outcome).inc()
+        return outcome
+
+    async def fulfil(self, session: Mapping[str, Any], source_ip: str | None) -> str:
+        session_id = _id(session.get("id"))
+        meta = session.get("metadata")
+        meta = meta if isinstance(meta, Mapping) else {}
+        user_id, pack, tokens_text = meta.get("user_id"), meta.get("pack"), meta.get("tokens")
+        if (not session_id or session.get("mode") != "payment" or not isinstance(user_id, str) or not user_id
+                or not isinstance(pack, str) or not isinstance(tokens_text, str)):
+            log.info("checkout session without Solaris metadata ignored", extra={"session": session_id})
+            return "not_ours"
+        reference = session.get("client_reference_id")
+        if (not _DIGITS.fullmatch(tokens_text) or not 0 < int(tokens_text) <= MAX_PACK_TOKENS
+                or (reference is not None and reference != user_id)):
+            log.error("checkout session with inconsistent metadata", extra={"session": session_id})
+            return "invalid"
+        tokens = int(tokens_text)
+        amount = _count(session.get("amount_total"))
+        currency = str(session.get("currency") or "").lower()
+        payment_intent = _id(session.get("payment_intent"))
+        if payment_intent:
+            # Before the grant: a refund racing this purchase finds the row.
+            await self.pool.execute(
+                "INSERT INTO billing_payments (payment_intent, session_id, user_id, pack, tokens, amount,"
+                " currency, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)"
+                " ON CONFLICT (payment_intent) DO UPDATE SET session_id = EXCLUDED.session_id,"
+                " user_id = EXCLUDED.user_id, pack = EXCLUDED.pack, tokens = EXCLUDED.tokens,"
+                " amount = COALESCE(billing_payments.amount, EXCLUDED.amount),"
+                " currency = EXCLUDED.currency, updated_at = EXCLUDED.updated_at",
+                payment_intent, session_id, user_id, pack, tokens, amount, currency or None, self.clock())
+        else:
+            log.warning("paid checkout session without a payment intent: refunds cannot be matched",
+                        extra={"session": session_id})
+        price = self.money(amount, currency)
+        try:
+            _, applied = await self.ledger.grant(
+                user_id, tokens, actor=ACTOR, kind="purchase", idempotency_key=purchase_key(session_id),
+                reason=self.text["reason_purchase"].format(pack=pack, price=price, session=session_id),
+                source_ip=source_ip)
+        except UnknownUser:
+            log.error("paid checkout session for a user without an account: not credited",
+                      extra={"session": session_id, "user_id": user_id, "tokens": tokens})
+            return "unknown_user"
+        if applied:
+            self.metrics.purchase_tokens.labels(kind="purchase").inc(tokens)
+            log.info("purchase credited", extra={"session": session_id, "user_id": user_id, "tokens": tokens})
+        if payment_intent:
+            await self.apply_refunds(payment_intent, source_ip)  # one that arrived first
+        return "fulfilled" if applied else "already_fulfilled"
+
+    async def refund(self, charge: Mapping[str, Any], source_ip: str | None) -> str:
+        payment_intent = _id(charge.get("payment_intent"))
+        amount, refunded = _count(charge.get("amount")), _count(charge.get("amount_refunded"))
+        if not payment_intent or refunded is None:
+            log.info("refund without a payment intent ignored", extra={"charge": _id(charge.get("id"))})
+            return "not_ours"
+        await self.pool.execute(
+            "INSERT INTO billing_payments (payment_intent, charge_id, amount, amount_refunded, created_at, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (payment_intent) DO UPDATE SET"
+            " charge_id = COALESCE(EXCLUDED.charge_id, billing_payments.charge_id),"
+            " amount = COALESCE(EXCLUDED.amount, billing_payments.amount),"
+            " amount_refunded = GREATEST(billing_payments.amount_refunded, EXCLUDED.amount_refunded),"
+            " updated_at = EXCLUDED.updated_at",
+            payment_intent, _id(charge.get("id")), amount, refunded, self.clock())
+        clawed = await self.apply_refunds(payment_intent, source_ip)
+        return "refunded" if clawed else "refund_recorded"
+
+    async def apply_refunds(self, payment_intent: str, source_ip: str | None) -> int:
+        """Bring the clawback of one purchase up to tokens x refunded / amount; returns the
+        tokens clawed back now. A per-payment lock serializes this; the row is read after the
+        lock, and every writer of the row calls this after its write commits, so the last caller
+        sees the highest amount refunded. What was already clawed back is read from the ledger
+        (the truth), not from a counter."""
+        async with self.refund_slots, self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", REFUND_LOCK_CLASS, payment_intent)
+            row = await conn.fetchrow("SELECT * FROM billing_payments WHERE payment_intent = $1", payment_intent)
+            if row is None or not row["amount_refunded"] or row["session_id"] is None:
+                return 0  # nothing refunded, or the purchase is not known yet
+            if not row["amount"] or not row["tokens"] or not await conn.fetchval(
+                    "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1", purchase_key(row["session_id"])):
+                return 0  # not credited (yet, or never: unknown user)
+            target = row["tokens"] * min(row["amount_refunded"], row["amount"]) // row["amount"]
+            prefix = refund_prefix(payment_intent)
+            clawed = -await conn.fetchval(
+                "SELECT COALESCE(SUM(tokens), 0)::bigint FROM ledger_entries"
+                " WHERE user_id = $1 AND kind = 'refund' AND starts_with(idempotency_key, $2)",
+                row["user_id"], prefix)
+            delta = target - clawed
+            if delta <= 0:
+                return 0
+            reason = self.text["reason_refund"].format(
+                refunded=self.money(row["amount_refunded"], row["currency"]),
+                amount=self.money(row["amount"], row["currency"]), payment=payment_intent)
+            # Another connection, while this one holds the payment's lock.
+            _, applied = await self.ledger.grant(
+                row["user_id"], -delta, actor=ACTOR, kind="refund", reason=reason,
+                idempotency_key=f"{prefix}{row['amount_refunded']}", source_ip=source_ip)
+        if applied:
+            self.metrics.purchase_tokens.labels(kind="refund").inc(delta)
+            log.info("refund clawed back", extra={"payment_intent": payment_intent, "tokens": delta})
+        return delta if applied else 0
+
+
+BILLING = web.AppKey("billing", Billing)
+
+
+# ---------------------------------------------------------------- HTTP handlers
+
+
+def _message(ctx: WebContext, billing: Billing, code: str) -> str:
+    if code == "no_account":
+        return ctx.t("me.no_account")
+    return billing.text.get(code, code)
+
+
+async def api_packs(request: web.Request) -> web.StreamResponse:
+    billing = request.app[BILLING]
+    return json_response({"packs": [p.as_json() for p in billing.packs.values()]})
+
+
+async def api_checkout(request: web.Request) -> web.StreamResponse:
+    ctx, billing = request.app[WEB], request.app[BILLING]
+    user_id = await api_identity(request)
+    if isinstance(user_id, web.Response):
+        return user_id
+    try:
+        body = await request.json(loads=json.loads)
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        return json_error(400, "validation_failed", ctx.t("err.validation_failed"),
+                          fields={"body": {"code": "invalid_json", "message": ctx.t("err.invalid_json")}})
+    try:
+        checkout = await billing.checkout(user_id, body.get("pack"), request.headers.get("Idempotency-Key"))
+    except (LedgerUnavailable, *UNAVAILABLE_ERRORS):
+        return json_error(503, "unavailable", ctx.t("error.unavailable"))
+    except CheckoutFailed as exc:
+        if exc.code == "unknown_pack":
+            return json_error(400, "validation_failed", ctx.t("err.validation_failed"),
+                              fields={"pack": {"code": "unknown_pack", "message": billing.text["unknown_pack"]}})
+        code = {"suspended": "account_suspended", "provider": "payment_provider_error",
+                "conflict": "idempotency_conflict"}.get(exc.code, exc.code)
+        return json_error(exc.status, code, _message(ctx, billing, exc.code))
+    return json_response({"id": checkout.id, "url": checkout.url, "pack": checkout.pack.as_json()})
+
+
+async def me_checkout(request: web.Request) -> web.StreamResponse:
+    """The /me "buy" form: session cookie + CSRF, then 303 to Stripe's payment page."""
+    ctx, billing = request.app[WEB], request.app[BILLING]
+    session = current_session(request)
+    if session is None:
+        return signin_page(request, status=401)
+    form = await request.post()
+    csrf = form.get("csrf")
+    if not ctx.signer.csrf_ok(session.sid, csrf if isinstance(csrf, str) else None):
+        return ctx.render("error.html", {"title": ctx.t("error.title"), "message": ctx.t("error.csrf"),
+                                         "nav": None}, status=403)
+    try:
+        checkout = await billing.checkout(session.subject, form.get("pack"), None)
+    except CheckoutFailed as exc:
+        return ctx.render("error.html", {"title": ctx.t("error.title"), "nav": None,
+                                         "message": _message(ctx, billing, exc.code)}, status=exc.status)
+    raise web.HTTPSeeOther(checkout.url)
+
+
+async def stripe_webhook(request: web.Request) -> web.StreamResponse:
+    billing = request.app[BILLING]
+    raw = await request.read()  # the signature covers these exact bytes
+    try:
+        event = billing.verify(raw, request.headers.get("Stripe-Signature"))
+    except (stripe.SignatureVerificationError, ValueError) as exc:
+        billing.metrics.purchases.labels(event="rejected").inc()
+        log.warning("stripe webhook rejected: %s", str(exc)[:200], extra={"source_ip": client_ip(request)})
+        return json_error(400, "invalid_signature", "Invalid or missing Stripe-Signature.")
+    try:
+        outcome = await billing.process(event, client_ip(request))
+    except (LedgerUnavailable, *UNAVAILABLE_ERRORS):
+        log.warning("stripe webhook: ledger unavailable, Stripe will retry", extra={"event_id": event["id"]})
+        return json_error(503, "ledger_unavailable", "The ledger is unavailable; retry later.")
+    except Exception:
+        log.exception("stripe webhook failed", extra={"event_id": event["id"]})
+        return json_error(500, "internal", "Internal error; retry later.")
+    return json_response({"received": True, "outcome": outcome})
+
+
+def me_offer(request: web.Request) -> dict[str, Any] | None:
+    """What /me shows of billing: None when it is off (nothing shows)."""
+    billing = request.app.get(BILLING)
+    if billing is None:
+        return None
+    ctx = request.app[WEB]
+    packs = [{"id": p.id, "tokens": p.tokens, "price": format_price(p.price, p.currency, ctx.lang),
+              "label": billing.text["buy_label"].format(tokens=fmt_int(p.tokens, ctx.lang),
+                                                        price=format_price(p.price, p.currency, ctx.lang))}
+             for p in billing.packs.values()]
+    purchase = request.query.get("purchase", "")
+    return {
+        "packs": packs, "text": billing.text,
+        "notice": billing.text[purchase] if purchase in ("success", "cancelled") else None,
+        # The form's 303 goes to Stripe: browsers check a redirect after a form against form-action.
+        "csp": CSP.replace("form-action 'self'", f"form-action 'self' {CHECKOUT_ORIGIN}"),
+    }
+
+
+def setup(app: web.Application) -> None:
+    """Mount the billing routes when billing is on (both Stripe keys set); otherwise nothing."""
+    service = app[SERVICE]
+    settings: Settings = service.settings
+    if not enabled(settings):
+        if settings.stripe_secret_key or settings.stripe_webhook_secret:
+            log.warning("billing is off: STRIPE_SECRET_KEY and STRIPE_WEBHOOK_SECRET must both be set")
+        return
+    billing = Billing(settings, pool=service.pool, ledger=service.ledger, metrics=service.metrics,
+                      clock=service.clock)
+    app[BILLING] = billing
+    r = app.router
+    r.add_get("/api/billing/packs", api_packs)
+    r.add_post("/api/billing/checkout", api_checkout)
+    r.add_post("/api/billing/stripe/webhook", stripe_webhook)
+    r.add_post("/me/billing/checkout", me_checkout)
+
+    async def close(_: web.Application) -> None:
+        await billing.close()
+
+    app.on_cleanup.append(close)
