@@ -101,7 +101,10 @@ class Service:
                 s.redis_url, socket_timeout=0.05, socket_connect_timeout=0.05,
                 retry=Retry(NoBackoff(), 0))
             self.ledger = Ledger(self.pool, s, self.clock, admit_pool=self.admit_pool)
-            limiter = RedisRateLimiter(self.redis, self.metrics, prefix=s.redis_prefix, timeout=0.01)
+            # 50 ms: under load the timeout also measures event-loop lag, and a tighter one
+            # would drop to per-process limits (N processes = N x the limit) for no Redis fault.
+            # A dead Redis still costs one request per second at most (circuit breaker).
+            limiter = RedisRateLimiter(self.redis, self.metrics, prefix=s.redis_prefix, timeout=0.05)
             self.gate = Gate(s, self.ledger, Authenticator(s), limiter, self.metrics, self.spool)
             try:
                 await self.maintain_once()  # replays a spool left by a crash, loads plans

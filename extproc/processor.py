@@ -46,6 +46,8 @@ METERED = {
 }
 MODELS = ("/v1/models", "/models")
 
+# Settles run after the reply; beyond this many in flight, replies wait for theirs.
+MAX_PENDING_SETTLES = 64
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 _NONE = processing_mode_pb2.ProcessingMode.NONE
@@ -418,8 +420,11 @@ class Gate:
         usage = self._usage(ex, observed, text)
         ex.closed = True
         # Reply now and settle right after (a tracked task: drained on shutdown, spooled if
-        # the ledger is down), so the debit's transaction is not on the user's latency path.
-        self.spawn(self._close(ex, usage))
+        # the ledger is down), so the debit's transaction is not on the user's latency path;
+        # past MAX_PENDING_SETTLES the reply waits for its settle (backpressure, bounded lag).
+        task = self.spawn(self._close(ex, usage))
+        if len(self.tasks) > MAX_PENDING_SETTLES:
+            await asyncio.shield(task)
         if ex.account is None or usage is None:
             return CONTINUE_RESPONSE_BODY
         return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
