@@ -182,16 +182,17 @@ def auth(settings: Settings) -> Any:
     return make
 
 
-def start_serve(database: str, redis_url: str, logdir: Path, **env: str) -> tuple[Any, int, int]:
+def start_serve(database: str, redis_url: str, logdir: Path, ports: tuple[int, int] | None = None,
+                **env: str) -> tuple[Any, int, int]:
     """`extproc serve` as a real child process; returns (process, grpc port, http port) once
     /readyz answers. Blocking: call it with asyncio.to_thread from async tests."""
     import subprocess
 
-    grpc_port, http_port = devstack.free_port(), devstack.free_port()
+    grpc_port, http_port = ports or (devstack.free_port(), devstack.free_port())
     full = {**os.environ, "DATABASE_URL": database, "REDIS_URL": redis_url, "GATE_GRPC_PORT": str(grpc_port),
             "GATE_HTTP_PORT": str(http_port), "GATE_JWT_SECRET": JWT_SECRET, "GATE_KEY": GATE_KEY,
             "GATE_SPOOL_DIR": str(logdir / f"spool-{grpc_port}"), **env}
     proc = subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve"], env=full,
-                            stdout=(logdir / f"serve-{grpc_port}.log").open("wb"), stderr=subprocess.STDOUT)
+                            stdout=(logdir / f"serve-{grpc_port}.log").open("ab"), stderr=subprocess.STDOUT)
     devstack.wait_until(lambda: devstack.http_ok(f"http://127.0.0.1:{http_port}/readyz"), 30, "extproc serve", proc)
     return proc, grpc_port, http_port

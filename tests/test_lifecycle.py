@@ -98,3 +98,62 @@ async def test_sigkill_mid_stream_leaks_no_reservation(http, make_database, redi
         assert await Ledger(pool, settings).reconcile() == []
     finally:
         await pool.close()
+
+
+async def test_restart_under_load_admits_nothing_unreserved_and_debits_once(
+        http, make_database, redis_url, upstream, tmp_path):
+    """Two processors behind one Envoy; one is restarted (SIGTERM, then started again on the
+    same ports) while 300 requests from 30 users flow. Refused requests are refused before any
+    reservation; every answered one is debited exactly once, against its reservation."""
+    database = make_database()
+    started = await asyncio.gather(*[asyncio.to_thread(start_serve, database, redis_url, tmp_path)
+                                     for _ in range(2)])
+    procs = [p for p, _, _ in started]
+    ports = [(g, h) for _, g, h in started]
+    proxy = devstack.Envoy(tmp_path, upstream=("127.0.0.1", upstream.port),
+                           extproc=[("127.0.0.1", g) for g, _ in ports], http=("127.0.0.1", ports[0][1]),
+                           health_check=False)
+    await asyncio.to_thread(proxy.start)
+    users = [f"restart-{uuid.uuid4().hex[:6]}-{i}" for i in range(30)]
+    tokens = [mint_token(Settings(jwt_secret=JWT_SECRET), u) for u in users]
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "oi"}], "max_tokens": 20,
+            "x_test": {"prompt": 3, "completion": 4, "delay": 0.02}}
+    statuses: list[int] = []
+    gate = asyncio.Semaphore(20)
+
+    async def one(i: int) -> None:
+        async with gate:
+            try:
+                async with http.post(proxy.url + CHAT, json=body,
+                                     headers={"authorization": f"Bearer {tokens[i % 30]}"}) as resp:
+                    await resp.read()
+                    statuses.append(resp.status)
+            except aiohttp.ClientError:
+                statuses.append(0)
+
+    async def restart() -> None:
+        await asyncio.sleep(0.3)
+        procs[0].send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(procs[0].wait, 20) == 0
+        procs[0], _, _ = await asyncio.to_thread(start_serve, database, redis_url, tmp_path, ports[0])
+
+    try:
+        await asyncio.gather(restart(), *[one(i) for i in range(300)])
+    finally:
+        proxy.stop()
+        for proc in procs:
+            devstack.stop_process(proc)  # graceful: in-flight settles finish
+    assert len(statuses) == 300 and set(statuses) <= {200, 503, 0}, set(statuses)
+    import asyncpg
+
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    try:
+        rows = await pool.fetch("SELECT exchange_id, flags FROM ledger_entries WHERE kind = 'usage'")
+        # half the traffic meets the restarting process (no retries configured): refused, unpaid
+        assert len(rows) == statuses.count(200) >= 100
+        assert len({r["exchange_id"] for r in rows}) == len(rows)
+        assert not [r for r in rows if "unreserved" in r["flags"]]
+        assert await pool.fetchval("SELECT count(*) FROM reservations WHERE state = 'held'") == 0
+        assert await Ledger(pool, Settings(database_url=database)).reconcile() == []
+    finally:
+        await pool.close()
