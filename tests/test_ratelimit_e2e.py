@@ -131,6 +131,28 @@ async def test_two_processes_share_limit_and_survive_redis_stop(
         headers = {"authorization": f"Bearer {mint_token(Settings(jwt_secret=JWT_SECRET), third)}"}
         statuses = [await one() for _ in range(8)]
         assert statuses.count(429) >= 2, statuses
+
+        # Redis flushed: the limit's state is gone (the user gets a fresh burst, as documented);
+        # money never lived there, so the ledger is untouched.
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis(port=redis_port)
+        await client.flushall()
+        await client.aclose()
+        statuses = [await one() for _ in range(8)]
+        assert statuses.count(200) == 5 and statuses.count(429) == 3, statuses
+        import asyncpg
+
+        await asyncio.sleep(0.5)  # settles run right after each reply, in the serving processes
+        conn = await asyncpg.connect(database)
+        try:
+            answered = await conn.fetchval("SELECT count(*) FROM ledger_entries WHERE kind = 'usage'")
+            drift = await conn.fetchval(
+                "SELECT count(*) FROM accounts a WHERE a.allowance + a.credits <>"
+                " (SELECT COALESCE(SUM(tokens), 0) FROM ledger_entries e WHERE e.user_id = a.user_id)")
+        finally:
+            await conn.close()
+        assert drift == 0 and answered >= 5 + 4 + 5
     finally:
         if proxy is not None:
             proxy.stop()
