@@ -420,3 +420,26 @@ async def test_100_concurrent_requests_small_balance(http, envoy, service, auth,
     assert bal == total
     assert service.ledger is not None
     assert await service.ledger.reconcile() == []
+
+
+async def test_client_abort_mid_stream_debits_what_was_streamed(envoy, service, auth, user):
+    """The client hangs up after the first chunks: Envoy resets the ext_proc stream and the
+    processor debits the output it had passed on (plus the prompt's estimate), flagged."""
+    async with aiohttp.ClientSession() as own:
+        resp = await own.post(envoy.url + CHAT, headers=auth(user), json=chat(
+            stream=True, x_test={"chunks": 30, "chunk_delay": 0.1}))
+        assert resp.status == 200
+        first = await resp.content.readuntil(b"\n\n")
+        second = await resp.content.readuntil(b"\n\n")
+        resp.close()  # drop the connection mid-stream
+    assert b"word0" in first and b"word1" in second
+    for _ in range(100):
+        if (await usage_entries(service, user)):
+            break
+        await asyncio.sleep(0.05)
+    [entry] = await usage_entries(service, user)
+    assert "no_usage" in entry["flags"]
+    seen = entry["completion_tokens"]
+    assert tokens("word0 word1 ") <= seen < tokens(" ".join(f"word{i}" for i in range(30)))
+    assert entry["prompt_tokens"] == 6
+    assert (await balance(service, user)).reserved == 0
