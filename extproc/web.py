@@ -63,6 +63,9 @@ async def readyz(request: web.Request) -> web.Response:
         missing = [v for v in expected_versions() if v not in applied]
         body["postgres"] = "ok" if not missing else f"migrations pending: {', '.join(missing)}"
         ready = not missing
+    except asyncpg.UndefinedTableError:
+        body["postgres"] = "not migrated: run `extproc migrate`"
+        ready = False
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         body["postgres"] = f"unavailable: {type(exc).__name__}"
         ready = False

@@ -6,12 +6,13 @@ import json
 import logging
 
 from conftest import ADMIN_TOKEN, GATE_KEY, JWT_SECRET
+from test_gate_e2e import settled
 
 from extproc.identity import mint_token
 from extproc.logs import JsonFormatter
 
 
-async def test_decisions_are_logged_as_json_without_secrets(http, envoy, settings, user, caplog):
+async def test_decisions_are_logged_as_json_without_secrets(http, envoy, service, settings, user, caplog):
     token = mint_token(settings, user, email="secret-person@example.com")
     bad = token[:-3] + "xyz"
     caplog.set_level(logging.INFO)
@@ -22,6 +23,7 @@ async def test_decisions_are_logged_as_json_without_secrets(http, envoy, setting
                     {"authorization": "Bearer wrong-gate-key", "x-user-id": user}):
         async with http.post(envoy.url + "/v1/chat/completions", json=body, headers=headers) as resp:
             await resp.read()
+    await settled(service)  # an admitted exchange's line is written when it settles
     formatter = JsonFormatter()
     lines = [formatter.format(r) for r in caplog.records]
     parsed = [json.loads(line) for line in lines]
