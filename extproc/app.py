@@ -196,6 +196,7 @@ class Service:
     async def refresh_gauges(self) -> None:
         if self.pool is None:
             return
+        self.metrics.spool_pending.set(self.spool.pending())  # includes lines left by a crash
         with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             self.metrics.outbox_depth.set(await self.pool.fetchval(
                 "SELECT count(*) FROM alert_outbox WHERE state = 'pending'"))

@@ -41,8 +41,31 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     return worker_main(settings, once=args.once, interval=args.interval)
 
 
+# Replicas of a deployment all run `extproc migrate` at start: an advisory lock held around
+# dbmate serializes them, so the later ones find nothing to do instead of racing.
+MIGRATE_LOCK = 7_420_001
+
+
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    result = dbmate(settings.database_url, args.direction, check=False)
+    import asyncpg
+
+    async def locked() -> Any:
+        try:
+            conn = await asyncpg.connect(settings.database_url)
+        except asyncpg.InvalidCatalogNameError:
+            # No database yet: dbmate creates it (nothing to serialize against until it exists).
+            return await asyncio.to_thread(dbmate, settings.database_url, args.direction, check=False)
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK)
+            return await asyncio.to_thread(dbmate, settings.database_url, args.direction, check=False)
+        finally:
+            await conn.close()  # ends the session, and the lock with it
+
+    try:
+        result = asyncio.run(locked())
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"error: migrate: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
     return result.returncode

@@ -40,6 +40,9 @@ class Metrics:
             registry=r)
         self.spooled = Counter(
             "solaris_spooled_settles_total", "Settles written to the local spool.", registry=r)
+        self.spool_pending = Gauge(
+            "solaris_spool_pending", "Settles in this process's spool file, not yet in the ledger.",
+            registry=r)
         self.spool_replayed = Counter(
             "solaris_spool_replayed_total", "Spooled settles replayed into the ledger.",
             registry=r)

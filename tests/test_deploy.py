@@ -499,7 +499,7 @@ def test_alert_rules_cover_the_issue() -> None:
         "SolarisAlertOutboxStuck": "solaris_alert_outbox_pending",
         "SolarisLedgerErrors": "solaris_db_errors_total",
         "SolarisReservationsExpiring": "solaris_reservations_expired_total",
-        "SolarisSpoolNotEmpty": "solaris_spooled_settles_total",
+        "SolarisSpoolNotEmpty": "solaris_spool_pending",
     }
     for alert, fragment in expected.items():
         assert fragment in rules[alert]["expr"], alert

@@ -129,6 +129,8 @@ async def test_fail_open_admits_and_settles_later_from_the_spool(faulty, http, a
         assert status == 200
     await asyncio.sleep(0.1)
     assert svc.spool.pending() == 3
+    async with http.get(f"http://127.0.0.1:{svc.http_port}/metrics") as resp:
+        assert "solaris_spool_pending 3.0" in await resp.text()
     await proxy.restore()
     await svc.maintain_once()
     assert svc.spool.pending() == 0

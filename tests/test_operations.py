@@ -96,3 +96,31 @@ def test_backup_errors_are_reported(verb, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/none")
     assert cli.main([verb, str(tmp_path / "x.dump")]) == 1
     assert f"error: {verb}" in capsys.readouterr().err
+
+
+def test_concurrent_migrate_runs_are_serialized(make_database, monkeypatch, capsys):
+    """Replicas starting together each run `extproc migrate`: all succeed, one applies."""
+    url = make_database(migrate=False)
+    monkeypatch.setenv("DATABASE_URL", url)
+    with ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(lambda _: cli.main(["migrate"]), range(4)))
+    assert codes == [0, 0, 0, 0]
+    out = capsys.readouterr().out
+    for version in expected_versions():
+        assert out.count(f"Applying: {version}") == 1
+    monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/none")
+    assert cli.main(["migrate"]) == 1
+
+
+def test_migrate_creates_a_missing_database(pg_server_url, monkeypatch):
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(pg_server_url)
+    name = f"solaris_test_new_{uuid.uuid4().hex[:8]}"
+    url = urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
+    monkeypatch.setenv("DATABASE_URL", url)
+    try:
+        assert cli.main(["migrate"]) == 0
+        assert dbmate(url, "status").stdout.count("[X]") == len(expected_versions())
+    finally:
+        dbmate(url, "drop", check=False)
