@@ -33,7 +33,7 @@ from .ledger import Ledger, LedgerUnavailable, Usage
 from .metrics import Metrics
 from .settings import Settings
 from .spool import Spool
-from .usage import StreamTap, count_tokens, usage_from_json
+from .usage import Observed, StreamTap, count_tokens, usage_from_json
 
 log = logging.getLogger(__name__)
 
@@ -394,12 +394,12 @@ class Gate:
             ex.sse = True
             ex.tap = StreamTap(self.settings.max_usage_tokens)
             if msg.end_of_stream:
-                self._finish_later(ex)
+                self._finish(ex)
             return pb.ProcessingResponse(
                 response_headers=pb.HeadersResponse(response=rate),
                 mode_override=processing_mode_pb2.ProcessingMode(response_body_mode=_STREAMED))
         if msg.end_of_stream:  # no body at all: nothing was produced
-            self._finish_later(ex)
+            self._finish(ex)
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=rate))
 
     async def on_response_body(self, ex: Exchange, msg: pb.HttpBody) -> pb.ProcessingResponse:
@@ -410,19 +410,15 @@ class Gate:
             ex.tap.feed(msg.body)
             if msg.end_of_stream:
                 # Answer the last chunk first; the settle must not delay the user's stream.
-                self._finish_later(ex)
+                self._finish(ex)
             return CONTINUE_RESPONSE_BODY
         ex.body += msg.body
         if not msg.end_of_stream:
             return CONTINUE_RESPONSE_BODY
-        observed, text = usage_from_json(bytes(ex.body), self.settings.max_usage_tokens)
-        ex.body = bytearray()
-        usage = self._usage(ex, observed, text)
-        ex.closed = True
         # Reply now and settle right after (a tracked task: drained on shutdown, spooled if
         # the ledger is down), so the debit's transaction is not on the user's latency path;
         # past MAX_PENDING_SETTLES the reply waits for its settle (backpressure, bounded lag).
-        task = self.spawn(self._close(ex, usage))
+        task, usage = self._finish(ex)
         if len(self.tasks) > MAX_PENDING_SETTLES:
             await asyncio.shield(task)
         if ex.account is None or usage is None:
@@ -442,56 +438,42 @@ class Gate:
         return [("x-solaris-tokens-remaining", str(max(remaining, 0))),
                 ("x-solaris-quota-used-pct", f"{pct:.2f}")]
 
-    def _usage(self, ex: Exchange, observed: Any, text: str) -> Usage | None:
-        """The debit of a finished exchange, or None for "release without debit"."""
-        assert ex.identity is not None
-        if observed is not None:
-            prompt, completion, flags = observed.prompt_tokens, observed.completion_tokens, observed.flags
-            source = "usage"
-        elif ex.status >= 400 or ex.status == 0:
-            if not text:
-                return None  # upstream error with no output: release, no debit
-            prompt, (completion, how) = ex.prompt_estimate, count_tokens(
-                text, self.settings.conversion_factor)
-            flags, source = ("no_usage", how), "counted"
-        else:
-            completion, how = count_tokens(text, self.settings.conversion_factor)
-            prompt, flags, source = ex.prompt_estimate, ("no_usage", how), "counted"
-        self.metrics.settles.labels(source).inc()
-        return Usage(
-            exchange_id=ex.exchange_id, user_id=ex.identity.user_id, model=ex.model,
-            request_id=ex.request_id, prompt_tokens=prompt, completion_tokens=completion,
-            estimate=ex.estimate, prompt_chars=ex.prompt_chars, flags=tuple(flags),
-            email=ex.identity.email)
-
-    def _finish_later(self, ex: Exchange) -> None:
-        if ex.closed or not ex.admitted:
-            return
-        ex.closed = True
-        usage: Usage | None = None
+    def _observed(self, ex: Exchange) -> Observed | None:
+        """What the exchange cost, from the stream or the buffered body seen so far; None
+        for "release without debit" (nothing seen, or an upstream error with no output)."""
         if ex.tap is not None:
-            observed = ex.tap.result(self.settings.conversion_factor, ex.prompt_estimate)
-            if observed is not None:
-                assert ex.identity is not None
-                self.metrics.settles.labels(
-                    "counted" if "no_usage" in observed.flags else "usage").inc()
-                usage = Usage(
-                    exchange_id=ex.exchange_id, user_id=ex.identity.user_id, model=ex.model,
-                    request_id=ex.request_id, prompt_tokens=observed.prompt_tokens,
-                    completion_tokens=observed.completion_tokens, estimate=ex.estimate,
-                    prompt_chars=ex.prompt_chars, flags=observed.flags, email=ex.identity.email)
-        self.spawn(self._close(ex, usage))
+            return ex.tap.result(self.settings.conversion_factor, ex.prompt_estimate)
+        if not ex.body:
+            return None
+        observed, text = usage_from_json(bytes(ex.body), self.settings.max_usage_tokens)
+        ex.body = bytearray()
+        if observed is not None:
+            return observed
+        if not text and (ex.status >= 400 or ex.status == 0):
+            return None
+        completion, how = count_tokens(text, self.settings.conversion_factor)
+        return Observed(ex.prompt_estimate, completion, ("no_usage", how))
+
+    def _finish(self, ex: Exchange) -> tuple[asyncio.Task[Any], Usage | None]:
+        """Close the exchange once: settle what it cost, or release its hold, in a task."""
+        ex.closed = True
+        observed = self._observed(ex)
+        usage: Usage | None = None
+        if observed is not None:
+            assert ex.identity is not None
+            self.metrics.settles.labels("counted" if "no_usage" in observed.flags else "usage").inc()
+            usage = Usage(
+                exchange_id=ex.exchange_id, user_id=ex.identity.user_id, model=ex.model,
+                request_id=ex.request_id, prompt_tokens=observed.prompt_tokens,
+                completion_tokens=observed.completion_tokens, estimate=ex.estimate,
+                prompt_chars=ex.prompt_chars, flags=observed.flags, email=ex.identity.email)
+        return self.spawn(self._close(ex, usage)), usage
 
     def abandon(self, ex: Exchange) -> None:
         """The stream ended before the response did (client abort, Envoy reset, upstream
         timeout): debit what was seen, release if nothing was."""
         if ex.admitted and not ex.closed:
-            if ex.tap is None and ex.body:
-                observed, text = usage_from_json(bytes(ex.body), self.settings.max_usage_tokens)
-                ex.closed = True
-                self.spawn(self._close(ex, self._usage(ex, observed, text)))
-                return
-            self._finish_later(ex)
+            self._finish(ex)
 
     async def _close(self, ex: Exchange, usage: Usage | None) -> None:
         """Settle or release; a settle the ledger cannot take goes to the durable spool."""
