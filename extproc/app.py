@@ -194,12 +194,11 @@ class Service:
             return f"unavailable: {type(exc).__name__}"
 
     async def refresh_gauges(self) -> None:
-        if self.pool is None:
+        if self.alerts is None:
             return
         self.metrics.spool_pending.set(self.spool.pending())  # includes lines left by a crash
         with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            self.metrics.outbox_depth.set(await self.pool.fetchval(
-                "SELECT count(*) FROM alert_outbox WHERE state = 'pending'"))
+            await self.alerts.refresh_depth()
 
 
 async def serve(settings: Settings, *, noop: bool = False) -> None:
