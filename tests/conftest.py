@@ -158,6 +158,16 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+@pytest.fixture(scope="module")
+def smtp() -> Iterator[tuple[Any, Any]]:
+    """A real SMTP server (aiosmtpd) collecting messages, one per test module."""
+    from test_me import start_smtp
+
+    controller, inbox = start_smtp()
+    yield controller, inbox
+    controller.stop()
+
+
 @pytest.fixture
 def user() -> str:
     return f"user-{uuid.uuid4().hex[:12]}"

@@ -10,7 +10,7 @@ import csv
 import io
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -18,7 +18,7 @@ from urllib.parse import quote
 import pytest
 from aiosmtpd.controller import Controller
 from test_admin_api import HOSTILE, open_account, spend
-from test_me import Inbox, link_in, start_mail_service, start_smtp
+from test_me import Inbox, link_in, start_mail_service
 
 from extproc.app import Service
 from extproc.identity import mint_token
@@ -56,13 +56,6 @@ async def page(browser: Any) -> AsyncIterator[Any]:
     yield tab
     await context.close()
     assert not violations, violations
-
-
-@pytest.fixture(scope="module")
-def smtp() -> Iterator[tuple[Controller, Inbox]]:
-    controller, inbox = start_smtp()
-    yield controller, inbox
-    controller.stop()
 
 
 @pytest.fixture(scope="module")

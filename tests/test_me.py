@@ -11,7 +11,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from typing import Any
@@ -76,13 +76,6 @@ async def start_mail_service(settings: Settings, smtp_port: int, language: str) 
                                    public_url=f"http://127.0.0.1:{port}", language=language))
     await svc.start()
     return svc
-
-
-@pytest.fixture(scope="module")
-def smtp() -> Iterator[tuple[Controller, Inbox]]:
-    controller, inbox = start_smtp()
-    yield controller, inbox
-    controller.stop()
 
 
 @pytest.fixture(scope="module")
