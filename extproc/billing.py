@@ -1,5 +1,6 @@
 """Credit purchases with Stripe (DESIGN.md section 7, issue #7): users buy credit packs with
-Stripe Checkout; a signed webhook adds the credits exactly once and claws them back on refund.
+Stripe Checkout; a signed webhook adds the credits exactly once and claws them back on refund
+or card dispute (chargeback).
 
 Switch: billing is on only when both ``STRIPE_SECRET_KEY`` and ``STRIPE_WEBHOOK_SECRET`` are set
 (checkout without a webhook secret would take money that could never be credited). When it is
@@ -59,6 +60,32 @@ Fulfilment (webhook):
   A refund that arrives before its purchase is recorded and applied when the purchase is
   fulfilled (order never matters). A refund that fails later (amount_refunded going down) does
   not give credits back: an admin grants them.
+- ``charge.dispute.*`` (created, updated, funds_withdrawn, funds_reinstated, closed): a card
+  dispute (chargeback) claws back the whole pack while it is open or lost, whatever its
+  amount (the pack is one line item, and a dispute's amount can differ from the charge's by
+  currency conversion). Every event carries the whole Dispute, so only its status matters,
+  that of the newest event (``created``; events of the same second ordered by how far along
+  the dispute's life the status is): a late delivery never moves a dispute back. ``won``,
+  ``warning_closed`` (an inquiry that closed without becoming a chargeback) and ``prevented``
+  give back what the dispute took; ``lost`` keeps it, and so does any status this code does
+  not know (an admin can grant). Inquiries (``warning_*``) claw back too: the cardholder asked
+  the bank to reverse the charge, and the close gives the credits back. A dispute names its
+  PaymentIntent, so it is matched through ``billing_payments`` like a refund and kept in
+  ``billing_disputes`` (migrations/20261129000001_disputes.sql); one that arrives before its
+  purchase is applied when the purchase is fulfilled.
+- Refunds and disputes of one payment are settled together (``settle_payment``, under the
+  payment's lock, from the ledger's own entries): the clawback is the whole pack while any
+  dispute holds it, else the refunded share. So the total never exceeds the pack, a refund
+  during a dispute takes nothing more, a dispute after a partial refund takes only the rest,
+  and a dispute won after a refund gives back only what the dispute took beyond the refund.
+  The clawback is a ledger entry of kind 'refund' (the cardholder got the money back, as for
+  a refund: statements and reports net it against the purchase), its return one of kind
+  'adjustment' (it undoes a clawback; it is not money going to the card), keyed
+  ``stripe:dispute:<payment intent>:<n>:<dispute id>``, n counting the payment's dispute
+  entries: exactly once each, even for a dispute given back and later held again (won, then
+  reopened by an appeal).
+  Outcomes recorded in stripe_events: ``dispute_clawed_back``, ``dispute_reinstated``,
+  ``dispute_awaiting_purchase``, ``dispute_recorded`` (nothing to change), ``not_ours``.
 - Any other event type: 200, logged, recorded as ``ignored``. A database outage: 503 (Stripe
   retries with backoff for days).
 """
@@ -73,7 +100,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -95,13 +122,27 @@ CHECKOUT_WINDOW_SECONDS = 60  # a double click within the same minute reuses the
 MAX_CLIENT_KEY = 200
 MAX_PACK_TOKENS = 10**12
 STRIPE_TIMEOUT_SECONDS = 30
-# apply_refunds holds one pooled connection (the payment's lock) while Ledger.grant takes
+# settle_payment holds one pooled connection (the payment's lock) while Ledger.grant takes
 # another: bounding how many run at once keeps a burst of webhooks from filling the pool with
 # holders that all wait for a second connection. The lock is an advisory lock, not the row's,
 # so the plain upserts of other deliveries never wait on it (they would hold connections too).
 REFUND_CONCURRENCY = 4
 REFUND_LOCK_CLASS = 74_2001  # pg_advisory_xact_lock(class, hashtext(payment intent))
 FULFIL_TYPES = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
+DISPUTE_PREFIX = "charge.dispute."  # created, updated, funds_withdrawn, funds_reinstated, closed
+# Dispute statuses that give the dispute's clawback back: won (the merchant keeps the money),
+# warning_closed (an inquiry closed without becoming a chargeback) and prevented (settled
+# before it became a dispute; any money returned then comes as charge.refunded and is clawed
+# back by the refund rule). Every other status, "lost" and any status this code does not know
+# included, keeps the purchase clawed back: when unsure, the credits stay taken and an admin
+# can grant them, rather than a cardholder keeping both the money and the credits.
+DISPUTE_RELEASED = frozenset({"won", "warning_closed", "prevented"})
+# How far along a dispute's life a status is: breaks ties between events of the same second
+# (Stripe's `created` has one-second resolution) so that a late delivery never moves a dispute
+# back. Unknown statuses rank lowest: they never override a known one of the same second.
+DISPUTE_RANK = {"warning_needs_response": 1, "warning_under_review": 2, "warning_closed": 3,
+                "needs_response": 4, "under_review": 5, "won": 6, "lost": 6, "prevented": 6,
+                "appeal_needs_response": 7, "appeal_under_review": 8}
 # Currencies Stripe counts in whole units (no cents).
 ZERO_DECIMAL = frozenset({"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx",
                           "vnd", "vuv", "xaf", "xof", "xpf"})
@@ -126,6 +167,10 @@ TEXT: dict[str, dict[str, str]] = {
         "invalid_key": "Idempotency-Key inválida (até 200 caracteres imprimíveis).",
         "reason_purchase": "Compra de créditos: pacote {pack}, {price} (Stripe {session})",
         "reason_refund": "Estorno de {refunded} de {amount} (Stripe {payment})",
+        "reason_dispute": "Contestação (chargeback) de {amount} no cartão: créditos da compra retirados "
+                          "(Stripe {dispute}, {payment})",
+        "reason_dispute_released": "Contestação encerrada ({status}): créditos devolvidos "
+                                   "(Stripe {dispute}, {payment})",
     },
     "en": {
         "title": "Buy credits",
@@ -143,6 +188,9 @@ TEXT: dict[str, dict[str, str]] = {
         "invalid_key": "Invalid Idempotency-Key (up to 200 printable characters).",
         "reason_purchase": "Credit purchase: pack {pack}, {price} (Stripe {session})",
         "reason_refund": "Refund of {refunded} of {amount} (Stripe {payment})",
+        "reason_dispute": "Card dispute (chargeback) of {amount}: purchased credits taken back "
+                          "(Stripe {dispute}, {payment})",
+        "reason_dispute_released": "Dispute closed ({status}): credits given back (Stripe {dispute}, {payment})",
     },
 }
 
@@ -208,6 +256,10 @@ def refund_prefix(payment_intent: str) -> str:
     return f"stripe:refund:{payment_intent}:"
 
 
+def dispute_prefix(payment_intent: str) -> str:
+    return f"stripe:dispute:{payment_intent}:"
+
+
 def checkout_idempotency_key(user_id: str, pack_id: str, client_key: str | None, now: float) -> str:
     """The Idempotency-Key sent to Stripe (see the module docstring)."""
     if client_key:
@@ -235,6 +287,15 @@ class CheckoutFailed(Exception):
         super().__init__(code)
         self.status = status
         self.code = code
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What Billing.settle_payment did: ``change`` is the signed change of the balance made now
+    (negative: taken back, positive: given back); ``credited`` says whether the purchase is
+    known and credited (if not, nothing could be settled yet)."""
+    change: int = 0
+    credited: bool = False
 
 
 @dataclass(frozen=True)
@@ -359,6 +420,8 @@ class Billing:
             outcome = await self.fulfil(obj, source_ip)
         elif kind == "charge.refunded":
             outcome = await self.refund(obj, source_ip)
+        elif kind.startswith(DISPUTE_PREFIX):
+            outcome = await self.dispute(obj, event.get("created"), source_ip)
         else:
             outcome = "ignored"
             log.info("stripe event ignored", extra={"event_id": event_id, "type": kind})
@@ -414,7 +477,7 @@ class Billing:
             self.metrics.purchase_tokens.labels(kind="purchase").inc(tokens)
             log.info("purchase credited", extra={"session": session_id, "user_id": user_id, "tokens": tokens})
         if payment_intent:
-            await self.apply_refunds(payment_intent, source_ip)  # one that arrived first
+            await self.settle_payment(payment_intent, source_ip)  # a refund or dispute that arrived first
         return "fulfilled" if applied else "already_fulfilled"
 
     async def refund(self, charge: Mapping[str, Any], source_ip: str | None) -> str:
@@ -431,43 +494,138 @@ class Billing:
             " amount_refunded = GREATEST(billing_payments.amount_refunded, EXCLUDED.amount_refunded),"
             " updated_at = EXCLUDED.updated_at",
             payment_intent, _id(charge.get("id")), amount, refunded, self.clock())
-        clawed = await self.apply_refunds(payment_intent, source_ip)
-        return "refunded" if clawed else "refund_recorded"
+        settled = await self.settle_payment(payment_intent, source_ip)
+        # Nothing clawed back now: already done, purchase not known yet, or an open dispute
+        # has already taken the whole pack.
+        return "refunded" if settled.change < 0 else "refund_recorded"
 
-    async def apply_refunds(self, payment_intent: str, source_ip: str | None) -> int:
-        """Bring the clawback of one purchase up to tokens x refunded / amount; returns the
-        tokens clawed back now. A per-payment lock serializes this; the row is read after the
-        lock, and every writer of the row calls this after its write commits, so the last caller
-        sees the highest amount refunded. What was already clawed back is read from the ledger
-        (the truth), not from a counter."""
+    async def dispute(self, dispute: Mapping[str, Any], created: Any, source_ip: str | None) -> str:
+        """Any ``charge.dispute.*`` event: record the dispute's status, then settle its payment.
+        Every event of a dispute carries the whole Dispute object, so the event type does not
+        matter, only the status of the newest event (see DISPUTE_RELEASED and the migration)."""
+        dispute_id = _id(dispute.get("id"))
+        payment_intent = _id(dispute.get("payment_intent"))
+        status = dispute.get("status")
+        if not dispute_id or not payment_intent or not isinstance(status, str) or not status:
+            # Our checkout always makes a PaymentIntent: a dispute without one is not about us.
+            log.info("dispute without a payment intent or status ignored", extra={"dispute": dispute_id})
+            return "not_ours"
+        status = status[:64]
+        if status not in DISPUTE_RANK:
+            log.warning("unknown dispute status: the purchase stays clawed back",
+                        extra={"dispute": dispute_id, "status": status})
+        # The event's creation time orders a dispute's events (deliveries may be out of order).
+        seconds = _count(created)
+        at = datetime.fromtimestamp(seconds, UTC) if seconds is not None else self.clock()
+        reason = dispute.get("reason")
+        currency = dispute.get("currency")
+        await self.pool.execute(
+            "INSERT INTO billing_disputes (dispute_id, payment_intent, charge_id, amount, currency, status,"
+            " status_rank, status_at, reason, created_at, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) ON CONFLICT (dispute_id) DO UPDATE SET"
+            " charge_id = COALESCE(EXCLUDED.charge_id, billing_disputes.charge_id),"
+            " amount = COALESCE(EXCLUDED.amount, billing_disputes.amount),"
+            " currency = COALESCE(EXCLUDED.currency, billing_disputes.currency),"
+            " reason = COALESCE(EXCLUDED.reason, billing_disputes.reason),"
+            # The row lock of ON CONFLICT serializes concurrent deliveries; the newest event wins.
+            " status = CASE WHEN (EXCLUDED.status_at, EXCLUDED.status_rank)"
+            "   >= (billing_disputes.status_at, billing_disputes.status_rank)"
+            "   THEN EXCLUDED.status ELSE billing_disputes.status END,"
+            " status_rank = CASE WHEN (EXCLUDED.status_at, EXCLUDED.status_rank)"
+            "   >= (billing_disputes.status_at, billing_disputes.status_rank)"
+            "   THEN EXCLUDED.status_rank ELSE billing_disputes.status_rank END,"
+            " status_at = GREATEST(EXCLUDED.status_at, billing_disputes.status_at),"
+            " updated_at = EXCLUDED.updated_at",
+            dispute_id, payment_intent, _id(dispute.get("charge")), _count(dispute.get("amount")),
+            currency.lower()[:16] if isinstance(currency, str) and currency else None, status,
+            DISPUTE_RANK.get(status, 0), at, reason[:100] if isinstance(reason, str) else None, self.clock())
+        settled = await self.settle_payment(payment_intent, source_ip)
+        if settled.change < 0:
+            return "dispute_clawed_back"
+        if settled.change > 0:
+            return "dispute_reinstated"
+        if not settled.credited:
+            log.info("dispute before its purchase: applied when the purchase is fulfilled",
+                     extra={"dispute": dispute_id, "payment_intent": payment_intent})
+            return "dispute_awaiting_purchase"
+        return "dispute_recorded"  # nothing to change: already applied, or a status that keeps it
+
+    async def settle_payment(self, payment_intent: str, source_ip: str | None) -> Settled:
+        """Bring what is clawed back from one purchase to what Stripe's events say it should be:
+        the whole pack while a dispute of it is open or lost (any status outside
+        DISPUTE_RELEASED), else tokens x refunded / amount (rounded down). So the total taken
+        back never exceeds the pack, a refund during a dispute takes nothing more, a dispute
+        after a partial refund takes the rest, and a released dispute gives back what it took
+        beyond the refunded share (never a refund's clawback).
+
+        A per-payment lock serializes this; the rows are read after the lock, and every writer
+        of them calls this after its write commits, so the last caller sees the newest state.
+        What was already taken back is read from the ledger (the truth), not from a counter:
+        replays, concurrent deliveries and any order of events converge to the same total. Each
+        movement has a deterministic key (refunds: the cumulative amount refunded; disputes: the
+        number of the payment's dispute entries before it), so even a second caller that did
+        not see the first one's entry cannot apply it twice."""
         async with self.refund_slots, self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", REFUND_LOCK_CLASS, payment_intent)
             row = await conn.fetchrow("SELECT * FROM billing_payments WHERE payment_intent = $1", payment_intent)
-            if row is None or not row["amount_refunded"] or row["session_id"] is None:
-                return 0  # nothing refunded, or the purchase is not known yet
-            if not row["amount"] or not row["tokens"] or not await conn.fetchval(
+            if row is None or row["session_id"] is None or not row["tokens"] or not await conn.fetchval(
                     "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1", purchase_key(row["session_id"])):
-                return 0  # not credited (yet, or never: unknown user)
-            target = row["tokens"] * min(row["amount_refunded"], row["amount"]) // row["amount"]
-            prefix = refund_prefix(payment_intent)
-            clawed = -await conn.fetchval(
-                "SELECT COALESCE(SUM(tokens), 0)::bigint FROM ledger_entries"
-                " WHERE user_id = $1 AND kind = 'refund' AND starts_with(idempotency_key, $2)",
-                row["user_id"], prefix)
-            delta = target - clawed
-            if delta <= 0:
-                return 0
-            reason = self.text["reason_refund"].format(
-                refunded=self.money(row["amount_refunded"], row["currency"]),
-                amount=self.money(row["amount"], row["currency"]), payment=payment_intent)
+                return Settled()  # the purchase is not known or not credited (yet, or never: unknown user)
+            disputes = await conn.fetch(
+                "SELECT dispute_id, status, amount, currency FROM billing_disputes WHERE payment_intent = $1"
+                " ORDER BY created_at, dispute_id", payment_intent)
+            held = [d for d in disputes if d["status"] not in DISPUTE_RELEASED]
+            tokens, amount, refunded = row["tokens"], row["amount"], row["amount_refunded"]
+            refund_target = tokens * min(refunded, amount) // amount if amount and refunded else 0
+            # A chargeback reverses the whole payment: the pack is one line item, and the
+            # dispute's amount may differ from the charge's by currency conversion, so it is
+            # not prorated.
+            target = tokens if held else refund_target
+            prefix, dprefix = refund_prefix(payment_intent), dispute_prefix(payment_intent)
+            taken = await conn.fetchrow(
+                "SELECT COALESCE(-SUM(tokens), 0)::bigint AS total,"
+                " COALESCE(-SUM(tokens) FILTER (WHERE starts_with(idempotency_key, $3)), 0)::bigint AS disputed,"
+                " count(*) FILTER (WHERE starts_with(idempotency_key, $3)) AS moves"
+                " FROM ledger_entries WHERE user_id = $1"
+                " AND (starts_with(idempotency_key, $2) OR starts_with(idempotency_key, $3))",
+                row["user_id"], prefix, dprefix)
+            total, disputed, moves = taken["total"], taken["disputed"], taken["moves"]
+            if target > total:
+                change = total - target
+                if held:
+                    d = held[0]
+                    metric, kind, key = "dispute", "refund", f"{dprefix}{moves + 1}:{d['dispute_id']}"
+                    reason = self.text["reason_dispute"].format(
+                        amount=self.money(d["amount"], d["currency"]), dispute=d["dispute_id"],
+                        payment=payment_intent)
+                else:
+                    metric, kind, key = "refund", "refund", f"{prefix}{refunded}"
+                    reason = self.text["reason_refund"].format(
+                        refunded=self.money(refunded, row["currency"]), amount=self.money(amount, row["currency"]),
+                        payment=payment_intent)
+            elif target < total and disputed > 0:
+                # Only what disputes took comes back; a refund's share stays (and a refund that
+                # failed later gives nothing back either: an admin grants it).
+                change = min(total - target, disputed)
+                d = [d for d in disputes if d["status"] in DISPUTE_RELEASED][-1]
+                # 'adjustment', not 'refund': it undoes a clawback, and "Estorno +N" in the
+                # user's statement would read as money going back to the card.
+                metric, kind, key = "dispute_released", "adjustment", f"{dprefix}{moves + 1}:{d['dispute_id']}"
+                reason = self.text["reason_dispute_released"].format(
+                    status=d["status"], dispute=d["dispute_id"], payment=payment_intent)
+            else:
+                return Settled(0, True)
             # Another connection, while this one holds the payment's lock.
-            _, applied = await self.ledger.grant(
-                row["user_id"], -delta, actor=ACTOR, kind="refund", reason=reason,
-                idempotency_key=f"{prefix}{row['amount_refunded']}", source_ip=source_ip)
-        if applied:
-            self.metrics.purchase_tokens.labels(kind="refund").inc(delta)
-            log.info("refund clawed back", extra={"payment_intent": payment_intent, "tokens": delta})
-        return delta if applied else 0
+            _, applied = await self.ledger.grant(row["user_id"], change, actor=ACTOR, kind=kind, reason=reason,
+                                                 idempotency_key=key, source_ip=source_ip)
+        if not applied:
+            log.warning("clawback already applied under its key", extra={"payment_intent": payment_intent,
+                                                                         "key": key})
+            return Settled(0, True)
+        self.metrics.purchase_tokens.labels(kind=metric).inc(abs(change))
+        log.info("purchase clawback changed", extra={"payment_intent": payment_intent, "tokens": change,
+                                                      "cause": metric})
+        return Settled(change, True)
 
 
 BILLING = web.AppKey("billing", Billing)

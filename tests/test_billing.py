@@ -601,3 +601,270 @@ async def test_a_burst_of_refund_deliveries_never_exhausts_the_pool(http, billin
     assert {status for status, _ in results} == {200}
     assert sum(e["tokens"] for e in await entries(billing_service, user, "refund")) == -500_000
     assert await billing_service.ledger.reconcile() == []
+
+
+# ---------------------------------------------------------------- disputes (chargebacks)
+
+
+def dispute_of(payment_intent: str | None, *, status: str = "needs_response", dispute_id: str | None = None,
+               amount: int = 2990) -> dict[str, Any]:
+    """A Dispute object as Stripe puts it in every charge.dispute.* event."""
+    return {"id": dispute_id or f"dp_{uuid.uuid4().hex[:24]}", "object": "dispute", "amount": amount,
+            "currency": "brl", "charge": f"ch_{uuid.uuid4().hex[:24]}", "payment_intent": payment_intent,
+            "status": status, "reason": "fraudulent", "is_charge_refundable": False, "metadata": {}}
+
+
+def dispute_event(kind: str, payment_intent: str | None, dispute_id: str, status: str,
+                  created: int | None = None, **kwargs: Any) -> dict[str, Any]:
+    body = event(f"charge.dispute.{kind}", dispute_of(payment_intent, status=status, dispute_id=dispute_id, **kwargs))
+    if created is not None:
+        body["created"] = created
+    return body
+
+
+async def outcome(http: aiohttp.ClientSession, svc: Service, body: dict[str, Any]) -> str:
+    status, answer = await deliver(http, base(svc), body)
+    assert status == 200, answer
+    return str(answer["outcome"])
+
+
+async def clawbacks(svc: Service, user: str) -> list[tuple[str, int, str]]:
+    """(kind, tokens, key) of every refund and dispute entry of ``user``, oldest first."""
+    assert svc.pool is not None
+    rows = await svc.pool.fetch(
+        "SELECT kind, tokens, idempotency_key FROM ledger_entries WHERE user_id = $1"
+        " AND (idempotency_key LIKE 'stripe:refund:%' OR idempotency_key LIKE 'stripe:dispute:%') ORDER BY id", user)
+    return [(r["kind"], r["tokens"], r["idempotency_key"]) for r in rows]
+
+
+def test_dispute_texts_exist_in_both_languages():
+    from extproc.billing import TEXT
+
+    assert set(TEXT["pt-BR"]) == set(TEXT["en"])
+    assert "Contestação" in TEXT["pt-BR"]["reason_dispute"] and "dispute" in TEXT["en"]["reason_dispute"]
+
+
+async def test_dispute_claws_back_the_pack_blocks_and_402(http, billing_envoy, billing_service, settings, auth, user):
+    """Buy, spend, dispute the card charge: the whole pack is taken back once (balance
+    negative -> blocked -> 402), however many events Stripe sends about the dispute."""
+    url = base(billing_service)
+    await open_account(billing_service, user)
+    session = checkout_session(user)
+    pi, dp = session["payment_intent"], f"dp_{uuid.uuid4().hex[:24]}"
+    assert await outcome(http, billing_service, event("checkout.session.completed", session)) == "fulfilled"
+    await spend(billing_service, user, 100_000, 50_000)  # the allowance and half of the purchase
+    assert await balance(billing_service, user) == (50_000, 50_000, "active")
+
+    created = dispute_event("created", pi, dp, "needs_response")
+    assert await outcome(http, billing_service, created) == "dispute_clawed_back"
+    assert await balance(billing_service, user) == (-50_000, -50_000, "blocked")
+    assert await clawbacks(billing_service, user) == [("refund", -100_000, f"stripe:dispute:{pi}:1:{dp}")]
+    [entry] = await entries(billing_service, user, "refund")
+    assert entry["actor"] == "stripe"
+    assert "Contestação (chargeback) de R$ 29,90" in entry["reason"] and dp in entry["reason"] and pi in entry["reason"]
+
+    # the same event again, and every other event Stripe sends about this dispute: nothing more
+    assert await outcome(http, billing_service, created) == "duplicate"
+    for kind, status in (("funds_withdrawn", "needs_response"), ("updated", "under_review"),
+                         ("closed", "lost")):
+        assert await outcome(http, billing_service, dispute_event(kind, pi, dp, status)) == "dispute_recorded"
+    assert await balance(billing_service, user) == (-50_000, -50_000, "blocked")
+    assert len(await clawbacks(billing_service, user)) == 1
+    row = await billing_service.pool.fetchrow("SELECT * FROM stripe_events WHERE event_id = $1", created["id"])
+    assert (row["type"], row["outcome"], row["object_id"]) == ("charge.dispute.created", "dispute_clawed_back", dp)
+    assert await billing_service.pool.fetchval(
+        "SELECT status FROM billing_disputes WHERE dispute_id = $1", dp) == "lost"
+
+    # the audit trail says who and why; the gate refuses the next request
+    _, body = await api(http, url + f"/api/admin/audit?target={user}&action=refund", token=settings.admin_token)
+    assert [(a["actor"], a["after"]["state"]) for a in body["entries"]] == [("stripe", "blocked")]
+    assert "Contestação" in body["entries"][0]["reason"]
+    async with http.post(billing_envoy.url + CHAT, json=chat(), headers=auth(user)) as resp:
+        assert resp.status == 402
+    assert await metric(http, billing_service, 'solaris_purchase_tokens_total{kind="dispute"}') >= 100_000
+    assert await billing_service.ledger.reconcile() == []
+
+
+async def test_dispute_won_gives_the_credits_back_once(http, billing_service, settings, user):
+    url = base(billing_service)
+    await open_account(billing_service, user)
+    session = checkout_session(user, pack="medium", tokens=500_000, amount=12990)
+    pi, dp = session["payment_intent"], f"dp_{uuid.uuid4().hex[:24]}"
+    await deliver(http, url, event("checkout.session.completed", session))
+    now = int(time.time())
+    opened = dispute_event("created", pi, dp, "needs_response", created=now - 100, amount=12990)
+    assert await outcome(http, billing_service, opened) == "dispute_clawed_back"
+    assert await balance(billing_service, user) == (100_000, 0, "active")
+
+    won = dispute_event("closed", pi, dp, "won", created=now, amount=12990)
+    assert await outcome(http, billing_service, won) == "dispute_reinstated"
+    assert await balance(billing_service, user) == (600_000, 500_000, "active")
+    assert await outcome(http, billing_service, won) == "duplicate"
+    assert await outcome(http, billing_service, dispute_event("funds_reinstated", pi, dp, "won", created=now)) == (
+        "dispute_recorded")
+    # an older event delivered late does not reopen the dispute
+    late = dispute_event("updated", pi, dp, "under_review", created=now - 50, amount=12990)
+    assert await outcome(http, billing_service, late) == "dispute_recorded"
+    assert await billing_service.pool.fetchval("SELECT status FROM billing_disputes WHERE dispute_id = $1", dp) == "won"
+    assert await balance(billing_service, user) == (600_000, 500_000, "active")
+    assert await clawbacks(billing_service, user) == [("refund", -500_000, f"stripe:dispute:{pi}:1:{dp}"),
+                                                      ("adjustment", 500_000, f"stripe:dispute:{pi}:2:{dp}")]
+    [back] = await entries(billing_service, user, "adjustment")
+    assert back["actor"] == "stripe" and "Contestação encerrada (won)" in back["reason"]
+    _, body = await api(http, url + f"/api/admin/audit?target={user}", token=settings.admin_token)
+    assert [a["action"] for a in reversed(body["entries"])] == ["purchase", "refund", "adjustment"]
+    assert await billing_service.pool.fetchval(
+        "SELECT outcome FROM stripe_events WHERE event_id = $1", won["id"]) == "dispute_reinstated"
+    assert await billing_service.ledger.reconcile() == []
+
+
+async def test_dispute_statuses(http, billing_service, user):
+    """Inquiries claw back and give back when they close without a chargeback; an unknown
+    status keeps the credits taken; a dispute that is released and later held again (won,
+    then lost on appeal) takes back again under a new key."""
+    url = base(billing_service)
+    await open_account(billing_service, user)
+    now = int(time.time())
+
+    inquiry = checkout_session(user)
+    pi, dp = inquiry["payment_intent"], f"dp_{uuid.uuid4().hex[:24]}"
+    await deliver(http, url, event("checkout.session.completed", inquiry))
+    assert await outcome(http, billing_service, dispute_event("created", pi, dp, "warning_needs_response")) == (
+        "dispute_clawed_back")
+    assert await outcome(http, billing_service, dispute_event("closed", pi, dp, "warning_closed")) == (
+        "dispute_reinstated")
+    assert await balance(billing_service, user) == (200_000, 100_000, "active")
+
+    odd = checkout_session(user)
+    await deliver(http, url, event("checkout.session.completed", odd))
+    assert await outcome(http, billing_service, dispute_event("created", odd["payment_intent"], "dp_odd" + user,
+                                                              "something_new")) == "dispute_clawed_back"
+    assert await balance(billing_service, user) == (200_000, 100_000, "active")
+
+    cycle = checkout_session(user)
+    pi, dp = cycle["payment_intent"], f"dp_{uuid.uuid4().hex[:24]}"
+    await deliver(http, url, event("checkout.session.completed", cycle))
+    steps = [("created", "needs_response", "dispute_clawed_back"), ("closed", "won", "dispute_reinstated"),
+             ("updated", "appeal_under_review", "dispute_clawed_back"), ("closed", "lost", "dispute_recorded")]
+    for i, (kind, status, expected) in enumerate(steps):
+        assert await outcome(http, billing_service, dispute_event(kind, pi, dp, status, created=now + i)) == expected
+    assert [(k, t) for k, t, key in await clawbacks(billing_service, user) if pi in key] == [
+        ("refund", -100_000), ("adjustment", 100_000), ("refund", -100_000)]
+    assert await balance(billing_service, user) == (200_000, 100_000, "active")
+
+    no_intent = dispute_event("created", None, f"dp_{uuid.uuid4().hex[:24]}", "needs_response")
+    assert await outcome(http, billing_service, no_intent) == "not_ours"
+    assert await billing_service.ledger.reconcile() == []
+
+
+@pytest.mark.parametrize("order", ["dispute first", "closed before created", "concurrent"])
+async def test_dispute_before_purchase_is_applied_on_fulfilment(http, billing_service, user, order):
+    url = base(billing_service)
+    await open_account(billing_service, user)
+    session = checkout_session(user)
+    pi, dp = session["payment_intent"], f"dp_{uuid.uuid4().hex[:24]}"
+    completed = event("checkout.session.completed", session)
+    now = int(time.time())
+    opened = dispute_event("created", pi, dp, "needs_response", created=now)
+    if order == "dispute first":
+        assert await outcome(http, billing_service, opened) == "dispute_awaiting_purchase"
+        assert await balance(billing_service, user) == (100_000, 0, "active")
+        assert await outcome(http, billing_service, completed) == "fulfilled"
+        assert await balance(billing_service, user) == (100_000, 0, "active")
+        assert await outcome(http, billing_service, completed) == "duplicate"
+        again = event("checkout.session.completed", session)
+        assert await outcome(http, billing_service, again) == "already_fulfilled"
+    elif order == "closed before created":
+        # same second: the status further along (won) is kept whatever the order of delivery
+        won = dispute_event("closed", pi, dp, "won", created=now)
+        assert await outcome(http, billing_service, won) == "dispute_awaiting_purchase"
+        assert await outcome(http, billing_service, opened) == "dispute_awaiting_purchase"
+        assert await outcome(http, billing_service, completed) == "fulfilled"
+        assert await balance(billing_service, user) == (200_000, 100_000, "active")
+        assert await clawbacks(billing_service, user) == []
+        return
+    else:
+        results = await asyncio.gather(*(deliver(http, url, e) for e in (opened, completed, opened, completed)))
+        assert {status for status, _ in results} == {200}
+    assert [e["tokens"] for e in await entries(billing_service, user, "purchase")] == [100_000]
+    assert await clawbacks(billing_service, user) == [("refund", -100_000, f"stripe:dispute:{pi}:1:{dp}")]
+    assert await balance(billing_service, user) == (100_000, 0, "active")
+    assert await billing_service.ledger.reconcile() == []
+
+
+@pytest.mark.parametrize("scenario", ["partial refund, dispute, won, full refund", "dispute, full refund, won",
+                                      "dispute, partial refund, won"])
+async def test_refunds_and_disputes_never_take_more_than_the_pack(http, billing_service, user, scenario):
+    url = base(billing_service)
+    await open_account(billing_service, user)
+    session = checkout_session(user, tokens=100_000, amount=2990)
+    pi, dp = session["payment_intent"], f"dp_{uuid.uuid4().hex[:24]}"
+    charge = f"ch_{uuid.uuid4().hex[:20]}"
+    await deliver(http, url, event("checkout.session.completed", session))
+    now = int(time.time())
+
+    def refund(cumulative: int) -> dict[str, Any]:
+        return event("charge.refunded", refunded_charge(pi, amount=2990, refunded=cumulative, charge_id=charge))
+
+    def taken(entries_: list[tuple[str, int, str]]) -> int:
+        return -sum(t for _, t, _ in entries_)
+
+    if scenario == "partial refund, dispute, won, full refund":
+        assert await outcome(http, billing_service, refund(1000)) == "refunded"  # 100000 x 1000 / 2990
+        opened = dispute_event("created", pi, dp, "needs_response", created=now, amount=1990)
+        assert await outcome(http, billing_service, opened) == "dispute_clawed_back"  # only the rest
+        assert taken(await clawbacks(billing_service, user)) == 100_000
+        won = dispute_event("closed", pi, dp, "won", created=now + 1, amount=1990)
+        assert await outcome(http, billing_service, won) == "dispute_reinstated"  # the refund's share stays
+        assert await outcome(http, billing_service, refund(2990)) == "refunded"
+        assert [t for _, t, _ in await clawbacks(billing_service, user)] == [-33_444, -66_556, 66_556, -66_556]
+        expected = 100_000
+    elif scenario == "dispute, full refund, won":
+        assert await outcome(http, billing_service, dispute_event("created", pi, dp, "needs_response",
+                                                                  created=now)) == "dispute_clawed_back"
+        assert await outcome(http, billing_service, refund(2990)) == "refund_recorded"  # the dispute took it all
+        assert await outcome(http, billing_service, dispute_event("closed", pi, dp, "won",
+                                                                  created=now + 1)) == "dispute_recorded"
+        assert [t for _, t, _ in await clawbacks(billing_service, user)] == [-100_000]
+        expected = 100_000
+    else:
+        assert await outcome(http, billing_service, dispute_event("created", pi, dp, "needs_response",
+                                                                  created=now)) == "dispute_clawed_back"
+        assert await outcome(http, billing_service, refund(1000)) == "refund_recorded"
+        assert await outcome(http, billing_service, dispute_event("closed", pi, dp, "won",
+                                                                  created=now + 1)) == "dispute_reinstated"
+        assert [t for _, t, _ in await clawbacks(billing_service, user)] == [-100_000, 66_556]
+        expected = 33_444
+    assert taken(await clawbacks(billing_service, user)) == expected
+    assert await balance(billing_service, user) == (200_000 - expected, 100_000 - expected, "active")
+    assert await billing_service.ledger.reconcile() == []
+
+
+async def test_concurrent_deliveries_of_a_dispute_apply_once(http, billing_service, user):
+    url = base(billing_service)
+    await open_account(billing_service, user)
+    session = checkout_session(user, pack="medium", tokens=500_000, amount=12990)
+    pi, dp = session["payment_intent"], f"dp_{uuid.uuid4().hex[:24]}"
+    await deliver(http, url, event("checkout.session.completed", session))
+    now = int(time.time())
+    opened = dispute_event("created", pi, dp, "needs_response", created=now, amount=12990)
+    raw, headers = signed(opened)
+    others = [dispute_event(kind, pi, dp, status, created=now, amount=12990)
+              for kind, status in (("funds_withdrawn", "needs_response"), ("updated", "under_review")) * 3]
+    results = await asyncio.gather(*(post_raw(http, url + WEBHOOK, raw, headers) for _ in range(6)),
+                                   *(deliver(http, url, e) for e in others))
+    assert {status for status, _ in results} == {200}
+    outcomes = [body["outcome"] for _, body in results]
+    assert outcomes.count("dispute_clawed_back") == 1, outcomes
+    assert set(outcomes) <= {"dispute_clawed_back", "dispute_recorded", "duplicate"}
+    assert await clawbacks(billing_service, user) == [("refund", -500_000, f"stripe:dispute:{pi}:1:{dp}")]
+    assert await balance(billing_service, user) == (100_000, 0, "active")
+
+    won = [dispute_event(kind, pi, dp, "won", created=now + 1, amount=12990)
+           for kind in ("closed", "funds_reinstated") * 4]
+    results = await asyncio.gather(*(deliver(http, url, e) for e in won))
+    outcomes = [body["outcome"] for _, body in results]
+    assert outcomes.count("dispute_reinstated") == 1, outcomes
+    assert [t for _, t, _ in await clawbacks(billing_service, user)] == [-500_000, 500_000]
+    assert await balance(billing_service, user) == (600_000, 500_000, "active")
+    assert await billing_service.ledger.reconcile() == []
