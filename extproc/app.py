@@ -169,8 +169,13 @@ class Service:
         """One round of the periodic work: spool replay, expired reservations, idle cycles."""
         assert self.ledger is not None and self.gate is not None
         self.gate.limits.load({p.name: p.requests_per_minute for p in await self.ledger.plans()})
-        if self.spool.pending():
-            self.metrics.spool_replayed.inc(await self.spool.replay(self.ledger))
+        # Every round, not only when this process spooled: the directory may hold rows from a
+        # crashed run, a legacy file or another process. Quarantined rows were rejected by the
+        # ledger for a reason other than an outage (they wait in the spool's quarantine table).
+        replay = await self.spool.replay(self.ledger)
+        self.metrics.spool_replayed.inc(replay.replayed)
+        self.metrics.spool_quarantined.inc(replay.quarantined)
+        self.metrics.spool_pending.set(replay.left)
         self.metrics.reservations_expired.inc(await self.ledger.sweep_reservations())
         await self.ledger.roll_idle_cycles()
 

@@ -46,6 +46,10 @@ class Metrics:
         self.spool_replayed = Counter(
             "solaris_spool_replayed_total", "Spooled settles replayed into the ledger.",
             registry=r)
+        self.spool_quarantined = Counter(
+            "solaris_spool_quarantined_total",
+            "Spooled settles the ledger rejected (not an outage), set aside in the spool's quarantine table.",
+            registry=r)
         self.db_errors = Counter(
             "solaris_db_errors_total", "Ledger operations that failed to reach PostgreSQL.",
             registry=r)
