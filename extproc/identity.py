@@ -6,15 +6,16 @@ An identity header without proof is never trusted (DESIGN.md section 2).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import time
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import jwt
 
 from .settings import Settings
@@ -67,43 +68,132 @@ def bearer(value: str | None) -> str | None:
 
 
 class JwksCache:
-    """Signing keys from a JWKS URL, fetched off the event loop and cached; an unknown
-    ``kid`` triggers at most one refresh per ``min_refresh`` seconds."""
+    """Signing keys from a JWKS URL, kept fresh in the background.
 
-    def __init__(self, url: str, ttl: float = 300.0, min_refresh: float = 10.0) -> None:
+    Envoy gives the processor one second per message, so the request path never waits on a
+    slow identity provider: a known ``kid`` is answered from memory even when the keys are
+    past ``ttl`` (a refresh is started, the old keys keep serving until it succeeds); an
+    unknown ``kid`` starts at most one fetch per ``min_refresh`` seconds and waits for it at
+    most ``wait`` seconds, then fails with 401 instead of stalling the request. ``start()``
+    runs a loop that refreshes before expiry, so requests normally never see a fetch at all.
+    """
+
+    def __init__(self, url: str, ttl: float = 300.0, min_refresh: float = 10.0, wait: float = 0.5,
+                 fetch_timeout: float = 5.0, max_bytes: int = 1024 * 1024) -> None:
         self.url = url
         self.ttl = ttl
         self.min_refresh = min_refresh
+        self.wait = wait
+        self.fetch_timeout = fetch_timeout
+        self.max_bytes = max_bytes
         self._keys: dict[str, Any] = {}
-        self._fetched = 0.0
-        self._lock = asyncio.Lock()
+        self._fetched = 0.0  # monotonic time of the last successful fetch; 0: never
+        self._attempted = float("-inf")  # monotonic time the last fetch started
+        self._failures = 0  # consecutive failed fetches (the background loop backs off)
+        self._inflight: asyncio.Task[bool] | None = None  # the one fetch in progress, shared
+        self._runner: asyncio.Task[None] | None = None
 
-    def _fetch(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.url, timeout=5) as resp:
-            data = json.load(resp)
+    async def _fetch(self) -> dict[str, Any]:
+        # aiohttp rather than urllib in a thread: a fetch that is given up on is really
+        # cancelled, not left holding a worker thread for its whole timeout.
+        timeout = aiohttp.ClientTimeout(total=self.fetch_timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(self.url) as resp:
+            resp.raise_for_status()
+            body = await resp.content.read(self.max_bytes + 1)
+        if len(body) > self.max_bytes:
+            raise ValueError("JWKS document too large")
+        data = json.loads(body)
         keys = {}
-        for jwk in data.get("keys", []):
+        for jwk in data.get("keys", []) if isinstance(data, dict) else []:
+            if not isinstance(jwk, dict):
+                continue
             try:
-                keys[jwk.get("kid", "")] = jwt.PyJWK(jwk)
+                keys[str(jwk.get("kid", ""))] = jwt.PyJWK(jwk)
             except jwt.PyJWTError as exc:
                 log.warning("ignoring unusable JWKS key %s: %s", jwk.get("kid"), exc)
+        if not keys:
+            # An empty answer is far more likely a broken endpoint than a provider that stopped
+            # signing: keep the keys we have.
+            raise ValueError("JWKS holds no usable key")
         return keys
 
+    async def _refresh_once(self) -> bool:
+        try:
+            keys = await self._fetch()
+        except Exception as exc:  # any failure keeps the old keys; never crash a request
+            self._failures += 1
+            log.warning("JWKS fetch failed (%s): %s", type(exc).__name__, exc)
+            return False
+        self._keys = keys
+        self._fetched = time.monotonic()
+        self._failures = 0
+        return True
+
+    def refresh(self) -> asyncio.Task[bool]:
+        """The fetch in progress, or a new one: concurrent callers share a single fetch."""
+        task = self._inflight
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            self._attempted = time.monotonic()
+            task = self._inflight = asyncio.create_task(self._refresh_once(), name="jwks-refresh")
+        return task
+
+    def _fetching(self) -> asyncio.Task[bool] | None:
+        task = self._inflight
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            return None
+        return task
+
     async def key(self, kid: str) -> Any:
-        fresh = time.monotonic() - self._fetched < self.ttl
-        if kid in self._keys and fresh:
+        now = time.monotonic()
+        if (self._fetched and now - self._fetched >= self.ttl and not self._fetching()
+                and now - self._attempted >= self.min_refresh):
+            # Stale: refresh behind the request and answer from the keys we hold (at most one
+            # attempt per min_refresh, so a provider that is down is not hit per request).
+            self.refresh()
+        if kid in self._keys:
             return self._keys[kid]
-        async with self._lock:
-            if kid not in self._keys or time.monotonic() - self._fetched >= self.ttl:
-                if time.monotonic() - self._fetched >= self.min_refresh or not self._keys:
-                    try:
-                        self._keys = await asyncio.to_thread(self._fetch)
-                        self._fetched = time.monotonic()
-                    except (OSError, ValueError) as exc:
-                        log.warning("JWKS fetch failed: %s", exc)
-        if kid not in self._keys:
-            raise IdentityError("unknown signing key")
-        return self._keys[kid]
+        # Unknown kid: a key rotation, or nothing fetched yet. Join the fetch in progress, or
+        # start one (at most one per min_refresh: random kids cannot hammer the provider).
+        task = self._fetching()
+        if task is None and now - self._attempted >= self.min_refresh:
+            task = self.refresh()
+        if task is not None:
+            try:
+                # shield: giving up on the wait must not cancel the shared fetch.
+                await asyncio.wait_for(asyncio.shield(task), self.wait)
+            except TimeoutError:
+                raise IdentityError("signing key unavailable") from None
+        if kid in self._keys:
+            return self._keys[kid]
+        if not self._fetched:
+            raise IdentityError("signing key unavailable")
+        raise IdentityError("unknown signing key")
+
+    def _next_delay(self) -> float:
+        if self._failures:  # back off: min_refresh, doubling, never beyond half the ttl
+            return max(0.05, min(self.ttl / 2, self.min_refresh * 2 ** min(self._failures - 1, 10)))
+        if not self._fetched:
+            return 0.0
+        # At 80 % of the ttl: the new keys are in before the old ones count as stale.
+        return max(0.05, self._fetched + self.ttl * 0.8 - time.monotonic())
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._next_delay())
+            await asyncio.shield(self.refresh())
+
+    def start(self) -> None:
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self.run(), name="jwks-refresher")
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._runner, self._inflight) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._runner = self._inflight = None
 
 
 class VerifiedCache:
@@ -133,6 +223,11 @@ class VerifiedCache:
 
 class Authenticator:
     def __init__(self, settings: Settings) -> None:
+        if settings.jwks_url and not settings.jwt_audience:
+            # Settings.validate() refuses this at start; repeated here because Settings built
+            # in code skip validate(), and without an audience every token the (often shared)
+            # identity provider issues for any other application would be accepted here.
+            raise ValueError(AUDIENCE_REQUIRED)
         self.settings = settings
         self.mode = settings.identity_mode
         self.jwt_header = settings.jwt_header.lower()
@@ -140,6 +235,16 @@ class Authenticator:
         self._jwks = JwksCache(settings.jwks_url) if settings.jwks_url else None
         self._options: dict[str, Any] = {"require": ["exp"]}
         self._verified = VerifiedCache()
+        self.admin_rule = AdminRule.from_settings(settings)
+
+    async def start(self) -> None:
+        """Background JWKS refresh (optional: without it keys are refreshed on demand)."""
+        if self._jwks is not None:
+            self._jwks.start()
+
+    async def close(self) -> None:
+        if self._jwks is not None:
+            await self._jwks.close()
 
     async def authenticate(self, headers: Mapping[str, str]) -> Identity:
         """Identity of a request from its (lower-cased) headers, or IdentityError."""
@@ -195,12 +300,60 @@ class Authenticator:
             raise IdentityError("token expired") from None
         except jwt.PyJWTError:
             raise IdentityError("invalid token") from None
-        identity = identity_from_claims(claims)
+        identity = identity_from_claims(claims, self.admin_rule)
         self._verified.put(token, identity, float(claims["exp"]))
         return identity
 
 
-def identity_from_claims(claims: Mapping[str, Any]) -> Identity:
+def _claim(claims: Mapping[str, Any], name: str) -> Any:
+    """A claim by name; a dotted name not present as such is a path (``realm_access.roles``)."""
+    if name in claims:
+        return claims[name]
+    value: Any = claims
+    for part in name.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+@dataclass(frozen=True)
+class AdminRule:
+    """Who is a console admin by JWT: a user id in GATE_ADMIN_USERS, or a token whose
+    GATE_ADMIN_CLAIM equals (or, for a list claim, contains) GATE_ADMIN_CLAIM_VALUE, compared
+    exactly. Nothing is configured by default, so no JWT is an admin: a generic ``role: admin``
+    means admin of whatever application the issuer serves, not of this ledger. (LibreChat's own
+    JWT carries only id, username, provider and email; GATE_ADMIN_USERS is the way there.)"""
+
+    claim: str = ""
+    value: str = ""
+    users: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AdminRule:
+        users = frozenset(u.strip() for u in settings.admin_users.split(",") if u.strip())
+        return cls(settings.admin_claim.strip(), settings.admin_claim_value, users)
+
+    def grants(self, user_id: str, claims: Mapping[str, Any]) -> bool:
+        if user_id in self.users:
+            return True
+        if not self.claim or not self.value:
+            return False
+        found = _claim(claims, self.claim)
+        if isinstance(found, str):
+            return found == self.value
+        if isinstance(found, list):
+            return any(isinstance(v, str) and v == self.value for v in found)
+        return False
+
+
+NO_ADMINS = AdminRule()
+AUDIENCE_REQUIRED = ("GATE_JWT_AUDIENCE is required when GATE_JWKS_URL is set: an identity provider "
+                     "serves other applications too, and without an audience their tokens (and "
+                     "their admins) would be accepted here")
+
+
+def identity_from_claims(claims: Mapping[str, Any], admin_rule: AdminRule = NO_ADMINS) -> Identity:
     raw_id = claims.get("id") or claims.get("sub")
     if not isinstance(raw_id, str | int) or isinstance(raw_id, bool):
         raise IdentityError("token has no user id")
@@ -209,21 +362,21 @@ def identity_from_claims(claims: Mapping[str, Any]) -> Identity:
         raise IdentityError("token has no user id")
     email = claims.get("email")
     name = claims.get("name") or claims.get("username")
-    role = claims.get("role")
-    roles = claims.get("roles")
-    admin = (isinstance(role, str) and role.lower() == "admin") or (
-        isinstance(roles, list) and "admin" in [str(r).lower() for r in roles])
     return Identity(
         user_id,
         _clean(email, MAX_EMAIL_CHARS, "email") if isinstance(email, str) else None,
         _clean(name, MAX_ID_CHARS, "name") if isinstance(name, str) else None,
-        admin=admin,
+        admin=admin_rule.grants(user_id, claims),
     )
 
 
 def mint_token(settings: Settings, user_id: str, *, email: str | None = None,
                admin: bool = False, ttl: int = 3600, now: float | None = None) -> str:
-    """A HS256 token in LibreChat's claim shape, signed with GATE_JWT_SECRET (CLI and tests)."""
+    """A HS256 token in LibreChat's claim shape, signed with GATE_JWT_SECRET (CLI and tests).
+
+    ``admin=True`` adds what the configured admin rule accepts (GATE_ADMIN_CLAIM), and is
+    refused when no rule would make this token an admin, rather than minting a token that
+    only looks like one."""
     if not settings.jwt_secret:
         raise ValueError("GATE_JWT_SECRET is not set")
     issued = int(now if now is not None else time.time())
@@ -231,7 +384,12 @@ def mint_token(settings: Settings, user_id: str, *, email: str | None = None,
     if email:
         claims["email"] = email
     if admin:
-        claims["role"] = "admin"
+        rule = AdminRule.from_settings(settings)
+        if rule.claim and rule.value:
+            claims[rule.claim] = rule.value
+        if not rule.grants(user_id, claims):
+            raise ValueError("no admin rule accepts this token: set GATE_ADMIN_CLAIM and "
+                             "GATE_ADMIN_CLAIM_VALUE, or list the user in GATE_ADMIN_USERS")
     if settings.jwt_issuer:
         claims["iss"] = settings.jwt_issuer
     if settings.jwt_audience:

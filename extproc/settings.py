@@ -33,8 +33,16 @@ FIELDS: list[tuple[str, str, str]] = [
     ("GATE_JWKS_URL", "jwks_url", "JWKS URL for RS256/ES256 tokens (e.g. an OpenID provider)."),
     ("GATE_JWT_HEADER", "jwt_header",
      "Header carrying the JWT (a `Bearer ` prefix is stripped)."),
-    ("GATE_JWT_AUDIENCE", "jwt_audience", "Required `aud` claim, when set."),
+    ("GATE_JWT_AUDIENCE", "jwt_audience",
+     "Required `aud` claim, when set; must be set when `GATE_JWKS_URL` is."),
     ("GATE_JWT_ISSUER", "jwt_issuer", "Required `iss` claim, when set."),
+    ("GATE_ADMIN_CLAIM", "admin_claim",
+     "JWT claim that makes a console admin (e.g. `role`, or a path like `realm_access.roles`); "
+     "empty: no claim does."),
+    ("GATE_ADMIN_CLAIM_VALUE", "admin_claim_value",
+     "Exact value of `GATE_ADMIN_CLAIM` (or an element of it, for a list) that makes an admin."),
+    ("GATE_ADMIN_USERS", "admin_users",
+     "Comma-separated user ids (JWT `id`/`sub`) who are console admins."),
     ("GATE_KEY", "gate_key",
      "Gateway key LibreChat sends as its apiKey; proves the trusted identity headers."),
     ("GATE_UPSTREAM_API_KEY", "upstream_api_key",
@@ -116,6 +124,9 @@ class Settings:
     jwt_header: str = "authorization"
     jwt_audience: str = ""
     jwt_issuer: str = ""
+    admin_claim: str = ""
+    admin_claim_value: str = ""
+    admin_users: str = ""
     gate_key: str = ""
     upstream_api_key: str = ""
     conversion_factor: float = 0.376
@@ -177,6 +188,13 @@ class Settings:
             raise ValueError("GATE_LANGUAGE must be pt-BR or en")
         if not 0 < self.conversion_factor <= 10:
             raise ValueError("GATE_CONVERSION_FACTOR must be in (0, 10]")
+        if self.jwks_url and not self.jwt_audience:
+            # A shared identity provider signs tokens for other applications too: without an
+            # audience, those tokens (and their admins) would be ours.
+            raise ValueError("GATE_JWT_AUDIENCE is required when GATE_JWKS_URL is set (the audience "
+                             "your identity provider puts in this gate's tokens)")
+        if bool(self.admin_claim.strip()) != bool(self.admin_claim_value):
+            raise ValueError("GATE_ADMIN_CLAIM and GATE_ADMIN_CLAIM_VALUE must be set together")
         self.thresholds()  # parses or raises
         self.weights()
 

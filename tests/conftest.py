@@ -117,6 +117,10 @@ def settings(database_url: str, redis_url: str, workdir: Path) -> Settings:
         jwt_secret=JWT_SECRET,
         gate_key=GATE_KEY,
         admin_token=ADMIN_TOKEN,
+        # No JWT is an admin by default: the tests' admin tokens (mint_token(admin=True))
+        # carry role=admin, made an admin here explicitly.
+        admin_claim="role",
+        admin_claim_value="admin",
         upstream_api_key=UPSTREAM_KEY,
         identity_mode="both",
         default_monthly_tokens=100_000,

@@ -31,7 +31,10 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_token_is_a_verifiable_librechat_shaped_jwt(env, capsys):
+def test_token_is_a_verifiable_librechat_shaped_jwt(env, capsys, monkeypatch):
+    # --admin mints what the configured admin rule accepts (none is configured by default)
+    monkeypatch.setenv("GATE_ADMIN_CLAIM", "role")
+    monkeypatch.setenv("GATE_ADMIN_CLAIM_VALUE", "admin")
     code, out, _ = run(capsys, "token", "ana", "--email", "ana@example.com", "--admin")
     assert code == 0
     claims = jwt.decode(out.strip(), JWT_SECRET, algorithms=["HS256"])
