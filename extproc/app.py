@@ -76,6 +76,7 @@ class Service:
         self.redis: aioredis.Redis | None = None
         self.ledger: Ledger | None = None
         self.gate: Gate | None = None
+        self.authenticator: Authenticator | None = None
         self.spool = Spool(settings.spool_dir)
         self.grpc_server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
@@ -105,7 +106,10 @@ class Service:
             # would drop to per-process limits (N processes = N x the limit) for no Redis fault.
             # A dead Redis still costs one request per second at most (circuit breaker).
             limiter = RedisRateLimiter(self.redis, self.metrics, prefix=s.redis_prefix, timeout=0.05)
-            self.gate = Gate(s, self.ledger, Authenticator(s), limiter, self.metrics, self.spool)
+            # One per service: its background JWKS refresh is started here, closed in stop().
+            self.authenticator = Authenticator(s)
+            await self.authenticator.start()
+            self.gate = Gate(s, self.ledger, self.authenticator, limiter, self.metrics, self.spool)
             try:
                 await self.maintain_once()  # replays a spool left by a crash, loads plans
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -157,11 +161,16 @@ class Service:
             await self.alerts.aclose()
         if self.http_runner is not None:
             await self.http_runner.cleanup()
+        if self.authenticator is not None:
+            await self.authenticator.close()
         if self.redis is not None:
             await self.redis.aclose()
         for pool in (self.admit_pool, self.pool):
             if pool is not None:
                 await pool.close()
+        # Last: settles still finishing above may spool. Off the loop, since close() waits
+        # for the spool's lock (a worker thread may be mid-append). A later use reopens it.
+        await asyncio.to_thread(self.spool.close)
 
     # ------------------------------------------------------------ background work
 
