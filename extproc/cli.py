@@ -78,7 +78,12 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
-    print(mint_token(settings, args.user, email=args.email, admin=args.admin, ttl=args.ttl))
+    try:
+        token = mint_token(settings, args.user, email=args.email, admin=args.admin, ttl=args.ttl)
+    except ValueError as exc:  # no GATE_JWT_SECRET, or --admin that no admin rule accepts
+        print(f"error: cannot mint a token: {exc}", file=sys.stderr)
+        return 2
+    print(token)
     return 0
 
 

@@ -41,6 +41,25 @@ def test_token_is_a_verifiable_librechat_shaped_jwt(env, capsys, monkeypatch):
     assert (claims["id"], claims["email"], claims["role"]) == ("ana", "ana@example.com", "admin")
 
 
+def test_token_admin_without_a_rule_exits_2(env, capsys, monkeypatch):
+    for key in ("GATE_ADMIN_USERS", "GATE_ADMIN_CLAIM", "GATE_ADMIN_CLAIM_VALUE"):
+        monkeypatch.delenv(key, raising=False)
+    code, out, err = run(capsys, "token", "ana", "--admin")
+    assert (code, out) == (2, "")
+    assert err.startswith("error: cannot mint a token: ") and "GATE_ADMIN_USERS" in err
+    assert "Traceback" not in err
+    # a user listed in GATE_ADMIN_USERS gets a token (admin by its id, no claim needed)
+    monkeypatch.setenv("GATE_ADMIN_USERS", "ops, ana")
+    code, out, _ = run(capsys, "token", "ana", "--admin")
+    assert code == 0 and jwt.decode(out.strip(), JWT_SECRET, algorithms=["HS256"])["id"] == "ana"
+
+
+def test_token_without_a_secret_exits_2(env, capsys, monkeypatch):
+    monkeypatch.delenv("GATE_JWT_SECRET")
+    code, out, err = run(capsys, "token", "ana")
+    assert (code, out) == (2, "") and "GATE_JWT_SECRET" in err
+
+
 def test_grant_balance_suspend_plan_reconcile(env, capsys, service):
     user = f"cli-{uuid.uuid4().hex[:8]}"
     code, _, err = run(capsys, "grant", user, "100", "--reason", "welcome")
