@@ -270,6 +270,9 @@ DEMO_EMAIL = "demo@example.com"
 DEV_DEFAULTS = {
     "GATE_KEY": "solaris-dev-gate-key",
     "GATE_ADMIN_TOKEN": "solaris-dev-admin-token",
+    # JWT console admins exist only by an explicit rule: user `admin` is one in development,
+    # so the printed `extproc token admin --admin` hint works.
+    "GATE_ADMIN_USERS": "admin",
 }
 # The mock LiteLLM's master key; the processor presents it upstream (GATE_UPSTREAM_API_KEY)
 # in place of the client's credentials.
@@ -626,11 +629,23 @@ class DevStack:
         self.out(f"  /metrics {side}/metrics")
         if not self.environ.get("GATE_ADMIN_TOKEN"):
             self.out(f"  admin API token: Authorization: Bearer {settings.admin_token}")
-        self.out(f"  admin JWT: {shlex.quote(binary('extproc'))} token admin --admin   "
-                 "(with GATE_JWT_SECRET above)")
+        self.out(f"  admin JWT: {self.admin_token_hint(settings)}")
         self.out("librechat.yaml (LibreChat in Docker: host.docker.internal instead of localhost):")
         self.out(LIBRECHAT_SNIPPET.format(key=settings.gate_key, port=settings.listen_port))
         self.out("")
+
+    def admin_token_hint(self, settings: Settings) -> str:
+        """A command that mints a console-admin JWT, runnable from the caller's shell: it
+        carries the settings the stack defaulted (the caller's shell has the others)."""
+        users = [u.strip() for u in settings.admin_users.split(",") if u.strip()]
+        # GATE_ADMIN_CLAIM: the minted token carries the claim, so any id will do.
+        user = "admin" if settings.admin_claim.strip() or "admin" in users or not users \
+            else users[0]
+        prefix = [f"{name}={shlex.quote(self.env[name])}"
+                  for name in ("GATE_JWT_SECRET", "GATE_ADMIN_USERS")
+                  if self.env.get(name) and not self.environ.get(name)]
+        return " ".join([*prefix, shlex.quote(binary("extproc")), "token", shlex.quote(user),
+                         "--admin"])
 
     def watch(self, interval: float = 0.25) -> int:
         """Until a signal (→ 0) or a component dying (→ 1)."""

@@ -124,6 +124,22 @@ def test_extproc_dev_ready_demo_request_and_ctrl_c(make_database, redis_url, tmp
         account = balance(env, "demo-user")
         assert account["used"] == first + body["usage"]["total_tokens"]
 
+        # the printed admin-JWT command works as printed (from a shell without GATE_*): its
+        # token is a console admin's, because the stack makes user `admin` one
+        assert "GATE_ADMIN_USERS=admin" in text
+        [hint] = [line.split("admin JWT: ", 1)[1] for line in out.lines if "admin JWT: " in line]
+        words = shlex.split(hint)
+        assigned = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+        assert assigned == {"GATE_JWT_SECRET": secret, "GATE_ADMIN_USERS": "admin"}
+        minted = subprocess.run(words[len(assigned):], env={**env, **assigned}, capture_output=True,
+                                text=True, timeout=60)
+        assert minted.returncode == 0, minted.stderr
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{ports['GATE_HTTP_PORT']}/api/admin/plans",
+            headers={"Authorization": f"Bearer {minted.stdout.strip()}"})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            assert resp.status == 200
+
         stop_started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0, out.text()
