@@ -15,51 +15,39 @@ from datetime import UTC, datetime, timedelta
 STATES = ("active", "warned_80", "warned_90", "blocked", "suspended")
 
 
-# ---------------------------------------------------------------- estimate
+# ---------------------------------------------------------------- exchanges without usage
+# (the estimate itself is computed in ``estimate``: one rule per billable input)
 
 
-def estimate_tokens(prompt_chars: int, completion_allowance: int, factor: float) -> int:
-    """What admission reserves: ceil(prompt characters x factor) + completion allowance."""
-    return math.ceil(max(prompt_chars, 0) * factor) + max(completion_allowance, 0)
+@dataclass(frozen=True)
+class Charge:
+    """The debit of an exchange whose real usage is unknown, and why (ledger flags)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    flags: tuple[str, ...]
 
 
-def _text_length(value: object) -> int:
-    """Characters of user-visible text in an OpenAI-style content value, whatever its shape."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_length(v) for v in value)
-    if isinstance(value, dict):
-        # content parts: {"type": "text", "text": ...}; tool calls carry "arguments"
-        return sum(_text_length(value[k]) for k in ("text", "content", "arguments", "input", "function")
-                   if k in value)
-    return 0
+def unreported_charge(*, status: int, abandoned: bool, prompt_estimate: int,
+                      estimate: int, counted_output: int) -> Charge | None:
+    """What an exchange costs when the upstream's usage could not be read; None = release.
 
-
-def prompt_characters(body: Mapping[str, object]) -> int:
-    """Prompt size in characters for chat, completions, embeddings and responses bodies."""
-    total = 0
-    for key in ("messages", "prompt", "input", "instructions"):
-        if key in body:
-            total += _text_length(body[key])
-    for message in body.get("messages", []) if isinstance(body.get("messages"), list) else []:
-        if isinstance(message, dict) and "tool_calls" in message:
-            total += _text_length(message["tool_calls"])
-    return total
-
-
-def completion_allowance(body: Mapping[str, object], default: int) -> int | None:
-    """The completion budget a request asks for (max_tokens and its aliases), else ``default``.
-
-    Returns None when the value is present but not a non-negative integer (a 400).
+    * An upstream error reply (non-2xx) with no visible output is released: providers do not
+      bill a refused request. One with output is charged the prompt estimate plus that output.
+    * Anything else happened after the upstream was called and may have produced output the
+      gate never saw (a 2xx with missing or garbled usage, a stream cut before its usage
+      event, a client gone before the answer, reasoning tokens that are never visible): it is
+      charged the full reservation, or the output counted when that is larger.
     """
-    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        if key in body and body[key] is not None:
-            value = body[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                return None
-            return value
-    return default
+    flags = ("no_usage", "abandoned") if abandoned else ("no_usage",)
+    if status and not 200 <= status < 300:
+        if counted_output <= 0:
+            return None
+        return Charge(prompt_estimate, counted_output, (*flags, "counted"))
+    reserved_output = max(estimate - prompt_estimate, 0)
+    if counted_output > reserved_output:
+        return Charge(prompt_estimate, counted_output, (*flags, "counted"))
+    return Charge(prompt_estimate, reserved_output, (*flags, "reservation"))
 
 
 # ---------------------------------------------------------------- usage and states
@@ -117,6 +105,14 @@ def split_debit(allowance: int, cost: int) -> Split:
     (which may go negative: the bounded overspend of invariant 3)."""
     from_allowance = min(max(allowance, 0), max(cost, 0))
     return Split(-from_allowance, -(max(cost, 0) - from_allowance))
+
+
+def split_trueup(allowance: int, delta: int) -> Split:
+    """A correction of an earlier debit: more cost is a debit like any other; less cost gives
+    the difference back to the allowance (where a debit is taken from first)."""
+    if delta >= 0:
+        return split_debit(allowance, delta)
+    return Split(-delta, 0)
 
 
 # ---------------------------------------------------------------- cycles

@@ -45,6 +45,8 @@ MESSAGES: dict[str, dict[str, str]] = {
                           "limite {limit}). Inicie uma nova conversa.",
         "not_found": "Rota não disponível neste gateway.",
         "user_mismatch": "O campo 'user' não corresponde ao usuário autenticado.",
+        "internal_error": "Erro interno no controle de tokens. Nada foi cobrado por esta "
+                          "mensagem; tente novamente em instantes.",
     },
     "en": {
         "invalid_token": "Could not identify the user ({detail}). "
@@ -64,6 +66,46 @@ MESSAGES: dict[str, dict[str, str]] = {
                           "{limit}). Start a new conversation.",
         "not_found": "This route is not available on this gateway.",
         "user_mismatch": "The 'user' field does not match the authenticated user.",
+        "internal_error": "Internal error in the token gate. Nothing was charged for this "
+                          "message; try again in a moment.",
+    },
+}
+
+
+# Why a request was refused before reaching the upstream (400 invalid_request): the codes
+# of ``estimate.Refusal`` and the processor's body checks, with the offending field.
+REFUSALS: dict[str, dict[str, str]] = {
+    "pt-BR": {
+        "not_utf8": "o corpo não é UTF-8 válido",
+        "too_deep": "JSON aninhado demais",
+        "not_json": "o corpo não é JSON válido",
+        "not_object": "o corpo deve ser um objeto JSON",
+        "empty_body": "corpo vazio",
+        "method_not_allowed": "o método {detail} não é aceito nesta rota",
+        "model_required": "o campo 'model' é obrigatório",
+        "model_list": "uma lista de modelos ('{detail}') dispara várias chamadas e não é "
+                      "aceita; escolha um modelo",
+        "model_not_allowed": "o modelo '{detail}' não está liberado neste gateway",
+        "fan_out": "o campo '{detail}' faz o proxy chamar outros modelos ou credenciais e não "
+                   "é aceito",
+        "bad_integer": "o campo '{detail}' deve ser um inteiro dentro do limite permitido",
+        "max_tokens_above": "o limite de tokens de resposta pedido passa de {detail}",
+    },
+    "en": {
+        "not_utf8": "body is not valid UTF-8",
+        "too_deep": "JSON nested too deeply",
+        "not_json": "body is not valid JSON",
+        "not_object": "body must be a JSON object",
+        "empty_body": "empty body",
+        "method_not_allowed": "{detail} is not supported on this route",
+        "model_required": "'model' is required",
+        "model_list": "a list of models ('{detail}') makes several calls and is not "
+                      "accepted; choose one model",
+        "model_not_allowed": "model '{detail}' is not enabled on this gateway",
+        "fan_out": "'{detail}' makes the proxy call other models or credentials and is not "
+                   "accepted",
+        "bad_integer": "'{detail}' must be an integer within the allowed range",
+        "max_tokens_above": "the requested completion limit is above {detail}",
     },
 }
 
@@ -105,9 +147,14 @@ class Messages:
         return GateError(503, "api_error", "ledger_unavailable",
                          self.text["ledger_unavailable"], (("retry-after", "5"),))
 
-    def invalid(self, detail: str) -> GateError:
-        return GateError(400, "invalid_request_error", "invalid_request",
-                         self.text["invalid_request"].format(detail=detail))
+    def refused(self, code: str, detail: str = "") -> GateError:
+        """400 for a request refused before the upstream; ``code`` is a key of REFUSALS."""
+        reason = REFUSALS[self.language][code].format(detail=detail)
+        return GateError(400, "invalid_request_error", code,
+                         self.text["invalid_request"].format(detail=reason))
+
+    def internal(self) -> GateError:
+        return GateError(500, "api_error", "internal_error", self.text["internal_error"])
 
     def too_large(self, size: int, limit: int) -> GateError:
         return GateError(413, "invalid_request_error", "request_too_large",

@@ -10,6 +10,9 @@ I2  allowance = SUM(allowance_delta), credits = SUM(credits_delta) for every acc
 I3  reserved = SUM(held reservations): reservations are created and closed in the same
     statement/transaction that moves ``reserved``.
 I4  Admin changes (grant, plan, suspend) write their audit row in the same transaction.
+I5  The final debit of an exchange equals its real cost: a settle that arrives after the
+    sweep charged the hold adds one true-up entry (idempotency key ``trueup:<exchange id>``)
+    for the difference, exactly once.
 
 Concurrency: every money transaction starts by locking the account row (FOR UPDATE), so
 per-user operations serialize while different users never contend (no global hot row).
@@ -158,6 +161,9 @@ class Usage:
     prompt_chars: int | None = None
     flags: Sequence[str] = field(default_factory=tuple)
     email: str | None = None
+    # The debit in ledger tokens when already known (the sweep charges a hold exactly, its
+    # weight already applied); None: the model's weight times real_tokens.
+    cost: int | None = None
 
     @property
     def real_tokens(self) -> int:
@@ -169,7 +175,7 @@ class Usage:
             "request_id": self.request_id, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "estimate": self.estimate,
             "prompt_chars": self.prompt_chars,
-            "flags": list(self.flags), "email": self.email,
+            "flags": list(self.flags), "email": self.email, "cost": self.cost,
         }
 
     @classmethod
@@ -296,12 +302,13 @@ class Ledger:
                     "  WHERE user_id = $1 AND state <> 'suspended' AND cycle_end > $3"
                     "    AND allowance + credits - reserved >= $2"
                     "    AND ($6::text IS NULL OR email IS NOT DISTINCT FROM $6)"
+                    "    AND ($9::text IS NULL OR name IS NOT DISTINCT FROM $9)"
                     f"  RETURNING {_ACCOUNT_FIELDS}),"
                     " r AS (INSERT INTO reservations"
                     "  (exchange_id, user_id, tokens, request_id, model, created_at, expires_at)"
                     "  SELECT $4, user_id, $2, $5, $7, $3, $8 FROM a)"
                     " SELECT * FROM a",
-                    user_id, estimate, now, exchange_id, request_id, email, model, expires,
+                    user_id, estimate, now, exchange_id, request_id, email, model, expires, name,
                 )
                 if row is not None:
                     return Admission("ok", _account(row), estimate)
@@ -324,7 +331,9 @@ class Ledger:
                 row = await self._locked_account(conn, user_id)
             if (email and email != row["email"]) or (name and name != row["name"]):
                 row = await conn.fetchrow(
-                    "UPDATE accounts a SET email = COALESCE($2, email), name = COALESCE($3, name)"
+                    # Qualified: plans has a ``name`` column too, and an unqualified one in
+                    # the SET expressions is ambiguous (every later request answered 500).
+                    "UPDATE accounts a SET email = COALESCE($2, a.email), name = COALESCE($3, a.name)"
                     " FROM plans p WHERE a.user_id = $1 AND p.name = a.plan"
                     " RETURNING a.*, p.monthly_tokens, p.rollover",
                     user_id, email, name,
@@ -359,7 +368,8 @@ class Ledger:
 
         Returns None when the exchange was already settled (a replay)."""
         now = self.clock()
-        cost = accounting.weighted_cost(usage.real_tokens, usage.model, self._weights)
+        cost = usage.cost if usage.cost is not None else accounting.weighted_cost(
+            usage.real_tokens, usage.model, self._weights)
         try:
             return await self._settle(usage, cost, reservation_state, now)
         except asyncpg.UniqueViolationError:
@@ -382,16 +392,23 @@ class Ledger:
                 usage.user_id, usage.exchange_id, reservation_state, now,
             )
             flags = list(usage.flags)
+            exchange_key, trueup_key, debit = usage.exchange_id, None, cost
             if row is None:
-                row = await self._unreserved_row(conn, usage, now)
+                row, swept = await self._unreserved_row(conn, usage, now)
                 if row is None:
                     return None  # settled before: a replay
-                flags.append("unreserved")
+                if swept is None:
+                    flags.append("unreserved")
+                else:
+                    # I5: the sweep charged this exchange its hold; the real settle corrects
+                    # that charge to the real cost, once (keyed apart from the usage entry).
+                    exchange_key, trueup_key, debit = None, trueup_key_for(usage.exchange_id), cost - swept
+                    flags.append("trueup")
             held = row["held"]
-            split = accounting.split_debit(row["allowance"], cost)
+            split = accounting.split_trueup(row["allowance"], debit)
             allowance = row["allowance"] + split.allowance_delta
             credits = row["credits"] + split.credits_delta
-            used = row["used_cycle"] + cost
+            used = max(row["used_cycle"] + debit, 0)
             before = accounting.usage_pct(row["used_cycle"], row["cycle_budget"])
             after = accounting.usage_pct(used, row["cycle_budget"])
             state = accounting.state_for(row["state"], allowance + credits, after)
@@ -400,9 +417,9 @@ class Ledger:
                 "WITH e AS (INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta,"
                 "   credits_delta, balance_after, exchange_id, request_id, model, prompt_tokens,"
                 "   completion_tokens, estimate, real_tokens, flags, actor, cycle_start,"
-                "   created_at, prompt_chars)"
+                "   created_at, prompt_chars, idempotency_key)"
                 "   VALUES ($1, 'usage', $9, $10, $11, $2::bigint + $3::bigint, $8, $12, $13, $14, $15, $16,"
-                "   $17, $18, 'gateway', $19, $5, $24)),"
+                "   $17, $18, 'gateway', $19, $5, $24, $25)),"
                 " o AS (INSERT INTO alert_outbox (user_id, cycle_start, cycle_end, threshold,"
                 "   used_pct, used, budget, remaining, created_at, next_attempt_at)"
                 "   SELECT $1, $19, $20, t, $21, $4, $22, $2::bigint + $3::bigint, $5, $5 FROM unnest($23::int[]) t"
@@ -410,30 +427,37 @@ class Ledger:
                 " UPDATE accounts SET allowance = $2, credits = $3, used_cycle = $4,"
                 "   reserved = reserved - $6, state = $7, updated_at = $5 WHERE user_id = $1"
                 f" RETURNING {_ACCOUNT_FIELDS}",
-                usage.user_id, allowance, credits, used, now, held, state, usage.exchange_id,
+                usage.user_id, allowance, credits, used, now, held, state, exchange_key,
                 split.tokens, split.allowance_delta, split.credits_delta, usage.request_id,
                 usage.model, usage.prompt_tokens, usage.completion_tokens, usage.estimate,
                 usage.real_tokens, flags, row["cycle_start"], row["cycle_end"], after,
-                row["cycle_budget"], alerts, usage.prompt_chars,
+                row["cycle_budget"], alerts, usage.prompt_chars, trueup_key,
             )
-            return Settled(_account(updated), cost, tuple(alerts))
+            return Settled(_account(updated), debit, tuple(alerts))
 
     async def _unreserved_row(
         self, conn: asyncpg.Connection, usage: Usage, now: datetime
-    ) -> dict[str, Any] | None:
-        """No held reservation: a replay of a settled exchange (None), or an exchange admitted
-        while the ledger was unreachable (fail-open) and replayed from the spool."""
+    ) -> tuple[dict[str, Any] | None, int | None]:
+        """No held reservation. Returns (account row, None) for an exchange admitted while the
+        ledger was unreachable (fail-open) and replayed from the spool; (row, swept cost) for
+        the real settle of an exchange the sweep charged (a true-up is due); (None, None) for
+        a replay of a settle already applied."""
         row = await self._locked_account(conn, usage.user_id)
         if row is None:
             await self._open_account(conn, usage.user_id, usage.email, None, now)
             row = await self._locked_account(conn, usage.user_id)
-        # A separate statement on purpose: under READ COMMITTED it takes a snapshot after the
-        # lock was granted, so it sees a settle that committed while we waited (a subquery in
+        # Separate statements on purpose: under READ COMMITTED they take a snapshot after the
+        # lock was granted, so they see a settle that committed while we waited (a subquery in
         # the locking SELECT would not).
-        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM ledger_entries WHERE exchange_id = $1)",
-                               usage.exchange_id):
-            return None
-        return {**dict(row), "held": 0}
+        previous = await conn.fetchrow(
+            "SELECT tokens, flags FROM ledger_entries WHERE exchange_id = $1", usage.exchange_id)
+        if previous is None:
+            return {**dict(row), "held": 0}, None
+        if "expired" not in previous["flags"] or "expired" in usage.flags or await conn.fetchval(
+                "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1",
+                trueup_key_for(usage.exchange_id)):
+            return None, None
+        return {**dict(row), "held": 0}, -previous["tokens"]
 
     async def release(self, exchange_id: str) -> bool:
         """Give back a reservation without a debit (upstream error before any output)."""
@@ -601,7 +625,7 @@ class Ledger:
             done = await self.settle(
                 Usage(exchange_id=r["exchange_id"], user_id=r["user_id"], model=r["model"],
                       request_id=r["request_id"], prompt_tokens=0, completion_tokens=r["tokens"],
-                      estimate=r["tokens"], flags=("expired",)),
+                      estimate=r["tokens"], flags=("expired",), cost=r["tokens"]),
                 reservation_state="expired",
             )
             swept += done is not None
@@ -655,6 +679,11 @@ class Ledger:
             "   OR a.reserved <> COALESCE(r.held, 0)"
         )
         return [dict(r) for r in rows]
+
+
+def trueup_key_for(exchange_id: str) -> str:
+    """The idempotency key of the one true-up an exchange may get after its sweep (I5)."""
+    return f"trueup:{exchange_id}"
 
 
 async def audit(

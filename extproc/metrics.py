@@ -40,6 +40,10 @@ class Metrics:
             registry=r)
         self.spooled = Counter(
             "solaris_spooled_settles_total", "Settles written to the local spool.", registry=r)
+        self.settles_lost = Counter(
+            "solaris_settles_not_spooled_total",
+            "Settles neither applied nor spooled (written to the error log only): page someone.",
+            registry=r)
         self.spool_pending = Gauge(
             "solaris_spool_pending", "Settles in this process's spool file, not yet in the ledger.",
             registry=r)

@@ -26,7 +26,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
-from . import accounting
+from . import accounting, estimate
 from .errors import GateError, Messages
 from .identity import Authenticator, Identity, IdentityError
 from .ledger import Ledger, LedgerUnavailable, Usage
@@ -111,9 +111,10 @@ class Exchange:
     request_id: str | None = None
     model: str | None = None
     stream: bool = False
-    estimate: int = 0
-    prompt_estimate: int = 0
-    prompt_chars: int = 0
+    estimate: int = 0          # tokens the request may cost (estimate.Estimate.tokens)
+    prompt_estimate: int = 0   # of which the prompt
+    prompt_chars: int = 0      # billable text characters (for `extproc calibrate`)
+    reserve: int = 0           # what admission asks the ledger to hold: estimate x weight
     admitted: bool = False
     reserved: int = 0
     status: int = 0
@@ -159,13 +160,21 @@ CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersRes
 CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 
 
-def upstream_credentials(key: str) -> pb.CommonResponse:
+def upstream_credentials(key: str, jwt_header: str = "authorization") -> pb.CommonResponse:
     """The request-headers mutation that swaps the client's credentials (our JWT or gateway
-    key, never meant for LiteLLM) for the upstream's own key."""
+    key, never meant for LiteLLM, in whichever header GATE_JWT_HEADER names) for the
+    upstream's own key."""
+    remove = sorted({"x-api-key", jwt_header.lower()} - {"authorization"})
     if key:
         return pb.CommonResponse(header_mutation=pb.HeaderMutation(
-            set_headers=[_header("authorization", f"Bearer {key}")], remove_headers=["x-api-key"]))
-    return pb.CommonResponse(header_mutation=pb.HeaderMutation(remove_headers=["authorization", "x-api-key"]))
+            set_headers=[_header("authorization", f"Bearer {key}")], remove_headers=remove))
+    return pb.CommonResponse(header_mutation=pb.HeaderMutation(remove_headers=["authorization", *remove]))
+
+
+def path_is_under(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``path`` is one of ``prefixes`` or below one of them, by whole segments
+    (``/v1/audio`` opens ``/v1/audio/speech``, never ``/v1/audiobook``)."""
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
 
 
 class Gate:
@@ -192,8 +201,9 @@ class Gate:
         self.open_paths = tuple(settings.open_path_list())
         self.limits = limits or PlanLimits(settings.rate_limit_per_minute)
         self.weights = settings.weights()
+        self.allowed_models = settings.allowed_model_set()
         self.tasks: set[asyncio.Task[Any]] = set()
-        credentials = upstream_credentials(settings.upstream_api_key)
+        credentials = upstream_credentials(settings.upstream_api_key, settings.jwt_header)
         self.admit_headers = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=credentials))
         # Unmetered pass-through (GET /v1/models): nothing more to see on this stream.
         self.pass_through = pb.ProcessingResponse(
@@ -236,7 +246,7 @@ class Gate:
         ex.request_id = headers.get("x-request-id")
         passthrough = method == "GET" and (
             path in MODELS or path.startswith(tuple(m + "/" for m in MODELS)))
-        if not ex.kind and not passthrough and not (self.open_paths and path.startswith(self.open_paths)):
+        if not ex.kind and not passthrough and not path_is_under(path, self.open_paths):
             return self.reject(ex, self.messages.not_found())
         try:
             ex.identity = await self.auth.authenticate(headers)
@@ -251,9 +261,9 @@ class Gate:
             self.decide(ex, "passthrough")
             return self.pass_through
         if method != "POST":
-            return self.reject(ex, self.messages.invalid(f"{method} is not supported on {path}"))
+            return self.reject(ex, self.messages.refused("method_not_allowed", method))
         if msg.end_of_stream:
-            return self.reject(ex, self.messages.invalid("empty body"))
+            return self.reject(ex, self.messages.refused("empty_body"))
         return self.admit_headers
 
     # ------------------------------------------------------------ request body
@@ -278,33 +288,34 @@ class Gate:
         try:
             body = json.loads(raw)
         except UnicodeDecodeError:
-            return m.invalid("body is not valid UTF-8")
+            return m.refused("not_utf8")
         except RecursionError:
-            return m.invalid("JSON nested too deeply")
+            return m.refused("too_deep")
         except ValueError:
-            return m.invalid("body is not valid JSON")
+            return m.refused("not_json")
         if not isinstance(body, dict):
-            return m.invalid("body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            return m.invalid("'model' is required")
-        ex.model = model[:200]
-        user = body.get("user")
-        assert ex.identity is not None
-        if user is not None and user != "" and user != ex.identity.user_id:
-            return m.user_mismatch()
+            return m.refused("not_object")
+        s = self.settings
+        try:
+            ex.model = estimate.check_model(body.get("model"), self.allowed_models)[:200]
+            user = body.get("user")
+            assert ex.identity is not None
+            if user is not None and user != "" and user != ex.identity.user_id:
+                return m.user_mismatch()
+            found = estimate.estimate(
+                ex.kind, body, default_completion=s.default_completion_tokens,
+                max_completion=s.max_completion_tokens, server_context_tokens=s.server_context_tokens)
+        except estimate.Refusal as refusal:
+            return m.refused(refusal.code, refusal.detail)
+        except RecursionError:
+            return m.refused("too_deep")
         ex.stream = body.get("stream") is True
-        allowance = accounting.completion_allowance(body, self.settings.default_completion_tokens)
-        if allowance is None:
-            return m.invalid("max_tokens must be a non-negative integer")
-        if allowance > self.settings.max_completion_tokens:
-            return m.invalid(f"max_tokens above {self.settings.max_completion_tokens}")
-        if ex.kind == "embeddings":
-            allowance = 0
-        ex.prompt_chars = accounting.prompt_characters(body)
-        ex.prompt_estimate = accounting.estimate_tokens(
-            ex.prompt_chars, 0, self.settings.conversion_factor)
-        ex.estimate = ex.prompt_estimate + allowance
+        ex.prompt_chars = found.text_chars
+        ex.prompt_estimate = found.prompt_tokens(s.conversion_factor)
+        ex.estimate = found.tokens(s.conversion_factor)
+        # The weight applies at admission as at settle: the hold is in the units the debit
+        # will be, so a weighted model cannot be admitted on a tenth of what it costs.
+        ex.reserve = accounting.weighted_cost(ex.estimate, ex.model, self.weights)
         return body
 
     def _mutated_body(self, ex: Exchange, body: dict[str, Any]) -> bytes | None:
@@ -342,7 +353,7 @@ class Gate:
         # client went away), a reservation that did get made is released, not left to expire
         # and be charged for an answer nobody received.
         task = self.spawn(self.ledger.admit(
-            ident.user_id, ex.estimate, ex.exchange_id, email=ident.email, name=ident.name,
+            ident.user_id, ex.reserve, ex.exchange_id, email=ident.email, name=ident.name,
             request_id=ex.request_id, model=ex.model))
         try:
             admission = await asyncio.shield(task)
@@ -365,7 +376,7 @@ class Gate:
         if admission is not None and admission.outcome == "insufficient":
             acc = admission.account
             return self.reject(ex, self.messages.quota_exceeded(
-                acc.available, ex.estimate, acc.cycle_end.date().isoformat()))
+                acc.available, ex.reserve, acc.cycle_end.date().isoformat()))
         ex.admitted = True
         ex.account = admission.account if admission is not None else None
         ex.reserved = admission.reserved if admission is not None else 0
@@ -438,26 +449,38 @@ class Gate:
         return [("x-solaris-tokens-remaining", str(max(remaining, 0))),
                 ("x-solaris-quota-used-pct", f"{pct:.2f}")]
 
-    def _observed(self, ex: Exchange) -> Observed | None:
-        """What the exchange cost, from the stream or the buffered body seen so far; None
-        for "release without debit" (nothing seen, or an upstream error with no output)."""
-        if ex.tap is not None:
-            return ex.tap.result(self.settings.conversion_factor, ex.prompt_estimate)
-        if not ex.body:
-            return None
-        observed, text = usage_from_json(bytes(ex.body), self.settings.max_usage_tokens)
-        ex.body = bytearray()
-        if observed is not None:
-            return observed
-        if not text and (ex.status >= 400 or ex.status == 0):
-            return None
-        completion, how = count_tokens(text, self.settings.conversion_factor)
-        return Observed(ex.prompt_estimate, completion, ("no_usage", how))
+    def _observed(self, ex: Exchange, abandoned: bool) -> Observed | None:
+        """What the exchange cost; None for "release without debit".
 
-    def _finish(self, ex: Exchange) -> tuple[asyncio.Task[Any], Usage | None]:
+        The upstream's usage when it could be read. Otherwise, once the upstream was called,
+        the conservative rules of ``accounting.unreported_charge``: an error reply with no
+        output is released (providers do not bill it); anything else (a 2xx whose usage is
+        missing or unreadable, a stream cut before its usage event, a client that went away
+        before the answer) is charged the full reservation, or the output seen if larger."""
+        counted = 0
+        usage: Observed | None = None
+        if ex.tap is not None:
+            usage, text = ex.tap.result()
+        else:
+            raw, ex.body = bytes(ex.body), bytearray()
+            usage, text = usage_from_json(raw, self.settings.max_usage_tokens)
+        if usage is not None:
+            return usage
+        if text:
+            counted, _ = count_tokens(text, self.settings.conversion_factor)
+            if ex.tap is not None:
+                counted += ex.tap.dropped_tokens(self.settings.conversion_factor)
+        charge = accounting.unreported_charge(
+            status=ex.status, abandoned=abandoned,
+            prompt_estimate=ex.prompt_estimate, estimate=ex.estimate, counted_output=counted)
+        if charge is None:
+            return None
+        return Observed(charge.prompt_tokens, charge.completion_tokens, charge.flags)
+
+    def _finish(self, ex: Exchange, abandoned: bool = False) -> tuple[asyncio.Task[Any], Usage | None]:
         """Close the exchange once: settle what it cost, or release its hold, in a task."""
         ex.closed = True
-        observed = self._observed(ex)
+        observed = self._observed(ex, abandoned)
         usage: Usage | None = None
         if observed is not None:
             assert ex.identity is not None
@@ -471,12 +494,22 @@ class Gate:
 
     def abandon(self, ex: Exchange) -> None:
         """The stream ended before the response did (client abort, Envoy reset, upstream
-        timeout): debit what was seen, release if nothing was."""
+        timeout): the upstream was called, so the exchange is charged by the rules of
+        ``_observed`` (released only on an upstream error with no output)."""
         if ex.admitted and not ex.closed:
-            self._finish(ex)
+            self._finish(ex, abandoned=True)
+
+    def fail(self, ex: Exchange) -> None:
+        """A bug of ours ended the exchange: the user gets no answer, so the hold is released
+        (the gateway's operator bears this exchange's cost, logged as ``internal_error``)."""
+        if ex.admitted and not ex.closed:
+            ex.closed = True
+            self.spawn(self._close(ex, None))
 
     async def _close(self, ex: Exchange, usage: Usage | None) -> None:
-        """Settle or release; a settle the ledger cannot take goes to the durable spool."""
+        """Settle or release. Whatever the ledger cannot take now (down, read-only during a
+        failover, a serialization or data error) goes to the durable spool, whose replay
+        applies it or quarantines it: a settle is applied, spooled or recorded, never dropped."""
         if ex.reserved:
             self.metrics.reservations_held.dec()
         started = time.perf_counter()
@@ -492,17 +525,32 @@ class Gate:
                     self.metrics.estimate_ratio.observe(usage.real_tokens / ex.estimate)
                 for threshold in settled.alerts:
                     self.metrics.alerts.labels(str(threshold), "queued").inc()
-        except LedgerUnavailable as exc:
+        except Exception as exc:  # every failure must end in the spool
             self.metrics.db_errors.inc()
-            if usage is not None:
-                log.error("ledger unavailable at settle, spooling %s: %s", ex.exchange_id, exc)
-                await self.spool.append(usage)
-                self.metrics.spooled.inc()
-            # An unreleased reservation is swept by its expiry; nothing is lost.
+            if usage is None:
+                # A release that did not happen would let the sweep charge the hold: spool a
+                # zero-cost settle instead (after a sweep, its true-up gives the charge back).
+                assert ex.identity is not None
+                usage = Usage(exchange_id=ex.exchange_id, user_id=ex.identity.user_id,
+                              model=ex.model, request_id=ex.request_id, estimate=ex.estimate,
+                              flags=("released",), cost=0)
+            await self._spool(ex, usage, exc)
         finally:
             self.metrics.ledger_latency.labels("settle").observe(time.perf_counter() - started)
             self._log(ex, "allowed", status=ex.status, tokens=cost,
                       flags=list(usage.flags) if usage is not None else ["released"])
+
+    async def _spool(self, ex: Exchange, usage: Usage, exc: BaseException) -> None:
+        kind = "unavailable" if isinstance(exc, LedgerUnavailable) else type(exc).__name__
+        log.error("ledger refused the settle of %s (%s), spooling", ex.exchange_id, kind)
+        try:
+            await self.spool.append(usage)
+            self.metrics.spooled.inc()
+        except Exception:
+            # The last record: the whole settle in the error log (no e-mail), for an operator
+            # to apply by hand. The spool's disk is gone if this line is ever written.
+            log.exception("SETTLE NOT SPOOLED %s", json.dumps({**usage.to_json(), "email": None}))
+            self.metrics.settles_lost.inc()
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):
@@ -546,8 +594,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                     # abandon path below settles or releases).
                     log.exception("ext_proc phase %s failed", phase)
                     gate.decide(ex, "500", "internal_error")
-                    reply = immediate(GateError(500, "api_error", "internal_error",
-                                                "internal error in the token gate"))
+                    gate.fail(ex)
+                    reply = immediate(gate.messages.internal())
                 self._timers.get(phase, self._timers["other"]).observe(
                     time.perf_counter() - started)
                 if reply is not None:

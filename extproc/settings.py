@@ -9,6 +9,7 @@ Code receives a ``Settings`` object explicitly; nothing reads ``os.environ`` els
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -93,6 +94,11 @@ FIELDS: list[tuple[str, str, str]] = [
     ("GATE_CREDIT_PACKS", "credit_packs",
      "Credit packs sold with Stripe, `id:tokens:price-in-cents:currency,...` (shown only when both "
      "Stripe keys are set)."),
+    ("GATE_SERVER_CONTEXT_TOKENS", "server_context_tokens",
+     "Tokens reserved for context the upstream holds and the gate cannot see "
+     "(`previous_response_id`, `conversation`, file ids, stored prompts), each."),
+    ("GATE_ALLOWED_MODELS", "allowed_models",
+     "Optional comma-separated allow-list of models; other models get a 400 (empty: any)."),
 ]
 
 _BOOL_TRUE = {"1", "true", "yes", "on"}
@@ -157,6 +163,8 @@ class Settings:
     stripe_webhook_secret: str = ""
     stripe_api_base: str = ""
     credit_packs: str = "small:100000:2990:brl,medium:500000:12990:brl"
+    server_context_tokens: int = 32768
+    allowed_models: str = ""
     # Not an env var: a key prefix so test runs sharing one Redis never collide.
     redis_prefix: str = field(default="solaris:")
 
@@ -195,6 +203,8 @@ class Settings:
                              "your identity provider puts in this gate's tokens)")
         if bool(self.admin_claim.strip()) != bool(self.admin_claim_value):
             raise ValueError("GATE_ADMIN_CLAIM and GATE_ADMIN_CLAIM_VALUE must be set together")
+        if self.server_context_tokens < 0:
+            raise ValueError("GATE_SERVER_CONTEXT_TOKENS must be >= 0")
         self.thresholds()  # parses or raises
         self.weights()
 
@@ -205,12 +215,25 @@ class Settings:
         return tuple(values)
 
     def weights(self) -> dict[str, float]:
+        """Model name (matched exactly, as the client sends it) -> weight. A weight must be a
+        positive finite number: a negative or NaN weight would turn debits into credits or
+        break every settle, so a bad value refuses to start."""
         out: dict[str, float] = {}
         for item in self.model_weights.split(","):
             if item.strip():
-                model, _, weight = item.partition("=")
-                out[model.strip()] = float(weight)
+                model, sep, text = item.partition("=")
+                try:
+                    weight = float(text)
+                except ValueError:
+                    weight = math.nan
+                if not sep or not model.strip() or not math.isfinite(weight) or weight <= 0:
+                    raise ValueError(f"GATE_MODEL_WEIGHTS: {item.strip()!r} is not model=weight "
+                                     "with a positive finite weight")
+                out[model.strip()] = weight
         return out
+
+    def allowed_model_set(self) -> frozenset[str]:
+        return frozenset(m.strip() for m in self.allowed_models.split(",") if m.strip())
 
     def admin_email_list(self) -> list[str]:
         return [e.strip() for e in self.admin_emails.split(",") if e.strip()]

@@ -160,9 +160,13 @@ class StreamTap:
     def seen_anything(self) -> bool:
         return self.size > 0 or self.dropped_chars > 0
 
-    def result(self, factor: float, prompt_estimate: int) -> Observed | None:
-        """Usage from the stream's last usage event; else the prompt's estimate plus the
-        output actually seen, counted (flagged ``no_usage``)."""
+    def dropped_tokens(self, factor: float) -> int:
+        """The output dropped from memory on a very long stream, counted by characters."""
+        return math.ceil(self.dropped_chars * factor)
+
+    def result(self) -> tuple[Observed | None, str]:
+        """The usage of the stream's last usage event (None if it never came or could not be
+        read) and the visible text seen, for the processor's fallback rules."""
         usage: Observed | None = None
         text: list[str] = []
         for line in b"".join(self.chunks).split(b"\n"):
@@ -184,10 +188,4 @@ class StreamTap:
             if raw is not None:
                 usage = read_usage(raw, self.cap) or usage
             text.append(_visible_text(event))
-        if usage is not None:
-            return usage
-        if not self.seen_anything:
-            return None
-        tokens, how = count_tokens("".join(text), factor)
-        tokens += math.ceil(self.dropped_chars * factor)
-        return Observed(prompt_estimate, tokens, ("no_usage", how))
+        return usage, "".join(text)

@@ -15,32 +15,29 @@ def d(y: int, m: int, day: int, h: int = 0) -> datetime:
     return datetime(y, m, day, h, tzinfo=UTC)
 
 
-def test_estimate_uses_conversion_factor_and_allowance() -> None:
-    assert acc.estimate_tokens(1000, 200, 0.376) == 376 + 200
-    assert acc.estimate_tokens(1, 0, 0.376) == 1  # rounded up, never free
-    assert acc.estimate_tokens(0, 0, 0.376) == 0
-
-
-def test_prompt_characters_covers_every_body_shape() -> None:
-    chat = {"messages": [{"role": "user", "content": "abc"},
-                         {"role": "user", "content": [{"type": "text", "text": "de"},
-                                                      {"type": "image_url", "image_url": {"url": "x"}}]},
-                         {"role": "assistant", "content": None,
-                          "tool_calls": [{"function": {"arguments": "{}"}}]}]}
-    assert acc.prompt_characters(chat) == 3 + 2 + 2
-    assert acc.prompt_characters({"prompt": "hello"}) == 5
-    assert acc.prompt_characters({"input": ["ab", "cd"]}) == 4
-    assert acc.prompt_characters({"input": "x", "instructions": "yy"}) == 3
-    assert acc.prompt_characters({"messages": "not a list"}) == len("not a list")
-
-
-@pytest.mark.parametrize("body,expected", [
-    ({}, 1024), ({"max_tokens": 10}, 10), ({"max_completion_tokens": 7}, 7),
-    ({"max_output_tokens": 3}, 3), ({"max_tokens": None}, 1024), ({"max_tokens": -1}, None),
-    ({"max_tokens": 1.5}, None), ({"max_tokens": True}, None), ({"max_tokens": "9"}, None),
+@pytest.mark.parametrize("status,abandoned,counted,expected", [
+    (500, False, 0, None),                                   # upstream error, no output: release
+    (429, True, 0, None),                                    # refused upstream, client gone: release
+    (502, False, 40, (10, 40, ("no_usage", "counted"))),     # error with output: what was seen
+    (200, False, 0, (10, 90, ("no_usage", "reservation"))),  # 2xx, usage unreadable: the hold
+    (200, False, 5, (10, 90, ("no_usage", "reservation"))),  # visible text below the hold
+    (200, False, 500, (10, 500, ("no_usage", "counted"))),   # more seen than held: all of it
+    (0, True, 0, (10, 90, ("no_usage", "abandoned", "reservation"))),  # gone before any answer
+    (200, True, 3, (10, 90, ("no_usage", "abandoned", "reservation"))),  # gone mid-stream
 ])
-def test_completion_allowance(body: dict, expected: int | None) -> None:
-    assert acc.completion_allowance(body, 1024) == expected
+def test_unreported_charge(status, abandoned, counted, expected) -> None:
+    charge = acc.unreported_charge(status=status, abandoned=abandoned, prompt_estimate=10,
+                                   estimate=100, counted_output=counted)
+    if expected is None:
+        assert charge is None
+    else:
+        assert (charge.prompt_tokens, charge.completion_tokens, charge.flags) == expected
+
+
+def test_split_trueup_gives_back_to_allowance() -> None:
+    assert acc.split_trueup(50, 80) == acc.Split(-50, -30)  # a larger cost: a normal debit
+    assert acc.split_trueup(0, -70) == acc.Split(70, 0)     # a smaller cost: back to allowance
+    assert acc.split_trueup(10, 0).tokens == 0
 
 
 def test_usage_pct_is_against_cycle_budget() -> None:

@@ -55,26 +55,24 @@ def test_stream_tap_reads_final_usage_chunk() -> None:
     for i in range(0, len(stream), 7):  # chunk boundaries anywhere
         tap.feed(stream[i:i + 7])
     tap.feed(b"")
-    observed = tap.result(0.376, prompt_estimate=99)
+    observed, text = tap.result()
     assert (observed.prompt_tokens, observed.completion_tokens, observed.flags) == (7, 8, ())
+    assert text == "a"
 
 
 def test_stream_tap_responses_api_completed_event() -> None:
     tap = u.StreamTap(cap=10**6)
     tap.feed(sse({"type": "response.output_text.delta", "delta": "Olá"},
                  {"type": "response.completed", "response": {"usage": {"input_tokens": 3, "output_tokens": 2}}}))
-    observed = tap.result(0.376, prompt_estimate=1)
-    assert (observed.prompt_tokens, observed.completion_tokens) == (3, 2)
+    observed, text = tap.result()
+    assert (observed.prompt_tokens, observed.completion_tokens, text) == (3, 2, "Olá")
 
 
-def test_stream_without_usage_counts_output_and_prompt_estimate() -> None:
+def test_stream_without_usage_gives_the_visible_text() -> None:
     tap = u.StreamTap(cap=10**6)
     tap.feed(sse({"choices": [{"delta": {"content": "hello world"}}]}))
-    observed = tap.result(0.376, prompt_estimate=12)
-    assert observed.prompt_tokens == 12
-    assert observed.completion_tokens == len(u.encoder().encode("hello world"))
-    assert observed.flags == ("no_usage", "tiktoken")
-    assert u.StreamTap(cap=1).result(0.376, 5) is None  # nothing seen: nothing to charge
+    assert tap.result() == (None, "hello world")
+    assert u.StreamTap(cap=1).result() == (None, "")
 
 
 def test_huge_stream_keeps_the_tail_and_counts_the_rest(monkeypatch) -> None:
@@ -84,10 +82,10 @@ def test_huge_stream_keeps_the_tail_and_counts_the_rest(monkeypatch) -> None:
     for _ in range(100):
         tap.feed(sse({"choices": [{"delta": {"content": "x" * 20}}]}))
     assert tap.size <= 2000 + 200 and tap.dropped_chars > 0
-    observed = tap.result(0.376, prompt_estimate=0)
-    assert "no_usage" in observed.flags and observed.completion_tokens > 0
+    observed, _ = tap.result()
+    assert observed is None and tap.dropped_tokens(0.376) > 0
     tap.feed(sse({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}))
-    assert tap.result(0.376, 0).completion_tokens == 1  # the final usage chunk survives
+    assert tap.result()[0].completion_tokens == 1  # the final usage chunk survives
 
 
 def test_count_tokens_falls_back_to_characters(monkeypatch) -> None:

@@ -1,0 +1,391 @@
+"""What admission reserves for one request: every billable input of each API schema, turned
+into tokens by documented rules. Pure functions: no I/O, no settings object, no clock.
+
+The estimate must never be below what the provider can bill for the request, within the
+rules of ``docs/estimate.md`` (the table there is the contract; keep the two in step):
+
+* text wherever a provider bills it (messages, system, tool calls and results,
+  ``instructions``, Responses ``input`` items, unknown keys too): characters x factor;
+* tool / function / JSON-schema definitions: the characters of their JSON;
+* token-id inputs (``prompt``/``input`` as integer arrays): one token per id;
+* images: 85 tokens at ``detail: low``; otherwise the 512-px tile rule on the dimensions
+  read from a data URL, or the largest tile count when the size cannot be read;
+* audio and files: conservative rules on their size (WAV duration, PDF pages, bytes);
+* server-side context (``previous_response_id``, ``conversation``, file ids, prompt
+  templates): a configured allowance each;
+* the completion allowance (the largest of the three max-token fields) times every
+  completion the request asks for (``n``, ``best_of``, several prompts).
+
+A request shape whose cost cannot be bounded before the call (model lists, client-side
+routing or fallbacks that make several upstream calls) is refused with a ``Refusal``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------- constants of the rules
+
+IMAGE_LOW_TOKENS = 85          # the cheapest image a provider bills (OpenAI, detail: low)
+IMAGE_TILE_TOKENS = 170        # per 512-px tile at detail high/auto
+IMAGE_MAX_TILES = 8            # 2048x768 after OpenAI's scaling: the most tiles an image makes
+IMAGE_UNKNOWN_TOKENS = IMAGE_LOW_TOKENS + IMAGE_TILE_TOKENS * IMAGE_MAX_TILES  # 1,445
+AUDIO_TOKENS_PER_SECOND = 50   # twice the highest published audio-input rate (~25/s)
+AUDIO_MIN_BYTES_PER_SECOND = 1_000  # compressed audio never goes below 8 kbit/s
+PDF_PAGE_TOKENS = 2_500        # a page's image (765 at 2x2 tiles) plus a dense page of text
+PDF_BYTES_PER_PAGE = 50_000    # pages assumed when a PDF's page count cannot be read
+MAX_CHOICES = 128              # OpenAI's own limit on n
+MAX_BEST_OF = 20
+
+# Top-level keys that steer generation and are never billed as input. Every other key's
+# strings count as prompt text: an unknown key a provider might bill is counted, not skipped.
+CONTROL_KEYS = frozenset({
+    "model", "stream", "stream_options", "temperature", "top_p", "top_k", "n", "best_of",
+    "max_tokens", "max_completion_tokens", "max_output_tokens", "presence_penalty",
+    "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "seed", "stop", "user",
+    "store", "service_tier", "parallel_tool_calls", "reasoning_effort", "reasoning",
+    "modalities", "echo", "encoding_format", "dimensions", "truncation", "include",
+    "background", "metadata", "previous_response_id", "conversation", "prompt_cache_key",
+    "safety_identifier", "verbosity", "max_tool_calls",
+})
+# Definitions the provider serializes into the prompt: their whole JSON counts (keys too).
+SCHEMA_KEYS = frozenset({"tools", "functions", "response_format", "text", "tool_choice",
+                         "function_call", "prediction", "audio"})
+# Inside content: labels, not billed text.
+LABEL_KEYS = frozenset({"role", "type", "detail", "format", "mime_type"})
+# Body keys that make LiteLLM call several models or deployments for one request (model
+# lists, client-side routing, retries and fallbacks) or point it at other credentials.
+FAN_OUT_KEYS = frozenset({
+    "fastest_response", "user_config", "router_settings_override", "fallbacks",
+    "context_window_fallbacks", "content_policy_fallbacks", "context_window_fallback_dict",
+    "num_retries", "model_group_retry_policy", "mock_testing_fallbacks", "api_key",
+    "api_base", "base_url", "api_version", "deployment_id",
+})
+IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
+AUDIO_PART_TYPES = frozenset({"input_audio", "audio"})
+FILE_PART_TYPES = frozenset({"file", "input_file", "document"})
+MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+class Refusal(ValueError):
+    """A request refused before it reaches the upstream (400): ``code`` names the rule,
+    ``detail`` is the offending field (shown to the user inside a translated message)."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The billable inputs of one request, before the conversion factor."""
+
+    text_chars: int = 0        # characters billed as text (schemas included)
+    input_tokens: int = 0      # tokens counted directly: ids, images, audio, files, context
+    completion: int = 0        # completion allowance of one completion
+    completions: int = 1       # completions produced: n, best_of, several prompts
+
+    def prompt_tokens(self, factor: float) -> int:
+        return math.ceil(self.text_chars * factor) + self.input_tokens
+
+    def tokens(self, factor: float) -> int:
+        """What admission reserves (before the model's weight); never 0, so an account at or
+        below zero is refused on every metered path."""
+        return max(1, self.prompt_tokens(factor) + self.completion * self.completions)
+
+
+@dataclass
+class _Count:
+    chars: int = 0
+    tokens: int = 0
+
+
+# ---------------------------------------------------------------- request checks
+
+
+def check_model(model: object, allowed: frozenset[str] = frozenset()) -> str:
+    """The requested model, or a Refusal: required, one model (a comma makes LiteLLM fan the
+    request out to every listed model), and on the allow-list when one is configured."""
+    if not isinstance(model, str) or not model.strip():
+        raise Refusal("model_required")
+    if "," in model:
+        raise Refusal("model_list", model[:200])
+    if allowed and model not in allowed:
+        raise Refusal("model_not_allowed", model[:200])
+    return model
+
+
+def check_fan_out(body: Mapping[str, object]) -> None:
+    for key in FAN_OUT_KEYS:
+        if key in body:
+            raise Refusal("fan_out", key)
+
+
+def _count_field(body: Mapping[str, object], key: str, low: int, high: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise Refusal("bad_integer", key)
+    return value
+
+
+def completion_allowance(body: Mapping[str, object], default: int, limit: int) -> int:
+    """The completion budget of one completion: the LARGEST of the max-token fields present
+    (a tiny one must not hide a huge one the upstream may honour), else ``default``."""
+    values = [_count_field(body, k, 0, 2**53) for k in MAX_TOKEN_KEYS]
+    present = [v for v in values if v is not None]
+    allowance = max(present) if present else default
+    if allowance > limit:
+        raise Refusal("max_tokens_above", str(limit))
+    return allowance
+
+
+def completions_per_request(kind: str, body: Mapping[str, object]) -> int:
+    """How many completions one request produces and the provider bills."""
+    n = _count_field(body, "n", 1, MAX_CHOICES) or 1
+    if kind == "completions":
+        best_of = _count_field(body, "best_of", 1, MAX_BEST_OF) or 1
+        prompts = body.get("prompt")
+        count = 1
+        if isinstance(prompts, list) and prompts and not _is_token_ids(prompts):
+            count = len(prompts)  # a list of prompts: each gets its own completions
+        return max(n, best_of) * count
+    if kind == "chat":
+        return n
+    return 1
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+def estimate(kind: str, body: Mapping[str, object], *, default_completion: int,
+             max_completion: int, server_context_tokens: int) -> Estimate:
+    """The estimate of a parsed request body of ``kind`` (chat, completions, embeddings,
+    responses). Raises Refusal for what cannot be accounted for."""
+    check_fan_out(body)
+    allowance = completion_allowance(body, default_completion, max_completion)
+    count = _Count()
+    for key, value in body.items():
+        if key in CONTROL_KEYS:
+            continue
+        if key in SCHEMA_KEYS:
+            count.chars += len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+        elif kind == "responses" and key == "prompt" and isinstance(value, Mapping):
+            count.tokens += server_context_tokens  # a stored prompt template: server-side
+            _walk(value.get("variables"), count, server_context_tokens)
+        else:
+            _walk(value, count, server_context_tokens)
+    for key in ("previous_response_id", "conversation"):
+        if body.get(key):
+            count.tokens += server_context_tokens
+    if kind == "embeddings":
+        return Estimate(count.chars, count.tokens, 0, 1)
+    return Estimate(count.chars, count.tokens, allowance, completions_per_request(kind, body))
+
+
+def _is_token_ids(value: list[object]) -> bool:
+    return bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _walk(value: object, count: _Count, server_context_tokens: int) -> None:
+    if isinstance(value, str):
+        count.chars += len(value)
+    elif isinstance(value, list):
+        if _is_token_ids(value):
+            count.tokens += len(value)  # token-id input: one token per id
+            return
+        for item in value:
+            _walk(item, count, server_context_tokens)
+    elif isinstance(value, Mapping):
+        kind = value.get("type")
+        if kind in IMAGE_PART_TYPES or (kind is None and "image_url" in value):
+            count.tokens += image_tokens(value, server_context_tokens)
+        elif kind in AUDIO_PART_TYPES and ("input_audio" in value or "data" in value):
+            count.tokens += audio_tokens(value)
+        elif kind in FILE_PART_TYPES:
+            file_cost(value, count, server_context_tokens)
+        else:
+            for key, item in value.items():
+                if key not in LABEL_KEYS:
+                    _walk(item, count, server_context_tokens)
+
+
+# ---------------------------------------------------------------- images
+
+
+def image_tokens(part: Mapping[str, object], server_context_tokens: int = 0) -> int:
+    """Tokens of one image part (chat ``image_url`` or Responses ``input_image``)."""
+    inner = part.get("image_url")
+    detail: object = part.get("detail")
+    url: object = inner
+    if isinstance(inner, Mapping):
+        url = inner.get("url")
+        detail = inner.get("detail", detail)
+    if detail == "low":
+        return IMAGE_LOW_TOKENS
+    if isinstance(url, str) and url.startswith("data:"):
+        size = image_size(_data_bytes(url, 512 * 1024))
+        if size is not None:
+            return tile_tokens(*size)
+    return IMAGE_UNKNOWN_TOKENS
+
+
+def tile_tokens(width: int, height: int) -> int:
+    """OpenAI's rule at detail high/auto: fit in 2048x2048, then the short side to 768 px,
+    then 170 tokens per 512-px tile plus 85."""
+    if width <= 0 or height <= 0:
+        return IMAGE_UNKNOWN_TOKENS
+    w, h = float(width), float(height)
+    if max(w, h) > 2048:
+        scale = 2048 / max(w, h)
+        w, h = w * scale, h * scale
+    if min(w, h) > 768:
+        scale = 768 / min(w, h)
+        w, h = w * scale, h * scale
+    tiles = math.ceil(w / 512) * math.ceil(h / 512)
+    return IMAGE_LOW_TOKENS + IMAGE_TILE_TOKENS * min(tiles, IMAGE_MAX_TILES)
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of a PNG, GIF, JPEG or WebP; None if unreadable."""
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return struct.unpack("<HH", data[6:10])
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return _webp_size(data)
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_size(data)
+    except struct.error:
+        return None
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        w = int.from_bytes(data[24:27], "little") + 1
+        h = int.from_bytes(data[27:30], "little") + 1
+        return w, h
+    if chunk == b"VP8 ":
+        w, h = struct.unpack("<HH", data[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L":
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return w, h
+        i += 2 + length
+    return None
+
+
+# ---------------------------------------------------------------- audio and files
+
+_DATA_URL = re.compile(r"data:[^;,]*(;[^,]*)?,")
+
+
+def _b64_payload(value: str) -> str:
+    match = _DATA_URL.match(value)
+    return value[match.end():] if match else value
+
+
+def _data_bytes(value: str, limit: int | None = None) -> bytes:
+    """Decoded bytes of base64 data (a data URL or bare), at most ``limit`` of them."""
+    payload = _b64_payload(value)
+    if limit is not None:
+        payload = payload[: (limit // 3 + 1) * 4]
+    payload = payload[: len(payload) - len(payload) % 4]
+    try:
+        return base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def _decoded_length(value: str) -> int:
+    payload = _b64_payload(value).rstrip("=")
+    return len(payload) * 3 // 4
+
+
+def audio_tokens(part: Mapping[str, object]) -> int:
+    """Tokens of one audio input: WAV by the duration in its header, other formats by
+    size at the lowest bitrate any codec uses (so never fewer seconds than it may hold)."""
+    inner = part.get("input_audio", part)
+    data = inner.get("data") if isinstance(inner, Mapping) else None
+    if not isinstance(data, str) or not data:
+        return AUDIO_TOKENS_PER_SECOND  # a reference to audio elsewhere: a second's worth
+    head = _data_bytes(data, 4096)
+    seconds = wav_seconds(head, _decoded_length(data))
+    if seconds is None:
+        seconds = _decoded_length(data) / AUDIO_MIN_BYTES_PER_SECOND
+    return max(AUDIO_TOKENS_PER_SECOND, math.ceil(seconds * AUDIO_TOKENS_PER_SECOND))
+
+
+def wav_seconds(head: bytes, total: int) -> float | None:
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    i = 12
+    while i + 8 <= len(head):
+        chunk, size = head[i:i + 4], struct.unpack("<I", head[i + 4:i + 8])[0]
+        if chunk == b"fmt " and i + 16 <= len(head):
+            byte_rate = struct.unpack("<I", head[i + 16:i + 20])[0]
+            return total / byte_rate if byte_rate > 0 else None
+        i += 8 + size + (size & 1)
+    return None
+
+
+def file_cost(part: Mapping[str, object], count: _Count, server_context_tokens: int) -> None:
+    """A file part: a PDF costs its pages, other inline data its bytes as text; a file known
+    only by id or URL is server-side context."""
+    inner = part.get("file", part)
+    if not isinstance(inner, Mapping):
+        count.tokens += server_context_tokens
+        return
+    data = inner.get("file_data")
+    if isinstance(data, str) and data:
+        raw = _data_bytes(data)
+        if raw[:5] == b"%PDF-":
+            count.tokens += pdf_pages(raw) * PDF_PAGE_TOKENS
+        else:
+            count.chars += len(raw)
+    else:
+        count.tokens += server_context_tokens
+    name = inner.get("filename")
+    if isinstance(name, str):
+        count.chars += len(name)
+
+
+_PAGE = re.compile(rb"/Type\s*/Page(?![a-zA-Z])")
+_COUNT = re.compile(rb"/Count\s+(\d{1,7})")
+
+
+def pdf_pages(raw: bytes) -> int:
+    """Pages of a PDF: the larger of its page objects and its page-tree counts; when neither
+    can be read (compressed object streams), one page per 50 kB."""
+    found = len(_PAGE.findall(raw))
+    counts = [int(m) for m in _COUNT.findall(raw)]
+    pages = max([found, *counts])
+    return pages if pages > 0 else max(1, math.ceil(len(raw) / PDF_BYTES_PER_PAGE))
