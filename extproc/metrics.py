@@ -73,5 +73,8 @@ class Metrics:
             "Credit purchases (Stripe): checkout sessions created and webhook events by outcome.",
             ["event"], registry=r)
         self.purchase_tokens = Counter(
-            "solaris_purchase_tokens_total", "Tokens credited by purchases and clawed back by refunds.",
+            "solaris_purchase_tokens_total",
+            "Purchase tokens by kind: credited (purchase), clawed back by refunds (refund) and "
+            "disputes/chargebacks (dispute), given back when a dispute is won or closed "
+            "(dispute_released).",
             ["kind"], registry=r)
