@@ -174,7 +174,7 @@ def upstream_credentials(key: str, jwt_header: str = "authorization") -> pb.Comm
 def path_is_under(path: str, prefixes: tuple[str, ...]) -> bool:
     """Whether ``path`` is one of ``prefixes`` or below one of them, by whole segments
     (``/v1/audio`` opens ``/v1/audio/speech``, never ``/v1/audiobook``)."""
-    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+    return any(path == p.rstrip("/") or path.startswith(p.rstrip("/") + "/") for p in prefixes)
 
 
 class Gate:

@@ -161,7 +161,9 @@ class WebContext:
     daily_cache: dict[date, tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, settings: Settings) -> WebContext:
+    def build(cls, settings: Settings, authenticator: Authenticator | None = None) -> WebContext:
+        """``authenticator``: the service's own (one JWKS cache and its background refresh
+        for the gate and the console alike); a fresh one for tests that build pages alone."""
         lang = settings.language if settings.language in ("pt-BR", "en") else "pt-BR"
         all_messages = load_messages()
         messages = {**all_messages["en"], **all_messages.get(lang, {})}
@@ -172,7 +174,8 @@ class WebContext:
                                          default=True),
             undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
         )
-        ctx = cls(settings=settings, signer=Signer(settings), authenticator=Authenticator(settings),
+        ctx = cls(settings=settings, signer=Signer(settings),
+                  authenticator=authenticator or Authenticator(settings),
                   jinja=jinja, messages=messages, lang=lang,
                   secure_cookies=settings.public_url.lower().startswith("https://"))
         jinja.globals.update(t=ctx.t, t_or=ctx.t_or, lang=lang, html_lang=lang)
@@ -338,7 +341,7 @@ def build_app(service: Any) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    ctx = WebContext.build(service.settings)
+    ctx = WebContext.build(service.settings, getattr(service, "authenticator", None))
     app[WEB] = ctx
     # Imported here: those modules use this one's helpers.
     from . import admin, billing, me

@@ -292,3 +292,64 @@ async def test_calibration_reports_factor_per_model(ledger, pool, user):
     assert row["exchanges"] == 2
     assert row["suggested_factor"] == round(1120 / 3000, 4)
     assert row["real_to_estimate"] == round(1320 / 800, 4)
+
+
+# ---------------------------------------------------------------- late settles (I5)
+
+
+async def _swept(ledger: Ledger, clock: Clock, user: str, hold: int, model: str | None = None) -> str:
+    """An exchange admitted with ``hold`` and charged by the sweep before its settle came."""
+    x = xid()
+    assert (await ledger.admit(user, hold, x, model=model)).outcome == "ok"
+    clock.now += timedelta(seconds=ledger.settings.reservation_ttl_seconds + 1)
+    assert await ledger.sweep_reservations() == 1
+    return x
+
+
+async def test_late_settle_trues_up_the_sweep_once(ledger, clock, pool, user):
+    x = await _swept(ledger, clock, user, 100)
+    assert (await ledger.account(user)).balance == 900
+    late = Usage(exchange_id=x, user_id=user, prompt_tokens=40, completion_tokens=260)
+    settled = await ledger.settle(late)
+    assert settled is not None and settled.cost == 200  # 300 real - 100 swept
+    assert await ledger.settle(late) is None  # a replay of the late settle: nothing
+    account = await ledger.account(user)
+    assert (account.balance, account.used_cycle, account.reserved) == (700, 300, 0)
+    [trueup] = [e for e in await entries(pool, user, "usage") if "trueup" in e["flags"]]
+    assert (trueup["tokens"], trueup["exchange_id"], trueup["idempotency_key"]) == (-200, None, f"trueup:{x}")
+    await check_invariants(ledger)
+
+
+async def test_late_settle_smaller_than_the_sweep_gives_back(ledger, clock, user):
+    x = await _swept(ledger, clock, user, 500)
+    settled = await ledger.settle(Usage(exchange_id=x, user_id=user, prompt_tokens=10, completion_tokens=20))
+    assert settled is not None and settled.cost == -470
+    account = await ledger.account(user)
+    assert (account.balance, account.used_cycle) == (970, 30)
+    await check_invariants(ledger)
+
+
+async def test_concurrent_late_settles_true_up_once(ledger, clock, pool, user):
+    x = await _swept(ledger, clock, user, 100)
+    late = Usage(exchange_id=x, user_id=user, prompt_tokens=0, completion_tokens=150)
+    results = await asyncio.gather(*[ledger.settle(late) for _ in range(8)])
+    assert sum(r is not None for r in results) == 1
+    assert (await ledger.account(user)).balance == 850
+    await check_invariants(ledger)
+
+
+async def test_sweep_charges_a_weighted_hold_once_not_weighted_again(pool, settings, clock, user):
+    weighted = Ledger(pool, settings.replace(default_monthly_tokens=1000, model_weights="heavy=10"), clock)
+    x = await _swept(weighted, clock, user, 200, model="heavy")  # 20 tokens x 10, held as 200
+    assert (await weighted.account(user)).balance == 800
+    # the real usage, 15 tokens x 10 = 150: a true-up of -50
+    await weighted.settle(Usage(exchange_id=x, user_id=user, model="heavy", completion_tokens=15))
+    assert (await weighted.account(user)).balance == 850
+    await check_invariants(weighted)
+
+
+async def test_a_spooled_release_after_the_sweep_gives_the_charge_back(ledger, clock, user):
+    x = await _swept(ledger, clock, user, 100)
+    await ledger.settle(Usage(exchange_id=x, user_id=user, flags=("released",), cost=0))
+    assert (await ledger.account(user)).balance == 1000
+    await check_invariants(ledger)

@@ -1,0 +1,267 @@
+"""The estimate rules of docs/estimate.md, called as plain functions, plus a property test:
+for random bodies of each API schema the estimate is never below the documented rule and
+never 0."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import struct
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extproc import estimate as e
+
+FACTOR = 0.376
+KW = {"default_completion": 1024, "max_completion": 131072, "server_context_tokens": 32768}
+
+
+def est(kind: str, body: dict) -> e.Estimate:
+    return e.estimate(kind, body, **KW)
+
+
+def png(width: int, height: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
+            + struct.pack(">I", zlib.crc32(chunk)))
+
+
+def data_url(raw: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+def wav(seconds: float, rate: int = 16000) -> bytes:
+    data = b"\x00\x00" * int(rate * seconds)
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
+    return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE" + b"fmt " + struct.pack("<I", 16)
+            + fmt + b"data" + struct.pack("<I", len(data)) + data)
+
+
+# ---------------------------------------------------------------- one test per rule
+
+
+def test_text_everywhere_a_provider_bills_it() -> None:
+    body = {"model": "m", "system": "sys", "messages": [
+        {"role": "system", "content": "abc"},
+        {"role": "user", "content": [{"type": "text", "text": "de"}], "name": "ana"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "result"}],
+        "unknown_future_field": "xyz"}
+    found = est("chat", body)
+    # sys + abc + de + ana + c1 + f + {} + c1 + result + xyz (labels role/type are not billed)
+    assert found.text_chars == 3 + 3 + 2 + 3 + 2 + 1 + 2 + 2 + 6 + 3
+    assert found.completion == 1024 and found.completions == 1
+
+
+def test_responses_input_items_and_instructions() -> None:
+    body = {"model": "m", "instructions": "be brief", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "hello"}]},
+        {"type": "function_call_output", "call_id": "x", "output": "42"}]}
+    assert est("responses", body).text_chars == len("be brief") + 5 + 1 + 2
+
+
+def test_schemas_count_their_whole_json() -> None:
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {f"field_{i}": {"type": "string", "description": "d" * 50}
+                                         for i in range(200)}}}}]
+    schema = {"type": "json_schema", "json_schema": {"name": "out", "schema": {"type": "object"}}}
+    found = est("chat", {"model": "m", "messages": [], "tools": tools, "response_format": schema})
+    compact = len(json.dumps(tools, separators=(",", ":"))) + len(json.dumps(schema, separators=(",", ":")))
+    assert found.text_chars == compact > 15_000
+
+
+def test_token_ids_one_token_each() -> None:
+    assert est("completions", {"model": "m", "prompt": list(range(500))}).input_tokens == 500
+    assert est("embeddings", {"model": "m", "input": [[1, 2, 3], [4, 5]]}).input_tokens == 5
+    assert est("embeddings", {"model": "m", "input": [[1, 2, 3], [4, 5]]}).completion == 0
+
+
+@pytest.mark.parametrize("part,tokens", [
+    ({"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}}, 85),
+    ({"type": "image_url", "image_url": {"url": "https://x/y.png"}}, 1445),
+    ({"type": "image_url", "image_url": {"url": data_url(png(1024, 1024))}}, 765),
+    ({"type": "image_url", "image_url": {"url": data_url(png(100, 100)), "detail": "high"}}, 255),
+    ({"type": "image_url", "image_url": {"url": data_url(png(4096, 2048))}}, 85 + 170 * 6),
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}, 1445),
+    ({"type": "input_image", "image_url": "https://x/y.png", "detail": "low"}, 85),
+    ({"type": "input_image", "file_id": "file-1"}, 1445),
+])
+def test_images(part: dict, tokens: int) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": [part]}]}
+    assert est("chat", body).input_tokens == tokens
+
+
+def test_image_headers_of_each_format() -> None:
+    gif = b"GIF89a" + struct.pack("<HH", 300, 200)
+    jpeg = (b"\xff\xd8" + b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00" + b"\x00" * 9
+            + b"\xff\xc0" + struct.pack(">HBHH", 17, 8, 600, 800) + b"\x00" * 12)
+    webp = b"RIFF" + b"\x00" * 4 + b"WEBPVP8X" + b"\x00" * 8 + (639).to_bytes(3, "little") + (479).to_bytes(3, "little")
+    assert e.image_size(png(10, 20)) == (10, 20)
+    assert e.image_size(gif) == (300, 200)
+    assert e.image_size(jpeg) == (800, 600)
+    assert e.image_size(webp) == (640, 480)
+    assert e.image_size(b"nonsense") is None
+
+
+def test_audio_wav_by_duration_other_by_size() -> None:
+    two_seconds = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav(2)).decode(), "format": "wav"}}
+    mp3_data = base64.b64encode(b"\xff\xfb" * 5000).decode()
+    mp3 = {"type": "input_audio", "input_audio": {"data": mp3_data, "format": "mp3"}}
+    # 2 s of samples plus the 44-byte header, at 32,000 bytes/s, x 50 tokens/s, rounded up
+    assert est("chat", {"model": "m", "messages": [{"role": "user", "content": [two_seconds]}]}).input_tokens == 101
+    # 10 kB at 1 kB/s = 10 s = 500 tokens
+    assert est("chat", {"model": "m", "messages": [{"role": "user", "content": [mp3]}]}).input_tokens == 500
+
+
+def test_files() -> None:
+    pdf = b"%PDF-1.4\n1 0 obj << /Type /Pages /Count 3 >>\n" + b"<< /Type /Page >>" * 3
+    part = {"type": "file", "file": {"file_data": data_url(pdf, "application/pdf"), "filename": "a.pdf"}}
+    found = est("chat", {"model": "m", "messages": [{"role": "user", "content": [part]}]})
+    assert found.input_tokens == 3 * 2500 and found.text_chars == len("a.pdf")
+    text = {"type": "input_file", "file_data": data_url(b"x" * 1000, "text/plain")}
+    assert est("responses", {"model": "m", "input": [{"role": "user", "content": [text]}]}).text_chars == 1000
+    by_id = {"type": "input_file", "file_id": "file-abc"}
+    assert est("responses", {"model": "m", "input": [{"role": "user", "content": [by_id]}]}).input_tokens == 32768
+
+
+def test_server_side_context() -> None:
+    assert est("responses", {"model": "m", "input": "hi", "previous_response_id": "resp_1"}).input_tokens == 32768
+    template = {"model": "m", "prompt": {"id": "pmpt_1", "variables": {"city": "Recife"}}}
+    found = est("responses", template)
+    assert (found.input_tokens, found.text_chars) == (32768, len("Recife"))
+
+
+def test_completion_allowance_takes_the_largest_field() -> None:
+    body = {"model": "m", "messages": [], "max_completion_tokens": 1, "max_tokens": 5000}
+    assert est("chat", body).completion == 5000
+    with pytest.raises(e.Refusal) as refused:
+        e.completion_allowance({"max_completion_tokens": 200_000}, 1024, 131072)
+    assert refused.value.code == "max_tokens_above"
+    for bad in (-1, 1.5, True, "9"):
+        with pytest.raises(e.Refusal):
+            e.completion_allowance({"max_tokens": bad}, 1024, 131072)
+    assert e.completion_allowance({"max_tokens": None}, 1024, 131072) == 1024
+
+
+def test_completions_multiply() -> None:
+    assert est("chat", {"model": "m", "messages": [], "n": 3}).completions == 3
+    assert est("completions", {"model": "m", "prompt": "x", "n": 2, "best_of": 5}).completions == 5
+    assert est("completions", {"model": "m", "prompt": ["a", "b", "c"], "n": 2}).completions == 6
+    assert est("responses", {"model": "m", "input": "x", "n": 9}).completions == 1
+    with pytest.raises(e.Refusal):
+        est("chat", {"model": "m", "messages": [], "n": 0})
+    with pytest.raises(e.Refusal):
+        est("chat", {"model": "m", "messages": [], "n": 10_000})
+
+
+def test_never_zero() -> None:
+    assert est("embeddings", {"model": "m", "input": ""}).tokens(FACTOR) == 1
+    assert est("chat", {"model": "m", "messages": [], "max_tokens": 0}).tokens(FACTOR) == 1
+
+
+@pytest.mark.parametrize("model,code", [
+    ("gpt-4o,gpt-4o-mini", "model_list"), ("", "model_required"), (None, "model_required"),
+    (7, "model_required"), ("other", "model_not_allowed"),
+])
+def test_model_checks(model: object, code: str) -> None:
+    with pytest.raises(e.Refusal) as refused:
+        e.check_model(model, frozenset({"gpt-4o"}))
+    assert refused.value.code == code
+    assert e.check_model("gpt-4o", frozenset({"gpt-4o"})) == "gpt-4o"
+    assert e.check_model("anything", frozenset()) == "anything"
+
+
+@pytest.mark.parametrize("key", sorted(e.FAN_OUT_KEYS))
+def test_fan_out_keys_refused(key: str) -> None:
+    with pytest.raises(e.Refusal) as refused:
+        est("chat", {"model": "m", "messages": [], key: ["x"]})
+    assert (refused.value.code, refused.value.detail) == ("fan_out", key)
+
+
+# ---------------------------------------------------------------- the property
+
+
+@st.composite
+def parts(draw: st.DrawFn) -> tuple[object, int, int]:
+    """A content part and the (characters, tokens) the documented rule bills for it at least."""
+    kind = draw(st.sampled_from(["text", "image_low", "image_url", "image_data", "audio", "file_id"]))
+    if kind == "text":
+        text = draw(st.text(max_size=200))
+        return {"type": "text", "text": text}, len(text), 0
+    if kind == "image_low":
+        return {"type": "image_url", "image_url": {"url": "https://h/i.png", "detail": "low"}}, 0, 85
+    if kind == "image_url":
+        detail = draw(st.sampled_from(["high", "auto", None]))
+        inner = {"url": "https://h/i.png", **({"detail": detail} if detail else {})}
+        return {"type": "image_url", "image_url": inner}, 0, 85
+    if kind == "image_data":
+        w, h = draw(st.integers(1, 5000)), draw(st.integers(1, 5000))
+        return {"type": "image_url", "image_url": {"url": data_url(png(w, h))}}, 0, 85
+    if kind == "audio":
+        seconds = draw(st.floats(0.1, 3))
+        data = base64.b64encode(wav(seconds, 8000)).decode()
+        return ({"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}, 0,
+                math.floor(seconds * 25))  # at least the highest published rate
+    return {"type": "file", "file": {"file_id": "file-1"}}, 0, 1
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> tuple[str, dict, int, int, int]:
+    """(kind, body, minimum characters, minimum direct tokens, minimum completion tokens)."""
+    kind = draw(st.sampled_from(["chat", "completions", "embeddings", "responses"]))
+    chars = tokens = 0
+    body: dict = {"model": "m"}
+    if kind == "chat":
+        messages = []
+        for _ in range(draw(st.integers(0, 4))):
+            content = draw(st.lists(parts(), max_size=4))
+            messages.append({"role": "user", "content": [p for p, _, _ in content]})
+            chars += sum(c for _, c, _ in content)
+            tokens += sum(t for _, _, t in content)
+        body["messages"] = messages
+    elif kind == "responses":
+        text = draw(st.text(max_size=300))
+        body["input"] = [{"role": "user", "content": [{"type": "input_text", "text": text}]}]
+        body["instructions"] = draw(st.text(max_size=50))
+        chars += len(text) + len(body["instructions"])
+    else:
+        if draw(st.booleans()):
+            ids = draw(st.lists(st.integers(0, 100_000), min_size=1, max_size=300))
+            body["prompt" if kind == "completions" else "input"] = ids
+            tokens += len(ids)
+        else:
+            text = draw(st.text(max_size=300))
+            body["prompt" if kind == "completions" else "input"] = text
+            chars += len(text)
+    if kind in ("chat", "responses") and draw(st.booleans()):
+        tools = [{"type": "function", "function": {"name": draw(st.text("abc", min_size=1, max_size=20)),
+                                                   "parameters": {"type": "object"}}}]
+        body["tools"] = tools
+        chars += len(json.dumps(tools, separators=(",", ":"), ensure_ascii=False))
+    maxes = {k: draw(st.none() | st.integers(0, 5000)) for k in e.MAX_TOKEN_KEYS}
+    body.update({k: v for k, v in maxes.items() if v is not None})
+    present = [v for v in maxes.values() if v is not None]
+    per_completion = max(present) if present else 1024
+    completions = 1
+    if kind in ("chat", "completions"):
+        completions = draw(st.integers(1, 5))
+        body["n"] = completions
+    completion = 0 if kind == "embeddings" else per_completion * completions
+    return kind, body, chars, tokens, completion
+
+
+@settings(max_examples=300, deadline=None)
+@given(bodies())
+def test_estimate_never_below_the_rule_and_never_zero(case: tuple[str, dict, int, int, int]) -> None:
+    kind, body, chars, tokens, completion = case
+    found = est(kind, body)
+    reserved = found.tokens(FACTOR)
+    assert reserved >= 1
+    assert reserved >= math.ceil(chars * FACTOR) + tokens + completion
+    assert found.text_chars >= chars

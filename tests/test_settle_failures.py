@@ -1,0 +1,109 @@
+"""Every settle is applied, spooled or recorded, never dropped: the ledger failing at settle
+time in ways other than "unreachable" (read-only during a failover, a data error), a
+release that cannot reach the ledger, and a spool that cannot be written."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import asyncpg
+import pytest
+from test_gate_e2e import balance, chat, post, settled, usage_entries
+
+from extproc.ledger import LedgerUnavailable, Usage
+from extproc.processor import path_is_under, upstream_credentials
+
+
+@pytest.fixture
+def broken(service, monkeypatch):
+    """Make one ledger method raise ``exc`` until the test restores it."""
+
+    def breaking(method: str, exc: BaseException) -> None:
+        async def fail(*args, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(service.ledger, method, fail)
+
+    return breaking
+
+
+async def test_read_only_database_at_settle_is_spooled_then_applied(
+        http, envoy, service, auth, user, broken, monkeypatch, settings):
+    await post(http, envoy, auth(user), chat(x_test={"prompt": 1, "completion": 1}), service=service)
+    before = service.metrics.spooled._value.get()
+    broken("settle", asyncpg.exceptions.ReadOnlySQLTransactionError("read-only transaction"))
+    status, _, _ = await post(http, envoy, auth(user), chat(x_test={"prompt": 30, "completion": 70}),
+                              service=service)
+    assert status == 200
+    assert service.metrics.spooled._value.get() == before + 1
+    monkeypatch.undo()
+    result = await service.spool.replay(service.ledger)
+    assert result.replayed >= 1 and result.quarantined == 0
+    debits = sorted(-e["tokens"] for e in await usage_entries(service, user))
+    assert debits == [2, 100]
+    account = await balance(service, user)
+    assert account.balance == settings.default_monthly_tokens - 102 and account.reserved == 0
+    assert await service.ledger.reconcile() == []
+
+
+async def test_release_that_cannot_reach_the_ledger_is_spooled_at_zero_cost(
+        http, envoy, service, auth, user, broken, monkeypatch, settings):
+    broken("release", LedgerUnavailable("connection refused"))
+    status, _, _ = await post(http, envoy, auth(user), chat(x_test={"status": 500}), service=service)
+    assert status == 500
+    monkeypatch.undo()
+    held = (await balance(service, user)).reserved
+    assert held > 0  # the release did not happen: the hold is still there
+    await service.spool.replay(service.ledger)
+    account = await balance(service, user)
+    assert (account.balance, account.reserved) == (settings.default_monthly_tokens, 0)
+    [entry] = await usage_entries(service, user)
+    assert (entry["tokens"], list(entry["flags"])) == (0, ["released"])
+    assert await service.ledger.reconcile() == []
+
+
+async def test_settle_neither_applied_nor_spooled_is_logged_whole(
+        http, envoy, service, auth, user, broken, monkeypatch, caplog):
+    broken("settle", LedgerUnavailable("down"))
+
+    async def disk_gone(usage):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(service.spool, "append", disk_gone)
+    lost = service.metrics.settles_lost._value.get()
+    with caplog.at_level(logging.ERROR, logger="extproc.processor"):
+        status, _, _ = await post(
+            http, envoy, auth(user, via="headers", email="ana@example.com"),
+            chat(x_test={"prompt": 3, "completion": 4}), service=service)
+        await settled(service)
+    assert status == 200
+    assert service.metrics.settles_lost._value.get() == lost + 1
+    [line] = [r for r in caplog.records if "SETTLE NOT SPOOLED" in r.getMessage()]
+    text = line.getMessage()
+    assert user in text and '"prompt_tokens": 3' in text and '"completion_tokens": 4' in text
+    assert "ana@example.com" not in text  # the record, without personal data
+    monkeypatch.undo()
+    # the logged record is enough for an operator to apply the settle by hand
+    record = json.loads(text.split("SETTLE NOT SPOOLED ", 1)[1].splitlines()[0])
+    assert await service.ledger.settle(Usage.from_json(record)) is not None
+    account = await balance(service, user)
+    assert (account.reserved, -(await usage_entries(service, user))[0]["tokens"]) == (0, 7)
+
+
+@pytest.mark.parametrize("path,opened", [
+    ("/v1/audio", True), ("/v1/audio/speech", True), ("/v1/audiobook", False),
+    ("/v1/audio-x/y", False), ("/v1", False),
+])
+def test_open_paths_match_whole_segments(path: str, opened: bool) -> None:
+    assert path_is_under(path, ("/v1/audio",)) is opened
+    assert path_is_under(path, ("/v1/audio/",)) is opened
+    assert path_is_under(path, ()) is False
+
+
+def test_a_custom_jwt_header_is_not_forwarded() -> None:
+    mutation = upstream_credentials("sk-up", "X-Solaris-Token").header_mutation
+    assert [h.header.key for h in mutation.set_headers] == ["authorization"]
+    assert set(mutation.remove_headers) == {"x-api-key", "x-solaris-token"}
+    without_key = upstream_credentials("", "authorization").header_mutation
+    assert set(without_key.remove_headers) == {"authorization", "x-api-key"}
