@@ -110,6 +110,38 @@ REFUSALS: dict[str, dict[str, str]] = {
 }
 
 
+# Why an identity was refused (401): identity.IdentityError's texts, which stay English in
+# logs; the user reads them in the gate's language. ``{what}`` is a header or claim name.
+IDENTITY_DETAILS: dict[str, str] = {
+    "missing token": "token ausente",
+    "missing or invalid gateway key": "chave do gateway ausente ou inválida",
+    "missing X-User-Id": "X-User-Id ausente",
+    "token too large": "token grande demais",
+    "malformed token": "token malformado",
+    "unsupported token algorithm": "algoritmo de token não aceito",
+    "token expired": "token expirado",
+    "invalid token": "token inválido",
+    "token has no user id": "o token não traz o id do usuário",
+    "signing key unavailable": "chave de assinatura indisponível",
+    "unknown signing key": "chave de assinatura desconhecida",
+    "{what} is an unexpanded placeholder": "{what} é um marcador não substituído",
+    "{what} is too long": "{what} é longo demais",
+    "{what} contains control characters": "{what} contém caracteres de controle",
+}
+
+
+def translate_identity(detail: str, language: str) -> str:
+    if language == "en":
+        return detail
+    if detail in IDENTITY_DETAILS:
+        return IDENTITY_DETAILS[detail]
+    for english, text in IDENTITY_DETAILS.items():
+        suffix = english.removeprefix("{what}")
+        if suffix != english and detail.endswith(suffix):
+            return text.format(what=detail[: -len(suffix)])
+    return detail
+
+
 class Messages:
     """Builds the gate's errors in one language."""
 
@@ -120,7 +152,8 @@ class Messages:
 
     def unauthorized(self, detail: str) -> GateError:
         return GateError(401, "invalid_request_error", "invalid_token",
-                         self.text["invalid_token"].format(detail=detail),
+                         self.text["invalid_token"].format(
+                             detail=translate_identity(detail, self.language)),
                          (("www-authenticate", "Bearer"),))
 
     def quota_exceeded(self, available: int, estimate: int, cycle_end: str) -> GateError:

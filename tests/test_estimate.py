@@ -265,3 +265,4 @@ def test_estimate_never_below_the_rule_and_never_zero(case: tuple[str, dict, int
     assert reserved >= 1
     assert reserved >= math.ceil(chars * FACTOR) + tokens + completion
     assert found.text_chars >= chars
+
