@@ -83,8 +83,9 @@ def crossings(before_pct: float, after_pct: float, thresholds: Iterable[int]) ->
 
 
 def weighted_cost(real_tokens: int, model: str | None, weights: Mapping[str, float]) -> int:
-    """Tokens debited for real usage: per-model weight (default 1), rounded up."""
-    weight = weights.get(model or "", 1.0)
+    """Tokens debited for real usage: the model's weight (matched exactly; ``*`` is the weight
+    of every model not listed, default 1), rounded up."""
+    weight = weights.get(model or "", weights.get("*", 1.0))
     return real_tokens if weight == 1.0 else math.ceil(real_tokens * weight)
 
 

@@ -45,6 +45,10 @@ METERED = {
     "/v1/responses": "responses", "/responses": "responses",
 }
 MODELS = ("/v1/models", "/models")
+# LiteLLM reads request headers of this prefix to pick another model (x-litellm-model), retry
+# (x-litellm-num-retries), change timeouts or authenticate with another key: none of that is a
+# client's to steer behind a gate that prices the body's model, so they never reach it.
+STEERING_HEADER_PREFIX = "x-litellm-"
 
 # Settles run after the reply; beyond this many in flight, replies wait for theirs.
 MAX_PENDING_SETTLES = 64
@@ -164,7 +168,8 @@ def upstream_credentials(key: str, jwt_header: str = "authorization") -> pb.Comm
     """The request-headers mutation that swaps the client's credentials (our JWT or gateway
     key, never meant for LiteLLM, in whichever header GATE_JWT_HEADER names) for the
     upstream's own key."""
-    remove = sorted({"x-api-key", jwt_header.lower()} - {"authorization"})
+    # accept-encoding: the gate reads the upstream's answer, so it must come uncompressed.
+    remove = sorted({"x-api-key", "accept-encoding", jwt_header.lower()} - {"authorization"})
     if key:
         return pb.CommonResponse(header_mutation=pb.HeaderMutation(
             set_headers=[_header("authorization", f"Bearer {key}")], remove_headers=remove))
@@ -257,14 +262,26 @@ class Gate:
         if not ex.rate.allowed:
             return self.reject(ex, self.messages.rate_limited(
                 ex.rate.limit, ex.rate.retry_after, ex.rate.headers()))
+        steering = [k for k in headers if k.startswith(STEERING_HEADER_PREFIX)]
         if not ex.kind:
             self.decide(ex, "passthrough")
-            return self.pass_through
+            return self._without(self.pass_through, steering)
         if method != "POST":
             return self.reject(ex, self.messages.refused("method_not_allowed", method))
         if msg.end_of_stream:
             return self.reject(ex, self.messages.refused("empty_body"))
-        return self.admit_headers
+        return self._without(self.admit_headers, steering)
+
+    @staticmethod
+    def _without(reply: pb.ProcessingResponse, headers: list[str]) -> pb.ProcessingResponse:
+        """``reply`` that also removes ``headers`` (rare: only requests that carry them pay
+        for a copy of the precomputed reply)."""
+        if not headers:
+            return reply
+        copy = pb.ProcessingResponse()
+        copy.CopyFrom(reply)
+        copy.request_headers.response.header_mutation.remove_headers.extend(headers)
+        return copy
 
     # ------------------------------------------------------------ request body
 

@@ -60,7 +60,8 @@ FIELDS: list[tuple[str, str, str]] = [
     ("GATE_DEFAULT_MONTHLY_TOKENS", "default_monthly_tokens",
      "Monthly allowance of the default plan (new accounts get it on first request)."),
     ("GATE_MODEL_WEIGHTS", "model_weights",
-     "Optional per-model weights, `model=weight,...` (real tokens x weight are debited)."),
+     "Optional per-model weights, `model=weight,...`, matched exactly (`*=w`: every other "
+     "model); reservations and debits are tokens x weight. Positive and finite, or no start."),
     ("GATE_MAX_USAGE_TOKENS", "max_usage_tokens",
      "A reported usage above this is capped and flagged (garbled upstream)."),
     ("GATE_RESERVATION_TTL_SECONDS", "reservation_ttl_seconds",

@@ -41,6 +41,15 @@ def test_from_env_parses_types_and_defaults() -> None:
         "gpt-4o": 2.5, "mini": 0.5}
 
 
+def test_weights_match_exactly_with_a_default_for_the_rest() -> None:
+    from extproc.accounting import weighted_cost
+
+    weights = Settings.from_env({"GATE_MODEL_WEIGHTS": "gpt-4o=2.5,*=4"}).weights()
+    assert weighted_cost(10, "gpt-4o", weights) == 25
+    assert weighted_cost(10, "GPT-4o", weights) == 40  # another spelling: the default weight
+    assert weighted_cost(10, None, {}) == 10
+
+
 @pytest.mark.parametrize("env,message", [
     ({"GATE_GRPC_PORT": "abc"}, "GATE_GRPC_PORT"),
     ({"GATE_IDENTITY_MODE": "magic"}, "GATE_IDENTITY_MODE"),
@@ -48,6 +57,13 @@ def test_from_env_parses_types_and_defaults() -> None:
     ({"GATE_LANGUAGE": "fr"}, "GATE_LANGUAGE"),
     ({"GATE_CONVERSION_FACTOR": "0"}, "GATE_CONVERSION_FACTOR"),
     ({"GATE_ALERT_THRESHOLDS": "80,150"}, "GATE_ALERT_THRESHOLDS"),
+    ({"GATE_MODEL_WEIGHTS": "gpt-4o=-1"}, "GATE_MODEL_WEIGHTS"),
+    ({"GATE_MODEL_WEIGHTS": "gpt-4o=nan"}, "GATE_MODEL_WEIGHTS"),
+    ({"GATE_MODEL_WEIGHTS": "gpt-4o=inf"}, "GATE_MODEL_WEIGHTS"),
+    ({"GATE_MODEL_WEIGHTS": "gpt-4o=0"}, "GATE_MODEL_WEIGHTS"),
+    ({"GATE_MODEL_WEIGHTS": "gpt-4o=lots"}, "GATE_MODEL_WEIGHTS"),
+    ({"GATE_MODEL_WEIGHTS": "gpt-4o"}, "GATE_MODEL_WEIGHTS"),
+    ({"GATE_SERVER_CONTEXT_TOKENS": "-1"}, "GATE_SERVER_CONTEXT_TOKENS"),
 ])
 def test_bad_settings_are_refused_with_the_variable_named(env: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

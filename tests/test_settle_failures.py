@@ -104,6 +104,21 @@ def test_open_paths_match_whole_segments(path: str, opened: bool) -> None:
 def test_a_custom_jwt_header_is_not_forwarded() -> None:
     mutation = upstream_credentials("sk-up", "X-Solaris-Token").header_mutation
     assert [h.header.key for h in mutation.set_headers] == ["authorization"]
-    assert set(mutation.remove_headers) == {"x-api-key", "x-solaris-token"}
+    assert set(mutation.remove_headers) == {"x-api-key", "x-solaris-token", "accept-encoding"}
     without_key = upstream_credentials("", "authorization").header_mutation
-    assert set(without_key.remove_headers) == {"authorization", "x-api-key"}
+    assert set(without_key.remove_headers) == {"authorization", "x-api-key", "accept-encoding"}
+
+
+async def test_upstream_steering_headers_and_compression_never_reach_litellm(
+        http, envoy, upstream, auth, user):
+    before = len(upstream.requests)
+    headers = {**auth(user), "x-litellm-model": "expensive-model", "X-LiteLLM-Num-Retries": "5",
+               "x-litellm-api-key": "sk-other", "accept-encoding": "gzip, br"}
+    status, _, _ = await post(http, envoy, headers, chat())
+    assert status == 200
+    forwarded = {k.lower() for k in upstream.requests[before]["headers"]}
+    assert not {h for h in forwarded if h.startswith("x-litellm-")}
+    assert "accept-encoding" not in forwarded
+    # the pass-through reply carries the same removal (a copy of the precomputed one)
+    async with http.get(envoy.url + "/v1/models", headers={**auth(user), "x-litellm-model": "m"}) as resp:
+        assert resp.status == 200
