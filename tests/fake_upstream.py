@@ -7,6 +7,11 @@ the body through), so one server covers every case:
   {"x_test": {"usage": "none" | "garbled" | {...}}} missing, garbled or literal usage
   {"x_test": {"chunks": 3, "abort_after": 2}}       SSE chunks; drop the connection midway
   {"x_test": {"delay": 0.5}}                        wait before answering
+  {"x_test": {"json_list": true}}                   a 2xx whose JSON body is a list
+  {"x_test": {"abort_before_usage": true}}          SSE: a finish_reason "stop" chunk, then
+                                                    drop the connection before the usage event
+Keep x_test values numeric or boolean where exactness matters: the gate bills the strings
+of unknown keys (x_test included) as prompt text.
 Every request body is recorded in ``requests`` so tests can assert what reached it.
 """
 
@@ -65,6 +70,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
             await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             if spec.get("chunk_delay"):
                 await asyncio.sleep(float(spec["chunk_delay"]))
+        if spec.get("abort_before_usage"):
+            stop = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": model,
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            await resp.write(b"data: " + json.dumps(stop).encode() + b"\n\n")
+            await asyncio.sleep(0.05)  # let the stop chunk through before the cut
+            assert request.transport is not None
+            request.transport.close()  # the upstream dies before the usage event
+            return resp
         include = (body.get("stream_options") or {}).get("include_usage")
         if include and usage is not None:
             final = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": model,
@@ -84,6 +97,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
                   "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}]}
     if usage is not None:
         answer["usage"] = usage
+    if spec.get("json_list"):
+        return web.json_response([answer])  # a 2xx whose usage cannot be read
     return web.json_response(answer)
 
 
