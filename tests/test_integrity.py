@@ -408,13 +408,12 @@ async def test_late_settle_after_sweep_is_trued_up_once(
         return len(upstream.requests) > before
 
     await wait_for(in_flight)
-    real_clock = ledger.clock
-    now = real_clock()
-    ledger.clock = lambda: now + timedelta(hours=1)
-    try:
-        assert await ledger.sweep_reservations() >= 1
-    finally:
-        ledger.clock = real_clock
+    # Only this user's hold is made to expire (a clock moved forward would sweep every other
+    # test's holds in the shared session database too).
+    await service.pool.execute(
+        "UPDATE reservations SET expires_at = $2 WHERE user_id = $1 AND state = 'held'",
+        user, ledger.clock() - timedelta(seconds=1))
+    assert await ledger.sweep_reservations() >= 1
     [swept] = await usage_entries(service, user)
     assert list(swept["flags"]) == ["expired"] and swept["tokens"] == -106
     assert await reservation(service, swept["exchange_id"]) == (106, "expired")
