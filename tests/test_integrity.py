@@ -507,3 +507,45 @@ async def test_internal_error_is_a_translated_500_and_releases_the_hold(
     account = await balance(service, user)
     assert (account.balance, account.reserved) == (settings.default_monthly_tokens, 0)
     await assert_invariants(service, user)
+
+
+# ---------------------------------------------------------------- 15. LangChain, as LibreChat
+
+
+async def test_langchain_chatopenai_as_a_librechat_custom_endpoint(
+        envoy, service, upstream, auth, user, settings):
+    """LibreChat drives a custom endpoint with LangChain's ChatOpenAI: its gateway key as the
+    API key, the user's identity in headers, streaming with usage, tools bound. The account
+    was first seen by JWT without an e-mail (the case that used to answer 500 forever)."""
+    from langchain_core.messages import HumanMessage
+    from langchain_openai import ChatOpenAI
+
+    async with aiohttp.ClientSession() as own:
+        status, _, raw = await post(own, envoy, auth(user), chat(
+            max_tokens=1, x_test={"prompt": 1, "completion": 1}), service=service)
+    assert status == 200, raw
+
+    def lookup_order(order_id: str) -> str:
+        """Look up an order by its id."""
+        return order_id
+
+    model = ChatOpenAI(
+        model="gpt-4o-mini", base_url=envoy.url + "/v1", api_key=GATE_KEY, streaming=True,
+        stream_usage=True, max_tokens=50, max_retries=0,
+        default_headers={"X-User-Id": user, "X-User-Email": "bia@example.com", "X-User-Name": "Bia"},
+        extra_body={"x_test": {"prompt": 40, "completion": 9, "chunks": 3}},
+    ).bind_tools([lookup_order])
+    before = len(upstream.requests)
+    chunks = [c async for c in model.astream([HumanMessage(content="Onde está o pedido 42?")])]
+    assert "".join(str(c.content) for c in chunks).startswith("word0")
+    sent = upstream.requests[before]["body"]
+    assert sent["stream_options"]["include_usage"] is True and sent["tools"]
+    await settled(service)
+    entries = await usage_entries(service, user)
+    assert [-e["tokens"] for e in entries] == [2, 49]  # the stream's reported usage, exactly
+    tools_chars = len(json.dumps(sent["tools"], separators=(",", ":"), ensure_ascii=False))
+    assert entries[1]["prompt_chars"] >= tools_chars  # the bound tool schema was estimated
+    account = await balance(service, user)
+    assert (account.email, account.name) == ("bia@example.com", "Bia")
+    assert account.balance == settings.default_monthly_tokens - 51
+    await assert_invariants(service, user)
