@@ -442,8 +442,11 @@ class Ledger:
         ledger was unreachable (fail-open) and replayed from the spool; (row, swept cost) for
         the real settle of an exchange the sweep charged (a true-up is due); (None, None) for
         a replay of a settle already applied."""
+        release = "released" in usage.flags  # a spooled release: undoes, never creates
         row = await self._locked_account(conn, usage.user_id)
         if row is None:
+            if release:
+                return None, None
             await self._open_account(conn, usage.user_id, usage.email, None, now)
             row = await self._locked_account(conn, usage.user_id)
         # Separate statements on purpose: under READ COMMITTED they take a snapshot after the
@@ -452,7 +455,7 @@ class Ledger:
         previous = await conn.fetchrow(
             "SELECT tokens, flags FROM ledger_entries WHERE exchange_id = $1", usage.exchange_id)
         if previous is None:
-            return {**dict(row), "held": 0}, None
+            return (None, None) if release else ({**dict(row), "held": 0}, None)
         if "expired" not in previous["flags"] or "expired" in usage.flags or await conn.fetchval(
                 "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1",
                 trueup_key_for(usage.exchange_id)):

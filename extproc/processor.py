@@ -352,15 +352,28 @@ class Gate:
                 changed = True
         return json.dumps(body, ensure_ascii=False).encode() if changed else None
 
-    def _release_orphan(self, done: asyncio.Task[Any], exchange_id: str) -> None:
-        if not done.cancelled() and done.exception() is None and done.result().outcome == "ok":
-            self.spawn(self._release(exchange_id))
+    def _release_orphan(self, done: asyncio.Task[Any], ex: Exchange) -> None:
+        if done.cancelled() or done.exception() is not None or done.result().outcome == "ok":
+            self.spawn(self._void(ex))
 
-    async def _release(self, exchange_id: str) -> None:
+    async def _void(self, ex: Exchange) -> None:
+        """Close any hold this exchange's admission may have made although it will never be
+        answered: the client left during admission, or admission failed on our side of the
+        wire (a commit whose reply was lost leaves a hold the sweep would charge). Release is
+        a no-op when nothing is held; when it cannot run, a zero-cost settle is spooled."""
         try:
-            await self.ledger.release(exchange_id)
-        except LedgerUnavailable:
-            self.metrics.db_errors.inc()  # the hold expires and is swept; nothing is lost
+            await self.ledger.release(ex.exchange_id)
+        except Exception as exc:  # every failure must end in the spool
+            self.metrics.db_errors.inc()
+            await self._spool(ex, self._zero_cost(ex), exc)
+
+    @staticmethod
+    def _zero_cost(ex: Exchange) -> Usage:
+        """A release as a settle the spool can carry: closes a hold at 0, gives back a sweep's
+        charge through its true-up, and does nothing where nothing was ever held (I5)."""
+        assert ex.identity is not None
+        return Usage(exchange_id=ex.exchange_id, user_id=ex.identity.user_id, model=ex.model,
+                     request_id=ex.request_id, estimate=ex.estimate, flags=("released",), cost=0)
 
     async def _admit(self, ex: Exchange, body: dict[str, Any]) -> pb.ProcessingResponse:
         ident = ex.identity
@@ -375,15 +388,20 @@ class Gate:
         try:
             admission = await asyncio.shield(task)
         except asyncio.CancelledError:
-            task.add_done_callback(lambda done: self._release_orphan(done, ex.exchange_id))
+            task.add_done_callback(lambda done: self._release_orphan(done, ex))
             raise
         except LedgerUnavailable as exc:
             self.metrics.db_errors.inc()
             if self.settings.fail_mode == "closed":
                 log.error("ledger unavailable at admission, refusing: %s", exc)
+                self.spawn(self._void(ex))
                 return self.reject(ex, self.messages.unavailable())
+            # Fail-open: the exchange goes on; its settle finds the hold if one was made.
             log.warning("ledger unavailable at admission, admitting (fail-open): %s", exc)
             admission = None
+        except Exception:
+            self.spawn(self._void(ex))  # answered 500 by Processor: nothing may stay held
+            raise
         finally:
             self.metrics.ledger_latency.labels("admit").observe(time.perf_counter() - started)
         if admission is not None:
@@ -544,13 +562,9 @@ class Gate:
                     self.metrics.alerts.labels(str(threshold), "queued").inc()
         except Exception as exc:  # every failure must end in the spool
             self.metrics.db_errors.inc()
-            if usage is None:
-                # A release that did not happen would let the sweep charge the hold: spool a
-                # zero-cost settle instead (after a sweep, its true-up gives the charge back).
-                assert ex.identity is not None
-                usage = Usage(exchange_id=ex.exchange_id, user_id=ex.identity.user_id,
-                              model=ex.model, request_id=ex.request_id, estimate=ex.estimate,
-                              flags=("released",), cost=0)
+            # A release that did not happen would let the sweep charge the hold: spool it as
+            # a zero-cost settle (after a sweep, its true-up gives the charge back).
+            usage = usage or self._zero_cost(ex)
             await self._spool(ex, usage, exc)
         finally:
             self.metrics.ledger_latency.labels("settle").observe(time.perf_counter() - started)

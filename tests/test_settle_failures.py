@@ -122,3 +122,70 @@ async def test_upstream_steering_headers_and_compression_never_reach_litellm(
     # the pass-through reply carries the same removal (a copy of the precomputed one)
     async with http.get(envoy.url + "/v1/models", headers={**auth(user), "x-litellm-model": "m"}) as resp:
         assert resp.status == 200
+
+
+def _admit_then_lose_the_reply(service, monkeypatch, exc: BaseException) -> None:
+    """The admission commits in PostgreSQL, but the processor never hears back (a connection
+    cut after the commit): the hold exists while the client is refused."""
+    real_admit = service.ledger.admit
+
+    async def admit(*args, **kwargs):
+        await real_admit(*args, **kwargs)
+        raise exc
+
+    monkeypatch.setattr(service.ledger, "admit", admit)
+
+
+async def test_admission_whose_reply_was_lost_holds_nothing(
+        http, envoy, service, upstream, auth, user, monkeypatch, settings):
+    _admit_then_lose_the_reply(service, monkeypatch, LedgerUnavailable("connection lost"))
+    before = len(upstream.requests)
+    status, _, body = await post(http, envoy, auth(user), chat(), service=service)
+    assert status == 503 and json.loads(body)["error"]["code"] == "ledger_unavailable"
+    assert len(upstream.requests) == before
+    account = await balance(service, user)
+    assert (account.balance, account.reserved) == (settings.default_monthly_tokens, 0)
+    assert await usage_entries(service, user) == []
+    assert await service.ledger.reconcile() == []
+
+
+async def test_admission_bug_after_commit_is_a_500_that_holds_nothing(
+        http, envoy, service, auth, user, monkeypatch, settings):
+    _admit_then_lose_the_reply(service, monkeypatch, RuntimeError("bug after the commit"))
+    status, _, body = await post(http, envoy, auth(user), chat(), service=service)
+    assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"
+    account = await balance(service, user)
+    assert (account.balance, account.reserved) == (settings.default_monthly_tokens, 0)
+
+
+async def test_lost_admission_reply_with_the_ledger_down_is_given_back_after_a_sweep(
+        http, envoy, service, auth, user, monkeypatch, settings):
+    _admit_then_lose_the_reply(service, monkeypatch, LedgerUnavailable("connection lost"))
+
+    async def down(*args, **kwargs):
+        raise LedgerUnavailable("still down")
+
+    monkeypatch.setattr(service.ledger, "release", down)
+    status, _, _ = await post(http, envoy, auth(user), chat(), service=service)
+    assert status == 503
+    monkeypatch.undo()
+    held = (await balance(service, user)).reserved
+    assert held > 0
+    # the hold outlives its TTL before the spool is replayed: the sweep charges it ...
+    await service.pool.execute(
+        "UPDATE reservations SET expires_at = now() - interval '1 second' WHERE user_id = $1", user)
+    await service.ledger.sweep_reservations()
+    assert (await balance(service, user)).balance == settings.default_monthly_tokens - held
+    # ... and the spooled release gives it back, once
+    await service.spool.replay(service.ledger)
+    await service.spool.replay(service.ledger)
+    account = await balance(service, user)
+    assert (account.balance, account.reserved) == (settings.default_monthly_tokens, 0)
+    assert sum(e["tokens"] for e in await usage_entries(service, user)) == 0
+    assert await service.ledger.reconcile() == []
+
+
+async def test_a_spooled_release_where_nothing_was_held_writes_nothing(service, user):
+    assert await service.ledger.settle(
+        Usage(exchange_id="never-held-" + user, user_id=user, flags=("released",), cost=0)) is None
+    assert await service.ledger.account(user) is None  # no account opened for it
