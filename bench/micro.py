@@ -35,12 +35,12 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc import devstack
-from extproc.app import NoopProcessor, Service
+from extproc.app import Service
+from extproc.gate.envoy import NoopProcessor, Processor
 from extproc.identity import mint_token
 from extproc.ledger import Ledger, Usage
 from extproc.logs import JsonFormatter
 from extproc.migrate import dbmate
-from extproc.processor import Processor
 from extproc.settings import Settings
 
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [

@@ -64,6 +64,13 @@ def usage_pct(used: int, budget: int) -> float:
     return round(100.0 * used / budget, 2)
 
 
+def balance_after(*, available: int, reserved: int, used: int, budget: int, cost: int) -> tuple[int, float]:
+    """(tokens remaining, usage %) after an exchange that held ``reserved`` cost ``cost``,
+    from the account as its admission left it: informational (the ``x-solaris-*`` headers);
+    concurrent exchanges of the same user are not reflected."""
+    return max(available + reserved - cost, 0), usage_pct(used + cost, budget)
+
+
 def state_for(current: str, balance: int, pct: float) -> str:
     """The account state a balance and usage % imply; ``suspended`` is sticky (admin only)."""
     if current == "suspended":

@@ -8,33 +8,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import Any
 
 import asyncpg
 import grpc
 import redis.asyncio as aioredis
 from aiohttp import web
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from . import usage
 from . import web as webapp
 from .alerts import AlertWorker
+from .gate import usage
+from .gate.decisions import Gate
+from .gate.envoy import NoopProcessor, Processor
 from .identity import Authenticator
 from .ledger import Clock, Ledger, create_pool, utcnow
 from .metrics import Metrics
-from .processor import (
-    CONTINUE_REQUEST_BODY,
-    CONTINUE_REQUEST_HEADERS,
-    CONTINUE_RESPONSE_BODY,
-    CONTINUE_RESPONSE_HEADERS,
-    Gate,
-    Processor,
-)
 from .ratelimit import RedisRateLimiter
 from .settings import Settings
 from .spool import Spool
@@ -44,25 +36,6 @@ log = logging.getLogger(__name__)
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 # Room for a buffered body at Envoy's buffer limit plus protobuf framing (DESIGN.md sec. 11).
 GRPC_MESSAGE_LIMIT = 64 * 1024 * 1024
-
-
-class NoopProcessor(pb_grpc.ExternalProcessorServicer):
-    """`serve --noop`: answers every phase and touches nothing (the benchmark's baseline)."""
-
-    _REPLIES: ClassVar[dict[str, pb.ProcessingResponse]] = {
-        "request_headers": CONTINUE_REQUEST_HEADERS,
-        "request_body": CONTINUE_REQUEST_BODY,
-        "response_headers": CONTINUE_RESPONSE_HEADERS,
-        "response_body": CONTINUE_RESPONSE_BODY,
-    }
-
-    async def Process(
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
-    ) -> AsyncIterator[pb.ProcessingResponse]:
-        async for req in request_iterator:
-            reply = self._REPLIES.get(req.WhichOneof("request") or "")
-            if reply is not None:
-                yield reply
 
 
 class Service:

@@ -26,15 +26,61 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .metrics import Metrics
-from .processor import RateDecision
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_seconds: int
+    retry_after: int = 0
+
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return (
+            ("x-ratelimit-limit-requests", str(self.limit)),
+            ("x-ratelimit-remaining-requests", str(self.remaining)),
+            ("x-ratelimit-reset-requests", f"{self.reset_seconds}s"),
+        )
+
+
+class RateLimiter(Protocol):
+    async def hit(self, user_id: str, limit_per_minute: int) -> RateDecision: ...
+
+
+class PlanLimits:
+    """Requests-per-minute of each user's plan, known without a database round trip at
+    request headers: plans are reloaded by the maintenance loop, and a user's plan is learnt
+    from each admission (a plan change applies from the user's next request after that)."""
+
+    MAX_USERS = 200_000
+
+    def __init__(self, default_rpm: int) -> None:
+        self.default_rpm = default_rpm
+        self.by_plan: dict[str, int] = {}
+        self.user_plan: dict[str, str] = {}
+
+    def load(self, plans: dict[str, int]) -> None:
+        self.by_plan = dict(plans)
+
+    def learn(self, user_id: str, plan: str) -> None:
+        if self.user_plan.get(user_id) != plan:
+            if len(self.user_plan) >= self.MAX_USERS:
+                self.user_plan.clear()  # bounded memory; entries are relearnt on admission
+            self.user_plan[user_id] = plan
+
+    def limit_for(self, user_id: str) -> int:
+        plan = self.user_plan.get(user_id, "default")
+        return self.by_plan.get(plan) or self.by_plan.get("default") or self.default_rpm
 
 WINDOW_US = 60_000_000  # the limit is "per minute"
 DEFAULT_MAX_ENTRIES = 100_000

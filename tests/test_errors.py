@@ -23,7 +23,7 @@ def test_identity_refusals_are_shown_in_the_gate_language(detail: str, shown: st
 
 
 def test_every_refusal_the_code_raises_has_both_languages() -> None:
-    source = "".join(p.read_text() for p in (Path(__file__).parent.parent / "extproc").glob("*.py"))
+    source = "".join(p.read_text() for p in (Path(__file__).parent.parent / "extproc").rglob("*.py"))
     raised = set(re.findall(r'Refusal\("([a-z_]+)"', source)) | set(re.findall(r'refused\("([a-z_]+)"', source))
     assert raised and raised <= set(REFUSALS["pt-BR"]) == set(REFUSALS["en"])
 

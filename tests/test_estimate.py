@@ -14,14 +14,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc import estimate as e
+from extproc.gate import billable as e
+from extproc.gate.translators import TRANSLATORS, Limits
 
 FACTOR = 0.376
-KW = {"default_completion": 1024, "max_completion": 131072, "server_context_tokens": 32768}
+LIMITS = Limits(default_completion=1024, max_completion=131072, server_context_tokens=32768)
+BY_KIND = {t.kind: t for t in TRANSLATORS}
 
 
 def est(kind: str, body: dict) -> e.Estimate:
-    return e.estimate(kind, body, **KW)
+    """The estimate of ``body`` by the translator of API schema ``kind``."""
+    return BY_KIND[kind].estimate(body, LIMITS)
 
 
 def png(width: int, height: int) -> bytes:

@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 
 from extproc.app import Service
 from extproc.devstack import Envoy
-from extproc.usage import encoder
+from extproc.gate.usage import encoder
 
 CHAT = "/v1/chat/completions"
 

@@ -485,10 +485,10 @@ async def test_identity_details_appearing_and_changing_never_500(
 
 async def test_internal_error_is_a_translated_500_and_releases_the_hold(
         http, envoy, service, upstream, auth, user, settings, monkeypatch):
-    def boom(ex: Any, msg: Any) -> Any:
+    def boom(ex: Any, headers: Any, end_of_stream: bool) -> Any:
         raise RuntimeError("bug at response time")
 
-    monkeypatch.setattr(service.gate, "on_response_headers", boom)
+    monkeypatch.setattr(service.gate, "response_headers", boom)
     before = len(upstream.requests)
     status, headers, raw = await post(http, envoy, auth(user), chat(
         max_tokens=100, x_test={"prompt": 6, "completion": 50}), service=service)

@@ -11,8 +11,8 @@ import asyncpg
 import pytest
 from test_gate_e2e import balance, chat, post, settled, usage_entries
 
+from extproc.gate.decisions import path_is_under, upstream_credentials
 from extproc.ledger import LedgerUnavailable, Usage
-from extproc.processor import path_is_under, upstream_credentials
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ async def test_settle_neither_applied_nor_spooled_is_logged_whole(
 
     monkeypatch.setattr(service.spool, "append", disk_gone)
     lost = service.metrics.settles_lost._value.get()
-    with caplog.at_level(logging.ERROR, logger="extproc.processor"):
+    with caplog.at_level(logging.ERROR, logger="extproc.gate.decisions"):
         status, _, _ = await post(
             http, envoy, auth(user, via="headers", email="ana@example.com"),
             chat(x_test={"prompt": 3, "completion": 4}), service=service)
@@ -102,10 +102,10 @@ def test_open_paths_match_whole_segments(path: str, opened: bool) -> None:
 
 
 def test_a_custom_jwt_header_is_not_forwarded() -> None:
-    mutation = upstream_credentials("sk-up", "X-Solaris-Token").header_mutation
-    assert [h.header.key for h in mutation.set_headers] == ["authorization"]
-    assert set(mutation.remove_headers) == {"x-api-key", "x-solaris-token", "accept-encoding"}
-    without_key = upstream_credentials("", "authorization").header_mutation
+    swap = upstream_credentials("sk-up", "X-Solaris-Token")
+    assert swap.set_headers == (("authorization", "Bearer sk-up"),)
+    assert set(swap.remove_headers) == {"x-api-key", "x-solaris-token", "accept-encoding"}
+    without_key = upstream_credentials("", "authorization")
     assert set(without_key.remove_headers) == {"authorization", "x-api-key", "accept-encoding"}
 
 

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from extproc import usage as u
+from extproc.gate import usage as u
+from extproc.gate.translators.chat import Chat
+from extproc.gate.translators.responses import Responses
 
 
 def sse(*events: object) -> bytes:
@@ -36,16 +38,19 @@ def test_unusable_usage_is_none_never_a_credit(raw: object) -> None:
     assert u.read_usage(raw, cap=1000) is None
 
 
-def test_usage_from_json_shapes() -> None:
+def test_read_body_shapes() -> None:
+    from extproc.gate.translators.completions import Completions
+
     body = json.dumps({"choices": [{"message": {"content": "hi there"}}],
                        "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
-    observed, text = u.usage_from_json(body, 100)
+    observed, text = u.read_body(Chat(), body, 100)
     assert (observed.prompt_tokens, observed.completion_tokens, text) == (1, 2, "hi there")
     responses = json.dumps({"response": {"usage": {"input_tokens": 4, "output_tokens": 5}}}).encode()
-    assert u.usage_from_json(responses, 100)[0].completion_tokens == 5
-    assert u.usage_from_json(b"<html>bad gateway</html>", 100) == (None, "")
-    assert u.usage_from_json(b"[1]", 100) == (None, "")
-    assert u.usage_from_json(json.dumps({"choices": [{"text": "old"}, 5]}).encode(), 100) == (None, "old")
+    assert u.read_body(Responses(), responses, 100)[0].completion_tokens == 5
+    assert u.read_body(Chat(), b"<html>bad gateway</html>", 100) == (None, "")
+    assert u.read_body(Chat(), b"[1]", 100) == (None, "")
+    old = json.dumps({"choices": [{"text": "old"}, 5]}).encode()
+    assert u.read_body(Completions(), old, 100) == (None, "old")
 
 
 def test_stream_tap_reads_final_usage_chunk() -> None:
@@ -55,7 +60,7 @@ def test_stream_tap_reads_final_usage_chunk() -> None:
     for i in range(0, len(stream), 7):  # chunk boundaries anywhere
         tap.feed(stream[i:i + 7])
     tap.feed(b"")
-    observed, text = tap.result()
+    observed, text = tap.result(Chat())
     assert (observed.prompt_tokens, observed.completion_tokens, observed.flags) == (7, 8, ())
     assert text == "a"
 
@@ -64,15 +69,15 @@ def test_stream_tap_responses_api_completed_event() -> None:
     tap = u.StreamTap(cap=10**6)
     tap.feed(sse({"type": "response.output_text.delta", "delta": "Olá"},
                  {"type": "response.completed", "response": {"usage": {"input_tokens": 3, "output_tokens": 2}}}))
-    observed, text = tap.result()
+    observed, text = tap.result(Responses())
     assert (observed.prompt_tokens, observed.completion_tokens, text) == (3, 2, "Olá")
 
 
 def test_stream_without_usage_gives_the_visible_text() -> None:
     tap = u.StreamTap(cap=10**6)
     tap.feed(sse({"choices": [{"delta": {"content": "hello world"}}]}))
-    assert tap.result() == (None, "hello world")
-    assert u.StreamTap(cap=1).result() == (None, "")
+    assert tap.result(Chat()) == (None, "hello world")
+    assert u.StreamTap(cap=1).result(Chat()) == (None, "")
 
 
 def test_huge_stream_keeps_the_tail_and_counts_the_rest(monkeypatch) -> None:
@@ -82,10 +87,10 @@ def test_huge_stream_keeps_the_tail_and_counts_the_rest(monkeypatch) -> None:
     for _ in range(100):
         tap.feed(sse({"choices": [{"delta": {"content": "x" * 20}}]}))
     assert tap.size <= 2000 + 200 and tap.dropped_chars > 0
-    observed, _ = tap.result()
+    observed, _ = tap.result(Chat())
     assert observed is None and tap.dropped_tokens(0.376) > 0
     tap.feed(sse({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}))
-    assert tap.result()[0].completion_tokens == 1  # the final usage chunk survives
+    assert tap.result(Chat())[0].completion_tokens == 1  # the final usage chunk survives
 
 
 def test_count_tokens_falls_back_to_characters(monkeypatch) -> None:

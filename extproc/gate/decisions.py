@@ -1,11 +1,7 @@
-"""The Envoy ext_proc service: one gRPC stream per HTTP request, four phases.
-
-request headers  -> route check, identity (401), rate limit (429)
-request body     -> parse, estimate, admit/reserve in the ledger (402/403/503), body mutation
-response headers -> JSON stays buffered; text/event-stream switches to STREAMED (mode_override)
-response body    -> read usage and settle exactly once (the exchange id is minted here)
-
-This module speaks Envoy's protocol; the rules live in accounting/ledger/identity/usage.
+"""The gate's decisions for one exchange, phase after phase, on plain values: who is calling,
+may they spend (rate limit, estimate, reservation), and what did the exchange cost (settle,
+release). Envoy's protocol is ``gate.envoy``'s business; each API schema's knowledge is its
+translator's; the money rules are in ``accounting``, ``gate.billable`` and the ledger.
 """
 
 from __future__ import annotations
@@ -14,166 +10,43 @@ import asyncio
 import json
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Coroutine, Mapping
+from typing import Any
 
-import grpc
-from envoy.config.core.v3 import base_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from envoy.type.v3 import http_status_pb2
-
-from . import accounting, estimate
-from .errors import GateError, Messages
-from .identity import Authenticator, Identity, IdentityError
-from .ledger import Ledger, LedgerUnavailable, Usage
-from .metrics import Metrics
-from .settings import Settings
-from .spool import Spool
-from .usage import Observed, StreamTap, count_tokens, usage_from_json
+from .. import accounting
+from ..errors import GateError, Messages
+from ..identity import Authenticator, IdentityError
+from ..ledger import Ledger, LedgerUnavailable, Usage
+from ..metrics import Metrics
+from ..ratelimit import PlanLimits, RateLimiter
+from ..settings import Settings
+from ..spool import Spool
+from . import billable
+from .exchange import Exchange
+from .replies import CONTINUE, Continue, Refuse, Reply
+from .translators import BY_PATH, Limits
+from .usage import Observed, StreamTap, count_tokens, read_body
 
 log = logging.getLogger(__name__)
 
-# Metered endpoints (with and without /v1): path -> kind.
-METERED = {
-    "/v1/chat/completions": "chat", "/chat/completions": "chat",
-    "/v1/completions": "completions", "/completions": "completions",
-    "/v1/embeddings": "embeddings", "/embeddings": "embeddings",
-    "/v1/responses": "responses", "/responses": "responses",
-}
 MODELS = ("/v1/models", "/models")
 # LiteLLM reads request headers of this prefix to pick another model (x-litellm-model), retry
 # (x-litellm-num-retries), change timeouts or authenticate with another key: none of that is a
 # client's to steer behind a gate that prices the body's model, so they never reach it.
 STEERING_HEADER_PREFIX = "x-litellm-"
-
 # Settles run after the reply; beyond this many in flight, replies wait for theirs.
 MAX_PENDING_SETTLES = 64
-_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
-_NONE = processing_mode_pb2.ProcessingMode.NONE
-_SKIP = processing_mode_pb2.ProcessingMode.SKIP
 
 
-@dataclass(frozen=True)
-class RateDecision:
-    allowed: bool
-    limit: int
-    remaining: int
-    reset_seconds: int
-    retry_after: int = 0
-
-    def headers(self) -> tuple[tuple[str, str], ...]:
-        return (
-            ("x-ratelimit-limit-requests", str(self.limit)),
-            ("x-ratelimit-remaining-requests", str(self.remaining)),
-            ("x-ratelimit-reset-requests", f"{self.reset_seconds}s"),
-        )
-
-
-class RateLimiter(Protocol):
-    async def hit(self, user_id: str, limit_per_minute: int) -> RateDecision: ...
-
-
-class PlanLimits:
-    """Requests-per-minute of each user's plan, known without a database round trip at
-    request headers: plans are reloaded by the maintenance loop, and a user's plan is learnt
-    from each admission (a plan change applies from the user's next request after that)."""
-
-    MAX_USERS = 200_000
-
-    def __init__(self, default_rpm: int) -> None:
-        self.default_rpm = default_rpm
-        self.by_plan: dict[str, int] = {}
-        self.user_plan: dict[str, str] = {}
-
-    def load(self, plans: dict[str, int]) -> None:
-        self.by_plan = dict(plans)
-
-    def learn(self, user_id: str, plan: str) -> None:
-        if self.user_plan.get(user_id) != plan:
-            if len(self.user_plan) >= self.MAX_USERS:
-                self.user_plan.clear()  # bounded memory; entries are relearnt on admission
-            self.user_plan[user_id] = plan
-
-    def limit_for(self, user_id: str) -> int:
-        plan = self.user_plan.get(user_id, "default")
-        return self.by_plan.get(plan) or self.by_plan.get("default") or self.default_rpm
-
-
-@dataclass
-class Exchange:
-    """What one ext_proc stream knows about its HTTP exchange."""
-
-    exchange_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    started: float = field(default_factory=time.perf_counter)
-    kind: str = ""
-    identity: Identity | None = None
-    request_id: str | None = None
-    model: str | None = None
-    stream: bool = False
-    estimate: int = 0          # tokens the request may cost (estimate.Estimate.tokens)
-    prompt_estimate: int = 0   # of which the prompt
-    prompt_chars: int = 0      # billable text characters (for `extproc calibrate`)
-    reserve: int = 0           # what admission asks the ledger to hold: estimate x weight
-    admitted: bool = False
-    reserved: int = 0
-    status: int = 0
-    sse: bool = False
-    tap: StreamTap | None = None
-    body: bytearray = field(default_factory=bytearray)
-    rate: RateDecision | None = None
-    account: Any = None  # the account as admission left it (after this reservation)
-    closed: bool = False
-
-
-def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
-    # Envoy reads raw_value (value stays empty), DESIGN.md section 11.
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE)
-
-
-def _mutation(headers: tuple[tuple[str, str], ...] | list[tuple[str, str]]) -> pb.HeaderMutation:
-    return pb.HeaderMutation(set_headers=[_header(k, v) for k, v in headers])
-
-
-def immediate(error: GateError) -> pb.ProcessingResponse:
-    headers = (("content-type", "application/json"), *error.headers)
-    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
-        status=http_status_pb2.HttpStatus(code=error.status),
-        headers=_mutation(headers), body=error.body(),
-        # the prefix tells envoy.yaml's local_reply_config this reply is ours, not Envoy's
-        details=f"solaris_{error.code}"))
-
-
-def headers_map(msg: pb.HttpHeaders) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for h in msg.headers.headers:
-        out[h.key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-    return out
-
-
-CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
-_PASS_THROUGH_MODE = processing_mode_pb2.ProcessingMode(
-    request_body_mode=_NONE, response_header_mode=_SKIP, response_body_mode=_NONE)
-CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
-CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
-
-
-def upstream_credentials(key: str, jwt_header: str = "authorization") -> pb.CommonResponse:
-    """The request-headers mutation that swaps the client's credentials (our JWT or gateway
+def upstream_credentials(key: str, jwt_header: str = "authorization") -> Continue:
+    """The request-headers change that swaps the client's credentials (our JWT or gateway
     key, never meant for LiteLLM, in whichever header GATE_JWT_HEADER names) for the
     upstream's own key."""
     # accept-encoding: the gate reads the upstream's answer, so it must come uncompressed.
-    remove = sorted({"x-api-key", "accept-encoding", jwt_header.lower()} - {"authorization"})
+    remove = tuple(sorted({"x-api-key", "accept-encoding", jwt_header.lower()} - {"authorization"}))
     if key:
-        return pb.CommonResponse(header_mutation=pb.HeaderMutation(
-            set_headers=[_header("authorization", f"Bearer {key}")], remove_headers=remove))
-    return pb.CommonResponse(header_mutation=pb.HeaderMutation(remove_headers=["authorization", *remove]))
+        return Continue(set_headers=(("authorization", f"Bearer {key}"),), remove_headers=remove)
+    return Continue(remove_headers=("authorization", *remove))
 
 
 def path_is_under(path: str, prefixes: tuple[str, ...]) -> bool:
@@ -207,12 +80,13 @@ class Gate:
         self.limits = limits or PlanLimits(settings.rate_limit_per_minute)
         self.weights = settings.weights()
         self.allowed_models = settings.allowed_model_set()
+        self.estimate_limits = Limits(settings.default_completion_tokens,
+                                      settings.max_completion_tokens, settings.server_context_tokens)
         self.tasks: set[asyncio.Task[Any]] = set()
-        credentials = upstream_credentials(settings.upstream_api_key, settings.jwt_header)
-        self.admit_headers = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=credentials))
+        self.admit_headers = upstream_credentials(settings.upstream_api_key, settings.jwt_header)
         # Unmetered pass-through (GET /v1/models): nothing more to see on this stream.
-        self.pass_through = pb.ProcessingResponse(
-            request_headers=pb.HeadersResponse(response=credentials), mode_override=_PASS_THROUGH_MODE)
+        self.pass_through = Continue(set_headers=self.admit_headers.set_headers,
+                                     remove_headers=self.admit_headers.remove_headers, done=True)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run money work that must outlive a cancelled stream; drained on shutdown."""
@@ -237,21 +111,20 @@ class Gate:
             "estimate": ex.estimate, "latency_ms": round((time.perf_counter() - ex.started) * 1000, 3),
             **fields})
 
-    def reject(self, ex: Exchange, error: GateError) -> pb.ProcessingResponse:
+    def reject(self, ex: Exchange, error: GateError) -> Refuse:
         self.decide(ex, str(error.status), error.code)
-        return immediate(error)
+        return Refuse(error)
 
     # ------------------------------------------------------------ request headers
 
-    async def on_request_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        headers = headers_map(msg)
+    async def request_headers(self, ex: Exchange, headers: Mapping[str, str], end_of_stream: bool) -> Reply:
         path = headers.get(":path", "").split("?", 1)[0]
         method = headers.get(":method", "")
-        ex.kind = METERED.get(path, "")
+        ex.translator = BY_PATH.get(path)
         ex.request_id = headers.get("x-request-id")
         passthrough = method == "GET" and (
             path in MODELS or path.startswith(tuple(m + "/" for m in MODELS)))
-        if not ex.kind and not passthrough and not path_is_under(path, self.open_paths):
+        if ex.translator is None and not passthrough and not path_is_under(path, self.open_paths):
             return self.reject(ex, self.messages.not_found())
         try:
             ex.identity = await self.auth.authenticate(headers)
@@ -262,37 +135,35 @@ class Gate:
         if not ex.rate.allowed:
             return self.reject(ex, self.messages.rate_limited(
                 ex.rate.limit, ex.rate.retry_after, ex.rate.headers()))
-        steering = [k for k in headers if k.startswith(STEERING_HEADER_PREFIX)]
-        if not ex.kind:
+        steering = tuple(k for k in headers if k.startswith(STEERING_HEADER_PREFIX))
+        if ex.translator is None:
             self.decide(ex, "passthrough")
             return self._without(self.pass_through, steering)
         if method != "POST":
             return self.reject(ex, self.messages.refused("method_not_allowed", method))
-        if msg.end_of_stream:
+        if end_of_stream:
             return self.reject(ex, self.messages.refused("empty_body"))
         return self._without(self.admit_headers, steering)
 
     @staticmethod
-    def _without(reply: pb.ProcessingResponse, headers: list[str]) -> pb.ProcessingResponse:
-        """``reply`` that also removes ``headers`` (rare: only requests that carry them pay
-        for a copy of the precomputed reply)."""
+    def _without(reply: Continue, headers: tuple[str, ...]) -> Continue:
+        """``reply`` that also removes ``headers`` (only requests that carry them pay for a
+        reply of their own)."""
         if not headers:
             return reply
-        copy = pb.ProcessingResponse()
-        copy.CopyFrom(reply)
-        copy.request_headers.response.header_mutation.remove_headers.extend(headers)
-        return copy
+        return Continue(set_headers=reply.set_headers, remove_headers=reply.remove_headers + headers,
+                        done=reply.done)
 
     # ------------------------------------------------------------ request body
 
-    async def on_request_body(self, ex: Exchange, msg: pb.HttpBody) -> pb.ProcessingResponse | None:
-        if not ex.kind:
-            return CONTINUE_REQUEST_BODY
-        ex.body += msg.body
+    async def request_body(self, ex: Exchange, chunk: bytes, end_of_stream: bool) -> Reply | None:
+        if ex.translator is None:
+            return CONTINUE
+        ex.body += chunk
         limit = self.settings.max_body_bytes
         if len(ex.body) > limit:
             return self.reject(ex, self.messages.too_large(len(ex.body), limit))
-        if not msg.end_of_stream:
+        if not end_of_stream:
             return None  # more body to come (only if Envoy splits a buffered body)
         raw, ex.body = bytes(ex.body), bytearray()
         parsed = self._parse_body(ex, raw)
@@ -312,45 +183,26 @@ class Gate:
             return m.refused("not_json")
         if not isinstance(body, dict):
             return m.refused("not_object")
-        s = self.settings
+        assert ex.translator is not None and ex.identity is not None
         try:
-            ex.model = estimate.check_model(body.get("model"), self.allowed_models)[:200]
+            ex.model = billable.check_model(body.get("model"), self.allowed_models)[:200]
             user = body.get("user")
-            assert ex.identity is not None
             if user is not None and user != "" and user != ex.identity.user_id:
                 return m.user_mismatch()
-            found = estimate.estimate(
-                ex.kind, body, default_completion=s.default_completion_tokens,
-                max_completion=s.max_completion_tokens, server_context_tokens=s.server_context_tokens)
-        except estimate.Refusal as refusal:
+            found = ex.translator.estimate(body, self.estimate_limits)
+        except billable.Refusal as refusal:
             return m.refused(refusal.code, refusal.detail)
         except RecursionError:
             return m.refused("too_deep")
+        factor = self.settings.conversion_factor
         ex.stream = body.get("stream") is True
         ex.prompt_chars = found.text_chars
-        ex.prompt_estimate = found.prompt_tokens(s.conversion_factor)
-        ex.estimate = found.tokens(s.conversion_factor)
+        ex.prompt_estimate = found.prompt_tokens(factor)
+        ex.estimate = found.tokens(factor)
         # The weight applies at admission as at settle: the hold is in the units the debit
         # will be, so a weighted model cannot be admitted on a tenth of what it costs.
         ex.reserve = accounting.weighted_cost(ex.estimate, ex.model, self.weights)
         return body
-
-    def _mutated_body(self, ex: Exchange, body: dict[str, Any]) -> bytes | None:
-        changed = False
-        if ex.stream and ex.kind in ("chat", "completions"):
-            options = body.get("stream_options")
-            if not isinstance(options, dict):
-                options = {}
-            if options.get("include_usage") is not True:
-                body["stream_options"] = {**options, "include_usage": True}
-                changed = True
-        if self.settings.enforce_max_tokens and ex.kind != "embeddings":
-            keys = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-            if all(body.get(k) is None for k in keys):
-                key = "max_output_tokens" if ex.kind == "responses" else "max_tokens"
-                body[key] = self.settings.default_completion_tokens
-                changed = True
-        return json.dumps(body, ensure_ascii=False).encode() if changed else None
 
     def _release_orphan(self, done: asyncio.Task[Any], ex: Exchange) -> None:
         if done.cancelled() or done.exception() is not None or done.result().outcome == "ok":
@@ -375,9 +227,9 @@ class Gate:
         return Usage(exchange_id=ex.exchange_id, user_id=ex.identity.user_id, model=ex.model,
                      request_id=ex.request_id, estimate=ex.estimate, flags=("released",), cost=0)
 
-    async def _admit(self, ex: Exchange, body: dict[str, Any]) -> pb.ProcessingResponse:
+    async def _admit(self, ex: Exchange, body: dict[str, Any]) -> Reply:
         ident = ex.identity
-        assert ident is not None
+        assert ident is not None and ex.translator is not None
         started = time.perf_counter()
         # The admission runs as its own task: if Envoy cancels this stream meanwhile (the
         # client went away), a reservation that did get made is released, not left to expire
@@ -400,7 +252,7 @@ class Gate:
             log.warning("ledger unavailable at admission, admitting (fail-open): %s", exc)
             admission = None
         except Exception:
-            self.spawn(self._void(ex))  # answered 500 by Processor: nothing may stay held
+            self.spawn(self._void(ex))  # answered 500 by the adapter: nothing may stay held
             raise
         finally:
             self.metrics.ledger_latency.labels("admit").observe(time.perf_counter() - started)
@@ -418,49 +270,44 @@ class Gate:
         if ex.reserved:
             self.metrics.reservations_held.inc()
         self.decide(ex, "allowed" if admission is not None else "allowed_fail_open")
-        new_body = self._mutated_body(ex, body)
-        if new_body is None:
-            return CONTINUE_REQUEST_BODY
-        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
-            header_mutation=_mutation([("content-length", str(len(new_body)))]),
-            body_mutation=pb.BodyMutation(body=new_body))))
+        s = self.settings
+        if not ex.translator.mutate(body, stream=ex.stream, enforce_limit=s.enforce_max_tokens,
+                                    default_completion=s.default_completion_tokens):
+            return CONTINUE
+        new_body = json.dumps(body, ensure_ascii=False).encode()
+        return Continue(set_headers=(("content-length", str(len(new_body))),), body=new_body)
 
     # ------------------------------------------------------------ response
 
-    def on_response_headers(self, ex: Exchange, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        headers = headers_map(msg)
+    def response_headers(self, ex: Exchange, headers: Mapping[str, str], end_of_stream: bool) -> Reply:
         try:
             ex.status = int(headers.get(":status", "0"))
         except ValueError:
             ex.status = 0
         if not ex.admitted:
-            return CONTINUE_RESPONSE_HEADERS
-        rate = pb.CommonResponse(header_mutation=_mutation(ex.rate.headers())) if ex.rate else None
+            return CONTINUE
+        rate = ex.rate.headers() if ex.rate else ()
         if headers.get("content-type", "").startswith("text/event-stream"):
-            ex.sse = True
             ex.tap = StreamTap(self.settings.max_usage_tokens)
-            if msg.end_of_stream:
+            if end_of_stream:
                 self._finish(ex)
-            return pb.ProcessingResponse(
-                response_headers=pb.HeadersResponse(response=rate),
-                mode_override=processing_mode_pb2.ProcessingMode(response_body_mode=_STREAMED))
-        if msg.end_of_stream:  # no body at all: nothing was produced
+            return Continue(set_headers=rate, stream_response=True)
+        if end_of_stream:  # no body at all
             self._finish(ex)
-        return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=rate))
+        return Continue(set_headers=rate)
 
-    async def on_response_body(self, ex: Exchange, msg: pb.HttpBody) -> pb.ProcessingResponse:
+    async def response_body(self, ex: Exchange, chunk: bytes, end_of_stream: bool) -> Reply:
         if not ex.admitted or ex.closed:
-            return CONTINUE_RESPONSE_BODY
-        if ex.sse:
-            assert ex.tap is not None
-            ex.tap.feed(msg.body)
-            if msg.end_of_stream:
+            return CONTINUE
+        if ex.tap is not None:
+            ex.tap.feed(chunk)
+            if end_of_stream:
                 # Answer the last chunk first; the settle must not delay the user's stream.
                 self._finish(ex)
-            return CONTINUE_RESPONSE_BODY
-        ex.body += msg.body
-        if not msg.end_of_stream:
-            return CONTINUE_RESPONSE_BODY
+            return CONTINUE
+        ex.body += chunk
+        if not end_of_stream:
+            return CONTINUE
         # Reply now and settle right after (a tracked task: drained on shutdown, spooled if
         # the ledger is down), so the debit's transaction is not on the user's latency path;
         # past MAX_PENDING_SETTLES the reply waits for its settle (backpressure, bounded lag).
@@ -468,21 +315,14 @@ class Gate:
         if len(self.tasks) > MAX_PENDING_SETTLES:
             await asyncio.shield(task)
         if ex.account is None or usage is None:
-            return CONTINUE_RESPONSE_BODY
-        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
-            header_mutation=_mutation(self._budget_headers(ex.account, ex.reserved, self._cost(usage))))))
-
-    def _cost(self, usage: Usage) -> int:
-        return accounting.weighted_cost(usage.real_tokens, usage.model, self.weights)
-
-    @staticmethod
-    def _budget_headers(account: Any, reserved: int, cost: int) -> list[tuple[str, str]]:
-        """The balance after this exchange's debit, from the account as its admission left it
-        (concurrent exchanges of the same user are not reflected: informational headers)."""
-        remaining = account.available + reserved - cost
-        pct = accounting.usage_pct(account.used_cycle + cost, account.cycle_budget)
-        return [("x-solaris-tokens-remaining", str(max(remaining, 0))),
-                ("x-solaris-quota-used-pct", f"{pct:.2f}")]
+            return CONTINUE
+        cost = accounting.weighted_cost(usage.real_tokens, usage.model, self.weights)
+        acc = ex.account
+        remaining, pct = accounting.balance_after(
+            available=acc.available, reserved=ex.reserved, used=acc.used_cycle, budget=acc.cycle_budget,
+            cost=cost)
+        return Continue(set_headers=(("x-solaris-tokens-remaining", str(remaining)),
+                                     ("x-solaris-quota-used-pct", f"{pct:.2f}")))
 
     def _observed(self, ex: Exchange, abandoned: bool) -> Observed | None:
         """What the exchange cost; None for "release without debit".
@@ -492,13 +332,13 @@ class Gate:
         output is released (providers do not bill it); anything else (a 2xx whose usage is
         missing or unreadable, a stream cut before its usage event, a client that went away
         before the answer) is charged the full reservation, or the output seen if larger."""
+        assert ex.translator is not None
         counted = 0
-        usage: Observed | None = None
         if ex.tap is not None:
-            usage, text = ex.tap.result()
+            usage, text = ex.tap.result(ex.translator)
         else:
             raw, ex.body = bytes(ex.body), bytearray()
-            usage, text = usage_from_json(raw, self.settings.max_usage_tokens)
+            usage, text = read_body(ex.translator, raw, self.settings.max_usage_tokens)
         if usage is not None:
             return usage
         if text:
@@ -582,56 +422,3 @@ class Gate:
             # to apply by hand. The spool's disk is gone if this line is ever written.
             log.exception("SETTLE NOT SPOOLED %s", json.dumps({**usage.to_json(), "email": None}))
             self.metrics.settles_lost.inc()
-
-
-class Processor(pb_grpc.ExternalProcessorServicer):
-    """The gRPC face of the Gate: dispatches each ProcessingRequest to its phase."""
-
-    def __init__(self, gate: Gate) -> None:
-        self.gate = gate
-        observe = gate.metrics.phase_latency
-        self._timers = {p: observe.labels(p) for p in (
-            "request_headers", "request_body", "response_headers", "response_body", "other")}
-
-    async def Process(
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ProcessingResponse]:
-        gate = self.gate
-        ex = Exchange()
-        try:
-            async for req in request_iterator:
-                started = time.perf_counter()
-                phase = req.WhichOneof("request")
-                reply: pb.ProcessingResponse | None
-                try:
-                    if phase == "request_headers":
-                        reply = await gate.on_request_headers(ex, req.request_headers)
-                    elif phase == "request_body":
-                        reply = await gate.on_request_body(ex, req.request_body)
-                    elif phase == "response_headers":
-                        reply = gate.on_response_headers(ex, req.response_headers)
-                    elif phase == "response_body":
-                        reply = await gate.on_response_body(ex, req.response_body)
-                    elif phase == "request_trailers":
-                        reply = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-                    elif phase == "response_trailers":
-                        reply = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
-                    else:
-                        phase = "other"
-                        reply = None
-                except Exception:
-                    # A bug must not crash the stream silently: fail this request with a
-                    # clean 500 (no money has moved unless admission finished, which the
-                    # abandon path below settles or releases).
-                    log.exception("ext_proc phase %s failed", phase)
-                    gate.decide(ex, "500", "internal_error")
-                    gate.fail(ex)
-                    reply = immediate(gate.messages.internal())
-                self._timers.get(phase, self._timers["other"]).observe(
-                    time.perf_counter() - started)
-                if reply is not None:
-                    yield reply
-                    if reply.HasField("immediate_response"):
-                        return
-        finally:
-            gate.abandon(ex)

@@ -1,20 +1,10 @@
-"""What admission reserves for one request: every billable input of each API schema, turned
-into tokens by documented rules. Pure functions: no I/O, no settings object, no clock.
+"""The billable inputs of a request, turned into tokens by documented rules: what admission
+reserves. Pure functions: no I/O, no settings object, no clock.
 
-The estimate must never be below what the provider can bill for the request, within the
-rules of ``docs/estimate.md`` (the table there is the contract; keep the two in step):
-
-* text wherever a provider bills it (messages, system, tool calls and results,
-  ``instructions``, Responses ``input`` items, unknown keys too): characters x factor;
-* tool / function / JSON-schema definitions: the characters of their JSON;
-* token-id inputs (``prompt``/``input`` as integer arrays): one token per id;
-* images: 85 tokens at ``detail: low``; otherwise the 512-px tile rule on the dimensions
-  read from a data URL, or the largest tile count when the size cannot be read;
-* audio and files: conservative rules on their size (WAV duration, PDF pages, bytes);
-* server-side context (``previous_response_id``, ``conversation``, file ids, prompt
-  templates): a configured allowance each;
-* the completion allowance (the largest of the three max-token fields) times every
-  completion the request asks for (``n``, ``best_of``, several prompts).
+The rules of ``docs/estimate.md`` (the table there is the contract; keep the two in step).
+This module knows the *kinds* of input (text, schemas, images, audio, files, token ids,
+server-side context) and how each is priced; which keys of a body hold them, and how many
+completions a request asks for, is each API schema's business (``translators``).
 
 A request shape whose cost cannot be bounded before the call (model lists, client-side
 routing or fallbacks that make several upstream calls) is refused with a ``Refusal``.
@@ -55,6 +45,8 @@ CONTROL_KEYS = frozenset({
     "background", "metadata", "previous_response_id", "conversation", "prompt_cache_key",
     "safety_identifier", "verbosity", "max_tool_calls",
 })
+# Context held by the upstream, out of the gate's sight: a configured allowance each.
+SERVER_CONTEXT_KEYS = ("previous_response_id", "conversation")
 # Definitions the provider serializes into the prompt: their whole JSON counts (keys too).
 SCHEMA_KEYS = frozenset({"tools", "functions", "response_format", "text", "tool_choice",
                          "function_call", "prediction", "audio"})
@@ -103,7 +95,9 @@ class Estimate:
 
 
 @dataclass
-class _Count:
+class Count:
+    """A running total of billable inputs."""
+
     chars: int = 0
     tokens: int = 0
 
@@ -129,7 +123,7 @@ def check_fan_out(body: Mapping[str, object]) -> None:
             raise Refusal("fan_out", key)
 
 
-def _count_field(body: Mapping[str, object], key: str, low: int, high: int) -> int | None:
+def count_field(body: Mapping[str, object], key: str, low: int, high: int) -> int | None:
     value = body.get(key)
     if value is None:
         return None
@@ -141,7 +135,7 @@ def _count_field(body: Mapping[str, object], key: str, low: int, high: int) -> i
 def completion_allowance(body: Mapping[str, object], default: int, limit: int) -> int:
     """The completion budget of one completion: the LARGEST of the max-token fields present
     (a tiny one must not hide a huge one the upstream may honour), else ``default``."""
-    values = [_count_field(body, k, 0, 2**53) for k in MAX_TOKEN_KEYS]
+    values = [count_field(body, k, 0, 2**53) for k in MAX_TOKEN_KEYS]
     present = [v for v in values if v is not None]
     allowance = max(present) if present else default
     if allowance > limit:
@@ -149,62 +143,42 @@ def completion_allowance(body: Mapping[str, object], default: int, limit: int) -
     return allowance
 
 
-def completions_per_request(kind: str, body: Mapping[str, object]) -> int:
-    """How many completions one request produces and the provider bills."""
-    n = _count_field(body, "n", 1, MAX_CHOICES) or 1
-    if kind == "completions":
-        best_of = _count_field(body, "best_of", 1, MAX_BEST_OF) or 1
-        prompts = body.get("prompt")
-        count = 1
-        if isinstance(prompts, list) and prompts and not _is_token_ids(prompts):
-            count = len(prompts)  # a list of prompts: each gets its own completions
-        return max(n, best_of) * count
-    if kind == "chat":
-        return n
-    return 1
+# ---------------------------------------------------------------- counting a body
 
 
-# ---------------------------------------------------------------- the estimate
-
-
-def estimate(kind: str, body: Mapping[str, object], *, default_completion: int,
-             max_completion: int, server_context_tokens: int) -> Estimate:
-    """The estimate of a parsed request body of ``kind`` (chat, completions, embeddings,
-    responses). Raises Refusal for what cannot be accounted for."""
-    check_fan_out(body)
-    allowance = completion_allowance(body, default_completion, max_completion)
-    count = _Count()
+def count_inputs(body: Mapping[str, object], server_context_tokens: int,
+                 skip: frozenset[str] = frozenset()) -> Count:
+    """Characters and direct tokens of every billable input in ``body``: control keys are
+    skipped, schema definitions count as their JSON, every other key's content is walked
+    (an unknown key a provider might bill is counted, not skipped); ``skip`` names keys the
+    schema's translator prices itself."""
+    count = Count()
     for key, value in body.items():
-        if key in CONTROL_KEYS:
+        if key in CONTROL_KEYS or key in skip:
             continue
         if key in SCHEMA_KEYS:
             count.chars += len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
-        elif kind == "responses" and key == "prompt" and isinstance(value, Mapping):
-            count.tokens += server_context_tokens  # a stored prompt template: server-side
-            _walk(value.get("variables"), count, server_context_tokens)
         else:
-            _walk(value, count, server_context_tokens)
-    for key in ("previous_response_id", "conversation"):
+            walk(value, count, server_context_tokens)
+    for key in SERVER_CONTEXT_KEYS:
         if body.get(key):
             count.tokens += server_context_tokens
-    if kind == "embeddings":
-        return Estimate(count.chars, count.tokens, 0, 1)
-    return Estimate(count.chars, count.tokens, allowance, completions_per_request(kind, body))
+    return count
 
 
-def _is_token_ids(value: list[object]) -> bool:
+def is_token_ids(value: list[object]) -> bool:
     return bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
-def _walk(value: object, count: _Count, server_context_tokens: int) -> None:
+def walk(value: object, count: Count, server_context_tokens: int) -> None:
     if isinstance(value, str):
         count.chars += len(value)
     elif isinstance(value, list):
-        if _is_token_ids(value):
+        if is_token_ids(value):
             count.tokens += len(value)  # token-id input: one token per id
             return
         for item in value:
-            _walk(item, count, server_context_tokens)
+            walk(item, count, server_context_tokens)
     elif isinstance(value, Mapping):
         kind = value.get("type")
         if kind in IMAGE_PART_TYPES or (kind is None and "image_url" in value):
@@ -216,7 +190,7 @@ def _walk(value: object, count: _Count, server_context_tokens: int) -> None:
         else:
             for key, item in value.items():
                 if key not in LABEL_KEYS:
-                    _walk(item, count, server_context_tokens)
+                    walk(item, count, server_context_tokens)
 
 
 # ---------------------------------------------------------------- images
@@ -357,7 +331,7 @@ def wav_seconds(head: bytes, total: int) -> float | None:
     return None
 
 
-def file_cost(part: Mapping[str, object], count: _Count, server_context_tokens: int) -> None:
+def file_cost(part: Mapping[str, object], count: Count, server_context_tokens: int) -> None:
     """A file part: a PDF costs its pages, other inline data its bytes as text; a file known
     only by id or URL is server-side context."""
     inner = part.get("file", part)

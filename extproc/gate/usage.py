@@ -1,8 +1,11 @@
-"""Reading what an exchange really cost from LiteLLM's responses (JSON and SSE).
+"""What an exchange really cost, read from the upstream's answer (JSON or SSE), whatever
+the schema: the number rules shared by every translator, the stream tap, and the tokenizer
+that counts visible output when the upstream reports none.
 
 Usage numbers come from the upstream, so they are validated like any input: non-integers
 and negatives are refused (never a credit through a negative usage), absurd values are capped
-and flagged. A stream without usage is counted from the text actually seen.
+and flagged. Where a schema keeps its usage and its visible text is each translator's
+business (``translators``), passed in as a ``Reader``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -102,35 +105,29 @@ def read_usage(usage: Any, cap: int) -> Observed | None:
     return Observed(prompt, completion, flags)
 
 
-def usage_from_json(body: bytes, cap: int) -> tuple[Observed | None, str]:
-    """Usage of a buffered JSON response, plus its visible text for the fallback count."""
+class Reader(Protocol):
+    """What a schema's translator tells the tap about one decoded JSON event or body."""
+
+    def usage_of(self, data: dict[str, Any], cap: int) -> Observed | None: ...
+
+    def text_of(self, data: dict[str, Any]) -> str: ...
+
+
+def parse_object(raw: bytes) -> dict[str, Any] | None:
+    """A JSON object, or None for anything else (not JSON, a list, a number...)."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None, ""
-    if not isinstance(data, dict):
-        return None, ""
-    usage = data.get("usage")
-    if usage is None and isinstance(data.get("response"), dict):
-        usage = data["response"].get("usage")
-    return read_usage(usage, cap), _visible_text(data)
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
-def _visible_text(event: dict[str, Any]) -> str:
-    parts: list[str] = []
-    choices = event.get("choices")
-    if isinstance(choices, list):
-        for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            for holder in (choice.get("delta"), choice.get("message")):
-                if isinstance(holder, dict) and isinstance(holder.get("content"), str):
-                    parts.append(holder["content"])
-            if isinstance(choice.get("text"), str):
-                parts.append(choice["text"])
-    if event.get("type") == "response.output_text.delta" and isinstance(event.get("delta"), str):
-        parts.append(event["delta"])
-    return "".join(parts)
+def read_body(reader: Reader, raw: bytes, cap: int) -> tuple[Observed | None, str]:
+    """Usage of a buffered JSON response, plus its visible text for the fallback count."""
+    data = parse_object(raw)
+    if data is None:
+        return None, ""
+    return reader.usage_of(data, cap), reader.text_of(data)
 
 
 @dataclass
@@ -164,7 +161,7 @@ class StreamTap:
         """The output dropped from memory on a very long stream, counted by characters."""
         return math.ceil(self.dropped_chars * factor)
 
-    def result(self) -> tuple[Observed | None, str]:
+    def result(self, reader: Reader) -> tuple[Observed | None, str]:
         """The usage of the stream's last usage event (None if it never came or could not be
         read) and the visible text seen, for the processor's fallback rules."""
         usage: Observed | None = None
@@ -176,16 +173,9 @@ class StreamTap:
             payload = line[5:].strip()
             if payload == b"[DONE]" or not payload:
                 continue
-            try:
-                event = json.loads(payload)
-            except (ValueError, UnicodeDecodeError):
+            event = parse_object(payload)
+            if event is None:
                 continue
-            if not isinstance(event, dict):
-                continue
-            raw = event.get("usage")
-            if raw is None and isinstance(event.get("response"), dict):
-                raw = event["response"].get("usage")  # Responses API: response.completed
-            if raw is not None:
-                usage = read_usage(raw, self.cap) or usage
-            text.append(_visible_text(event))
+            usage = reader.usage_of(event, self.cap) or usage
+            text.append(reader.text_of(event))
         return usage, "".join(text)
