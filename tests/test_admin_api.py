@@ -19,13 +19,13 @@ import pytest
 from yarl import URL
 
 from extproc import accounting
-from extproc import admin_queries as q
-from extproc.admin import parse_amount
 from extproc.app import Service
 from extproc.identity import mint_token
 from extproc.ledger import Usage
 from extproc.settings import Settings
-from extproc.web import WebContext, csv_cell, fmt_int, fmt_pct
+from extproc.web import queries as q
+from extproc.web.admin import parse_amount
+from extproc.web.app import WebContext, csv_cell, fmt_int, fmt_pct
 
 HOSTILE = '<script>window.pwned=1</script>"\'&'
 

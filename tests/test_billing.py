@@ -22,12 +22,12 @@ from yarl import URL
 
 from extproc import devstack
 from extproc.app import Service
-from extproc.billing import checkout_idempotency_key, format_price, parse_packs
 from extproc.identity import mint_token
 from extproc.ledger import Ledger, utcnow
 from extproc.metrics import Metrics
-from extproc.sessions import ME_COOKIE, Signer, new_session, session_cookie
+from extproc.purchases import checkout_idempotency_key, format_price, parse_packs
 from extproc.settings import Settings
+from extproc.web.sessions import ME_COOKIE, Signer, new_session, session_cookie
 
 WEBHOOK = "/api/billing/stripe/webhook"
 CHAT = "/v1/chat/completions"
@@ -132,7 +132,7 @@ def test_packs_and_prices():
 
 
 def test_openapi_documents_the_billing_routes():
-    from extproc import billing
+    from extproc import purchases as billing
 
     spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml").read_text())
     documented = {(m, p) for p, item in spec["paths"].items() for m in item if p.startswith("/api/billing")}
@@ -638,7 +638,7 @@ async def clawbacks(svc: Service, user: str) -> list[tuple[str, int, str]]:
 
 
 def test_dispute_texts_exist_in_both_languages():
-    from extproc.billing import TEXT
+    from extproc.purchases import TEXT
 
     assert set(TEXT["pt-BR"]) == set(TEXT["en"])
     assert "Contestação" in TEXT["pt-BR"]["reason_dispute"] and "dispute" in TEXT["en"]["reason_dispute"]

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from extproc.identity import Authenticator, IdentityError, JwksCache, identity_from_claims, mint_token
-from extproc.sessions import AuthFailure, admin_from_credential
 from extproc.settings import Settings
+from extproc.web.sessions import AuthFailure, admin_from_credential
 
 SECRET = "identity-test-secret-0123456789abcdef-xyz"
 GATE_KEY = "gate-key-abcdefghijklmnop"

@@ -25,8 +25,8 @@ from yarl import URL
 from extproc.app import Service
 from extproc.devstack import free_port
 from extproc.identity import mint_token
-from extproc.sessions import MagicLinks, Signer
 from extproc.settings import Settings
+from extproc.web.sessions import MagicLinks, Signer
 
 
 class Inbox:

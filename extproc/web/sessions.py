@@ -23,8 +23,8 @@ import asyncpg
 import jwt
 from aiohttp import web
 
-from .identity import Authenticator, IdentityError
-from .settings import Settings
+from ..identity import Authenticator, IdentityError
+from ..settings import Settings
 
 ADMIN_COOKIE = "solaris_admin"
 ME_COOKIE = "solaris_me"

@@ -19,8 +19,8 @@ from typing import Any
 
 import asyncpg
 
-from .accounting import STATES
-from .ledger import Account
+from ..accounting import STATES
+from ..ledger import Account
 
 ACCOUNT_COLUMNS = (
     "a.user_id, a.email, a.name, a.plan, a.state, a.state_reason, a.cycle_start, a.cycle_end,"

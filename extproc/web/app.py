@@ -26,16 +26,16 @@ from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .identity import Authenticator
-from .ledger import UNAVAILABLE_ERRORS, LedgerUnavailable
-from .migrate import expected_versions
+from ..identity import Authenticator
+from ..ledger import UNAVAILABLE_ERRORS, LedgerUnavailable
+from ..migrate import expected_versions
+from ..settings import Settings
 from .sessions import Signer
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 SERVICE = web.AppKey("service", Any)
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent.parent  # the extproc package: templates/, static/
 TEMPLATES = HERE / "templates"
 STATIC = HERE / "static"
 # Prefixes of the console's own pages and API: they get the security headers below.
@@ -344,7 +344,8 @@ def build_app(service: Any) -> web.Application:
     ctx = WebContext.build(service.settings, getattr(service, "authenticator", None))
     app[WEB] = ctx
     # Imported here: those modules use this one's helpers.
-    from . import admin, billing, me
+    from .. import purchases as billing
+    from . import admin, me
 
     admin.setup(app)
     me.setup(app)

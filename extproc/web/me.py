@@ -15,11 +15,12 @@ from typing import Any
 
 from aiohttp import web
 
-from . import admin_queries as q
+from ..alerts import SmtpSender, parse_smtp_url
+from ..identity import IdentityError, bearer
+from ..ledger import Account
+from . import queries as q
 from .admin import Invalid, entries_json, field_messages, parse_int, statement_csv_response
-from .alerts import SmtpSender, parse_smtp_url
-from .identity import IdentityError, bearer
-from .ledger import Account
+from .app import SERVICE, WEB, WebContext, json_error, json_response
 from .sessions import (
     MAGIC_LINK_SECONDS,
     ME_COOKIE,
@@ -35,7 +36,6 @@ from .sessions import (
     session_cookie,
     set_cookie,
 )
-from .web import SERVICE, WEB, WebContext, json_error, json_response
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ async def me_page(request: web.Request) -> web.StreamResponse:
     except Invalid:
         before_id = after_id = None
     entries = await q.entries_page(pool, account.user_id, limit=25, before_id=before_id, after_id=after_id)
-    from .billing import me_offer  # here: billing builds on this module
+    from ..purchases import me_offer  # here: billing builds on this module
 
     offer = me_offer(request)  # None when billing is off: no "buy credits" section at all
     return ctx.render("me/statement.html", {

@@ -19,9 +19,10 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from . import accounting
-from . import admin_queries as q
-from .ledger import Account, Ledger, UnknownPlan, UnknownUser
+from .. import accounting
+from ..ledger import Account, Ledger, UnknownPlan, UnknownUser
+from . import queries as q
+from .app import SERVICE, WEB, WebContext, client_ip, json_error, json_response, path_segment, stream_csv
 from .sessions import (
     ADMIN_COOKIE,
     ADMIN_SESSION_SECONDS,
@@ -37,7 +38,6 @@ from .sessions import (
     session_cookie,
     set_cookie,
 )
-from .web import SERVICE, WEB, WebContext, client_ip, json_error, json_response, path_segment, stream_csv
 
 MAX_GRANT = 10**12  # far below bigint, far above any sane top-up: a typo guard
 MAX_REASON = 500

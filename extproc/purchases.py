@@ -109,10 +109,10 @@ import stripe
 from aiohttp import web
 
 from .ledger import UNAVAILABLE_ERRORS, Account, Ledger, LedgerUnavailable, UnknownUser
-from .me import api_identity, current_session, signin_page
 from .metrics import Metrics
 from .settings import Settings
-from .web import CSP, SERVICE, WEB, WebContext, client_ip, fmt_int, json_error, json_response
+from .web.app import CSP, SERVICE, WEB, WebContext, client_ip, fmt_int, json_error, json_response
+from .web.me import api_identity, current_session, signin_page
 
 log = logging.getLogger(__name__)
 
