@@ -21,6 +21,8 @@ The admission fast path is a single conditional UPDATE (atomic on its own).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -524,6 +526,83 @@ class Ledger:
             await audit(conn, actor, kind, user_id, before, updated, reason, source_ip, now)
             return updated, True
 
+    # ------------------------------------------------------------ purchases: refunds and disputes
+    # What Stripe's refund and dispute events take back from one purchase of credits, or give
+    # back. ``purchases`` records the events (billing_payments, billing_disputes) and words the
+    # entries; the balance rule and the entries are here. Keys and constants: end of module.
+
+    @functools.cached_property
+    def _payment_slots(self) -> asyncio.Semaphore:
+        """Bounds concurrent settle_payment() calls: each holds one pooled connection (the
+        payment's lock) while grant() takes another, so a burst of webhooks must not fill the
+        pool with holders that all wait for a second connection. The lock is an advisory lock,
+        not a row's, so the plain upserts of other deliveries never wait on it."""
+        return asyncio.Semaphore(PAYMENT_CONCURRENCY)
+
+    async def settle_payment(
+        self, payment_intent: str, *, actor: str, reason: Callable[[Clawback], str],
+        source_ip: str | None = None,
+    ) -> PaymentSettled:
+        """Bring what is clawed back from one purchase to what Stripe's events say it should be
+        (``clawback_target``): the whole pack while a dispute of it is open or lost (any status
+        outside DISPUTE_RELEASED), else tokens x refunded / amount (rounded down). So the total
+        taken back never exceeds the pack, a refund during a dispute takes nothing more, a
+        dispute after a partial refund takes the rest, and a released dispute gives back what
+        it took beyond the refunded share (never a refund's clawback).
+
+        A per-payment lock serializes this; the rows are read after the lock, and every writer
+        of them calls this after its write commits, so the last caller sees the newest state.
+        What was already taken back is read from the ledger (the truth), not from a counter:
+        replays, concurrent deliveries and any order of events converge to the same total. Each
+        movement has a deterministic key (refunds: the cumulative amount refunded; disputes: the
+        number of the payment's dispute entries before it), so even a second caller that did
+        not see the first one's entry cannot apply it twice. ``reason`` words the entry."""
+        async with self._payment_slots, self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", PAYMENT_LOCK_CLASS, payment_intent)
+            row = await conn.fetchrow("SELECT * FROM billing_payments WHERE payment_intent = $1", payment_intent)
+            if row is None or row["session_id"] is None or not row["tokens"] or not await conn.fetchval(
+                    "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1", purchase_key(row["session_id"])):
+                return PaymentSettled()  # the purchase is not known or not credited (yet, or never: unknown user)
+            disputes = await conn.fetch(
+                "SELECT dispute_id, status, amount, currency FROM billing_disputes WHERE payment_intent = $1"
+                " ORDER BY created_at, dispute_id", payment_intent)
+            held = [d for d in disputes if d["status"] not in DISPUTE_RELEASED]
+            target = clawback_target(row["tokens"], row["amount"], row["amount_refunded"], disputed=bool(held))
+            prefix, dprefix = refund_prefix(payment_intent), dispute_prefix(payment_intent)
+            taken = await conn.fetchrow(
+                "SELECT COALESCE(-SUM(tokens), 0)::bigint AS total,"
+                " COALESCE(-SUM(tokens) FILTER (WHERE starts_with(idempotency_key, $3)), 0)::bigint AS disputed,"
+                " count(*) FILTER (WHERE starts_with(idempotency_key, $3)) AS moves"
+                " FROM ledger_entries WHERE user_id = $1"
+                " AND (starts_with(idempotency_key, $2) OR starts_with(idempotency_key, $3))",
+                row["user_id"], prefix, dprefix)
+            total, disputed, moves = taken["total"], taken["disputed"], taken["moves"]
+            payment = {"payment_intent": payment_intent, "user_id": row["user_id"], "refunded": row["amount_refunded"]}
+            if target > total:
+                if held:
+                    d = held[0]
+                    move = Clawback("dispute", "refund", f"{dprefix}{moves + 1}:{d['dispute_id']}", total - target,
+                                    amount=d["amount"], currency=d["currency"], dispute_id=d["dispute_id"],
+                                    status=d["status"], **payment)
+                else:
+                    move = Clawback("refund", "refund", f"{prefix}{row['amount_refunded']}", total - target,
+                                    amount=row["amount"], currency=row["currency"], **payment)
+            elif target < total and disputed > 0:
+                # Only what disputes took comes back; a refund's share stays (and a refund that
+                # failed later gives nothing back either: an admin grants it).
+                d = [d for d in disputes if d["status"] in DISPUTE_RELEASED][-1]
+                # 'adjustment', not 'refund': it undoes a clawback, and "Estorno +N" in the
+                # user's statement would read as money going back to the card.
+                move = Clawback("dispute_released", "adjustment", f"{dprefix}{moves + 1}:{d['dispute_id']}",
+                                min(total - target, disputed), amount=d["amount"], currency=d["currency"],
+                                dispute_id=d["dispute_id"], status=d["status"], **payment)
+            else:
+                return PaymentSettled(credited=True)
+            # Another connection, while this one holds the payment's lock.
+            _, applied = await self.grant(row["user_id"], move.tokens, actor=actor, kind=move.kind,
+                                          reason=reason(move), idempotency_key=move.key, source_ip=source_ip)
+        return PaymentSettled(credited=True, move=move, applied=applied)
+
     async def set_suspended(
         self, user_id: str, suspended: bool, *, actor: str, reason: str,
         source_ip: str | None = None,
@@ -724,3 +803,81 @@ async def create_pool(settings: Settings, *, asynchronous_commit: bool = False, 
         max_size=kwargs.pop("max_size", settings.db_pool_size), command_timeout=10,
         server_settings=server_settings, reset=_no_reset, **kwargs,
     )
+
+
+# ---------------------------------------------------------------- purchases: refunds and disputes
+# (the keys, constants and values of Ledger.settle_payment)
+
+PAYMENT_LOCK_CLASS = 74_2001  # pg_advisory_xact_lock(class, hashtext(payment intent))
+PAYMENT_CONCURRENCY = 4  # settle_payment() calls at once per process (see Ledger._payment_slots)
+# Dispute statuses that give the dispute's clawback back: won (the merchant keeps the money),
+# warning_closed (an inquiry closed without becoming a chargeback) and prevented (settled
+# before it became a dispute; any money returned then comes as charge.refunded and is clawed
+# back by the refund rule). Every other status, "lost" and any status this code does not know
+# included, keeps the purchase clawed back: when unsure, the credits stay taken and an admin
+# can grant them, rather than a cardholder keeping both the money and the credits.
+DISPUTE_RELEASED = frozenset({"won", "warning_closed", "prevented"})
+
+
+def purchase_key(session_id: str) -> str:
+    """The idempotency key of the purchase entry of one Stripe Checkout Session."""
+    return f"stripe:checkout:{session_id}"
+
+
+def refund_prefix(payment_intent: str) -> str:
+    return f"stripe:refund:{payment_intent}:"
+
+
+def dispute_prefix(payment_intent: str) -> str:
+    return f"stripe:dispute:{payment_intent}:"
+
+
+def clawback_target(tokens: int, amount: int | None, refunded: int, *, disputed: bool) -> int:
+    """What a purchase of ``tokens`` paid ``amount`` (minor units) should have had taken back:
+    the whole pack while a dispute holds it (a chargeback reverses the whole payment: the pack
+    is one line item, and the dispute's amount may differ from the charge's by currency
+    conversion, so it is not prorated), else the refunded share, rounded down."""
+    if disputed:
+        return tokens
+    return tokens * min(refunded, amount) // amount if amount and refunded else 0
+
+
+@dataclass(frozen=True)
+class Clawback:
+    """One movement settle_payment() decided: ``tokens`` is the signed change of the balance
+    (negative: taken back; positive: a released dispute gives back)."""
+
+    cause: str  # "refund", "dispute" (held) or "dispute_released"
+    kind: str  # of the ledger entry: "refund" or "adjustment"
+    key: str  # its idempotency key
+    tokens: int
+    payment_intent: str
+    user_id: str
+    refunded: int  # the payment's amount refunded so far (minor units)
+    amount: int | None  # refund: the payment's amount; dispute: the dispute's
+    currency: str | None
+    dispute_id: str | None = None
+    status: str | None = None  # the dispute's
+
+
+@dataclass(frozen=True)
+class PaymentSettled:
+    """What settle_payment() did. ``credited``: the purchase is known and credited (if not,
+    nothing could be settled yet); ``move``: the movement due, if any; ``applied``: whether
+    this call wrote it (False: its key was used already)."""
+
+    credited: bool = False
+    move: Clawback | None = None
+    applied: bool = False
+
+    @property
+    def change(self) -> int:
+        """The signed change of the balance made now."""
+        return self.move.tokens if self.move is not None and self.applied else 0
+
+
+# ---------------------------------------------------------------- the Account mapping, public
+# For the read-only queries of the web surfaces (web.queries): one mapping of an accounts row.
+
+ACCOUNT_COLUMNS = _ACCOUNT_FIELDS
+account_from_row = _account

@@ -1,20 +1,14 @@
-"""Credit purchases with Stripe (DESIGN.md section 7, issue #7): users buy credit packs with
-Stripe Checkout; a signed webhook adds the credits exactly once and claws them back on refund
-or card dispute (chargeback).
+"""Credit purchases with Stripe (issue #7): users buy credit packs with Stripe Checkout; a
+signed webhook adds the credits exactly once and claws them back on refund or card dispute
+(chargeback).
 
 Switch: billing is on only when both ``STRIPE_SECRET_KEY`` and ``STRIPE_WEBHOOK_SECRET`` are set
 (checkout without a webhook secret would take money that could never be credited). When it is
-off, none of the routes below exists (404), /me shows no button and the 402 carries no link.
+off, none of the billing routes exists (404), /me shows no button and the 402 carries no link.
 
-Routes:
-- ``GET /api/billing/packs``: the packs of ``GATE_CREDIT_PACKS`` (public: id, tokens, price in
-  minor units, currency).
-- ``POST /api/billing/checkout``: a user's JWT (``Authorization: Bearer``, as ``/api/me``) and
-  JSON ``{"pack": id}`` -> ``{"id", "url", "pack"}``, the Stripe Checkout Session to send the
-  user to. The browser path is the "buy" form of /me, ``POST /me/billing/checkout`` (session
-  cookie + CSRF token like the other /me forms, then 303 to Stripe): the /me session cookie is
-  scoped to ``Path=/me``, so a browser never sends it to ``/api``.
-- ``POST /api/billing/stripe/webhook``: Stripe's events, signature checked on the raw body.
+HTTP: ``web.billing`` serves the routes (packs, checkout, the webhook, the /me form) and turns
+the outcomes below into answers; nothing here knows HTTP requests (aiohttp appears only as
+the Stripe library's transport).
 
 Checkout: the session is created with the official ``stripe`` library through a per-service
 ``StripeClient`` (``STRIPE_API_BASE`` overrides its API address; no module-level configuration)
@@ -73,8 +67,8 @@ Fulfilment (webhook):
   PaymentIntent, so it is matched through ``billing_payments`` like a refund and kept in
   ``billing_disputes`` (migrations/20261129000001_disputes.sql); one that arrives before its
   purchase is applied when the purchase is fulfilled.
-- Refunds and disputes of one payment are settled together (``settle_payment``, under the
-  payment's lock, from the ledger's own entries): the clawback is the whole pack while any
+- Refunds and disputes of one payment are settled together (``Ledger.settle_payment``, under
+  the payment's lock, from the ledger's own entries): the clawback is the whole pack while any
   dispute holds it, else the refunded share. So the total never exceeds the pack, a refund
   during a dispute takes nothing more, a dispute after a partial refund takes only the rest,
   and a dispute won after a refund gives back only what the dispute took beyond the refund.
@@ -92,9 +86,7 @@ Fulfilment (webhook):
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import json
 import logging
 import re
 import time
@@ -106,47 +98,30 @@ from typing import Any
 import aiohttp
 import asyncpg
 import stripe
-from aiohttp import web
 
-from .ledger import UNAVAILABLE_ERRORS, Account, Ledger, LedgerUnavailable, UnknownUser
+from .formats import fmt_int, format_price
+from .ledger import Account, Clawback, Ledger, PaymentSettled, UnknownUser, purchase_key
 from .metrics import Metrics
 from .settings import Settings
-from .web.app import CSP, SERVICE, WEB, WebContext, client_ip, fmt_int, json_error, json_response
-from .web.me import api_identity, current_session, signin_page
+
+__all__ = ["TEXT", "Checkout", "CheckoutFailed", "Pack", "Purchases", "checkout_idempotency_key", "enabled",
+           "parse_packs"]
 
 log = logging.getLogger(__name__)
 
 ACTOR = "stripe"
-CHECKOUT_ORIGIN = "https://checkout.stripe.com"  # where the /me form's redirect goes (CSP)
 CHECKOUT_WINDOW_SECONDS = 60  # a double click within the same minute reuses the session
 MAX_CLIENT_KEY = 200
 MAX_PACK_TOKENS = 10**12
 STRIPE_TIMEOUT_SECONDS = 30
-# settle_payment holds one pooled connection (the payment's lock) while Ledger.grant takes
-# another: bounding how many run at once keeps a burst of webhooks from filling the pool with
-# holders that all wait for a second connection. The lock is an advisory lock, not the row's,
-# so the plain upserts of other deliveries never wait on it (they would hold connections too).
-REFUND_CONCURRENCY = 4
-REFUND_LOCK_CLASS = 74_2001  # pg_advisory_xact_lock(class, hashtext(payment intent))
 FULFIL_TYPES = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
 DISPUTE_PREFIX = "charge.dispute."  # created, updated, funds_withdrawn, funds_reinstated, closed
-# Dispute statuses that give the dispute's clawback back: won (the merchant keeps the money),
-# warning_closed (an inquiry closed without becoming a chargeback) and prevented (settled
-# before it became a dispute; any money returned then comes as charge.refunded and is clawed
-# back by the refund rule). Every other status, "lost" and any status this code does not know
-# included, keeps the purchase clawed back: when unsure, the credits stay taken and an admin
-# can grant them, rather than a cardholder keeping both the money and the credits.
-DISPUTE_RELEASED = frozenset({"won", "warning_closed", "prevented"})
 # How far along a dispute's life a status is: breaks ties between events of the same second
 # (Stripe's `created` has one-second resolution) so that a late delivery never moves a dispute
 # back. Unknown statuses rank lowest: they never override a known one of the same second.
 DISPUTE_RANK = {"warning_needs_response": 1, "warning_under_review": 2, "warning_closed": 3,
                 "needs_response": 4, "under_review": 5, "won": 6, "lost": 6, "prevented": 6,
                 "appeal_needs_response": 7, "appeal_under_review": 8}
-# Currencies Stripe counts in whole units (no cents).
-ZERO_DECIMAL = frozenset({"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx",
-                          "vnd", "vuv", "xaf", "xof", "xpf"})
-SYMBOLS = {"brl": "R$", "usd": "US$", "eur": "€", "gbp": "£"}
 _PACK_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -235,29 +210,8 @@ def parse_packs(text: str) -> tuple[Pack, ...]:
     return tuple(packs)
 
 
-def format_price(amount: int, currency: str, lang: str) -> str:
-    """2990, "brl" -> "R$ 29,90" (pt-BR) / "R$ 29.90" (en)."""
-    digits = 0 if currency in ZERO_DECIMAL else 2
-    text = f"{amount / 10**digits:,.{digits}f}"
-    if lang == "pt-BR":
-        text = text.translate(str.maketrans({",": ".", ".": ","}))
-    return f"{SYMBOLS.get(currency, currency.upper())} {text}"
-
-
 def enabled(settings: Settings) -> bool:
     return bool(settings.stripe_secret_key and settings.stripe_webhook_secret)
-
-
-def purchase_key(session_id: str) -> str:
-    return f"stripe:checkout:{session_id}"
-
-
-def refund_prefix(payment_intent: str) -> str:
-    return f"stripe:refund:{payment_intent}:"
-
-
-def dispute_prefix(payment_intent: str) -> str:
-    return f"stripe:dispute:{payment_intent}:"
 
 
 def checkout_idempotency_key(user_id: str, pack_id: str, client_key: str | None, now: float) -> str:
@@ -290,15 +244,6 @@ class CheckoutFailed(Exception):
 
 
 @dataclass(frozen=True)
-class Settled:
-    """What Billing.settle_payment did: ``change`` is the signed change of the balance made now
-    (negative: taken back, positive: given back); ``credited`` says whether the purchase is
-    known and credited (if not, nothing could be settled yet)."""
-    change: int = 0
-    credited: bool = False
-
-
-@dataclass(frozen=True)
 class Checkout:
     id: str
     url: str
@@ -308,7 +253,7 @@ class Checkout:
 # ---------------------------------------------------------------- the service object
 
 
-class Billing:
+class Purchases:
     """Checkout and fulfilment for one service instance (its own Stripe client)."""
 
     def __init__(self, settings: Settings, *, pool: asyncpg.Pool, ledger: Ledger, metrics: Metrics,
@@ -322,7 +267,6 @@ class Billing:
         self.lang = settings.language if settings.language in TEXT else "pt-BR"
         self.text = TEXT[self.lang]
         self.public_url = settings.public_url.rstrip("/")
-        self.refund_slots = asyncio.Semaphore(REFUND_CONCURRENCY)
         self.http_client = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=STRIPE_TIMEOUT_SECONDS))
         base = {"api": settings.stripe_api_base.rstrip("/")} if settings.stripe_api_base else None
         # The library retries network failures and 5xx itself, with the same idempotency key.
@@ -502,7 +446,7 @@ class Billing:
     async def dispute(self, dispute: Mapping[str, Any], created: Any, source_ip: str | None) -> str:
         """Any ``charge.dispute.*`` event: record the dispute's status, then settle its payment.
         Every event of a dispute carries the whole Dispute object, so the event type does not
-        matter, only the status of the newest event (see DISPUTE_RELEASED and the migration)."""
+        matter, only the status of the newest event (see ledger.DISPUTE_RELEASED and the migration)."""
         dispute_id = _id(dispute.get("id"))
         payment_intent = _id(dispute.get("payment_intent"))
         status = dispute.get("status")
@@ -550,203 +494,31 @@ class Billing:
             return "dispute_awaiting_purchase"
         return "dispute_recorded"  # nothing to change: already applied, or a status that keeps it
 
-    async def settle_payment(self, payment_intent: str, source_ip: str | None) -> Settled:
-        """Bring what is clawed back from one purchase to what Stripe's events say it should be:
-        the whole pack while a dispute of it is open or lost (any status outside
-        DISPUTE_RELEASED), else tokens x refunded / amount (rounded down). So the total taken
-        back never exceeds the pack, a refund during a dispute takes nothing more, a dispute
-        after a partial refund takes the rest, and a released dispute gives back what it took
-        beyond the refunded share (never a refund's clawback).
-
-        A per-payment lock serializes this; the rows are read after the lock, and every writer
-        of them calls this after its write commits, so the last caller sees the newest state.
-        What was already taken back is read from the ledger (the truth), not from a counter:
-        replays, concurrent deliveries and any order of events converge to the same total. Each
-        movement has a deterministic key (refunds: the cumulative amount refunded; disputes: the
-        number of the payment's dispute entries before it), so even a second caller that did
-        not see the first one's entry cannot apply it twice."""
-        async with self.refund_slots, self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", REFUND_LOCK_CLASS, payment_intent)
-            row = await conn.fetchrow("SELECT * FROM billing_payments WHERE payment_intent = $1", payment_intent)
-            if row is None or row["session_id"] is None or not row["tokens"] or not await conn.fetchval(
-                    "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1", purchase_key(row["session_id"])):
-                return Settled()  # the purchase is not known or not credited (yet, or never: unknown user)
-            disputes = await conn.fetch(
-                "SELECT dispute_id, status, amount, currency FROM billing_disputes WHERE payment_intent = $1"
-                " ORDER BY created_at, dispute_id", payment_intent)
-            held = [d for d in disputes if d["status"] not in DISPUTE_RELEASED]
-            tokens, amount, refunded = row["tokens"], row["amount"], row["amount_refunded"]
-            refund_target = tokens * min(refunded, amount) // amount if amount and refunded else 0
-            # A chargeback reverses the whole payment: the pack is one line item, and the
-            # dispute's amount may differ from the charge's by currency conversion, so it is
-            # not prorated.
-            target = tokens if held else refund_target
-            prefix, dprefix = refund_prefix(payment_intent), dispute_prefix(payment_intent)
-            taken = await conn.fetchrow(
-                "SELECT COALESCE(-SUM(tokens), 0)::bigint AS total,"
-                " COALESCE(-SUM(tokens) FILTER (WHERE starts_with(idempotency_key, $3)), 0)::bigint AS disputed,"
-                " count(*) FILTER (WHERE starts_with(idempotency_key, $3)) AS moves"
-                " FROM ledger_entries WHERE user_id = $1"
-                " AND (starts_with(idempotency_key, $2) OR starts_with(idempotency_key, $3))",
-                row["user_id"], prefix, dprefix)
-            total, disputed, moves = taken["total"], taken["disputed"], taken["moves"]
-            if target > total:
-                change = total - target
-                if held:
-                    d = held[0]
-                    metric, kind, key = "dispute", "refund", f"{dprefix}{moves + 1}:{d['dispute_id']}"
-                    reason = self.text["reason_dispute"].format(
-                        amount=self.money(d["amount"], d["currency"]), dispute=d["dispute_id"],
-                        payment=payment_intent)
-                else:
-                    metric, kind, key = "refund", "refund", f"{prefix}{refunded}"
-                    reason = self.text["reason_refund"].format(
-                        refunded=self.money(refunded, row["currency"]), amount=self.money(amount, row["currency"]),
-                        payment=payment_intent)
-            elif target < total and disputed > 0:
-                # Only what disputes took comes back; a refund's share stays (and a refund that
-                # failed later gives nothing back either: an admin grants it).
-                change = min(total - target, disputed)
-                d = [d for d in disputes if d["status"] in DISPUTE_RELEASED][-1]
-                # 'adjustment', not 'refund': it undoes a clawback, and "Estorno +N" in the
-                # user's statement would read as money going back to the card.
-                metric, kind, key = "dispute_released", "adjustment", f"{dprefix}{moves + 1}:{d['dispute_id']}"
-                reason = self.text["reason_dispute_released"].format(
-                    status=d["status"], dispute=d["dispute_id"], payment=payment_intent)
-            else:
-                return Settled(0, True)
-            # Another connection, while this one holds the payment's lock.
-            _, applied = await self.ledger.grant(row["user_id"], change, actor=ACTOR, kind=kind, reason=reason,
-                                                 idempotency_key=key, source_ip=source_ip)
-        if not applied:
+    async def settle_payment(self, payment_intent: str, source_ip: str | None) -> PaymentSettled:
+        """Bring the payment's clawback to what its refunds and disputes say (the rule and its
+        entries: ``Ledger.settle_payment``), then count and log what changed."""
+        settled = await self.ledger.settle_payment(payment_intent, actor=ACTOR, reason=self.clawback_reason,
+                                                   source_ip=source_ip)
+        move = settled.move
+        if move is None:
+            return settled
+        if not settled.applied:
             log.warning("clawback already applied under its key", extra={"payment_intent": payment_intent,
-                                                                         "key": key})
-            return Settled(0, True)
-        self.metrics.purchase_tokens.labels(kind=metric).inc(abs(change))
-        log.info("purchase clawback changed", extra={"payment_intent": payment_intent, "tokens": change,
-                                                      "cause": metric})
-        return Settled(change, True)
+                                                                         "key": move.key})
+            return settled
+        self.metrics.purchase_tokens.labels(kind=move.cause).inc(abs(move.tokens))
+        log.info("purchase clawback changed", extra={"payment_intent": payment_intent, "tokens": move.tokens,
+                                                      "cause": move.cause})
+        return settled
 
-
-BILLING = web.AppKey("billing", Billing)
-
-
-# ---------------------------------------------------------------- HTTP handlers
-
-
-def _message(ctx: WebContext, billing: Billing, code: str) -> str:
-    if code == "no_account":
-        return ctx.t("me.no_account")
-    return billing.text.get(code, code)
-
-
-async def api_packs(request: web.Request) -> web.StreamResponse:
-    billing = request.app[BILLING]
-    return json_response({"packs": [p.as_json() for p in billing.packs.values()]})
-
-
-async def api_checkout(request: web.Request) -> web.StreamResponse:
-    ctx, billing = request.app[WEB], request.app[BILLING]
-    user_id = await api_identity(request)
-    if isinstance(user_id, web.Response):
-        return user_id
-    try:
-        body = await request.json(loads=json.loads)
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    if not isinstance(body, dict):
-        return json_error(400, "validation_failed", ctx.t("err.validation_failed"),
-                          fields={"body": {"code": "invalid_json", "message": ctx.t("err.invalid_json")}})
-    try:
-        checkout = await billing.checkout(user_id, body.get("pack"), request.headers.get("Idempotency-Key"))
-    except (LedgerUnavailable, *UNAVAILABLE_ERRORS):
-        return json_error(503, "unavailable", ctx.t("error.unavailable"))
-    except CheckoutFailed as exc:
-        if exc.code == "unknown_pack":
-            return json_error(400, "validation_failed", ctx.t("err.validation_failed"),
-                              fields={"pack": {"code": "unknown_pack", "message": billing.text["unknown_pack"]}})
-        code = {"suspended": "account_suspended", "provider": "payment_provider_error",
-                "conflict": "idempotency_conflict"}.get(exc.code, exc.code)
-        return json_error(exc.status, code, _message(ctx, billing, exc.code))
-    return json_response({"id": checkout.id, "url": checkout.url, "pack": checkout.pack.as_json()})
-
-
-async def me_checkout(request: web.Request) -> web.StreamResponse:
-    """The /me "buy" form: session cookie + CSRF, then 303 to Stripe's payment page."""
-    ctx, billing = request.app[WEB], request.app[BILLING]
-    session = current_session(request)
-    if session is None:
-        return signin_page(request, status=401)
-    form = await request.post()
-    csrf = form.get("csrf")
-    if not ctx.signer.csrf_ok(session.sid, csrf if isinstance(csrf, str) else None):
-        return ctx.render("error.html", {"title": ctx.t("error.title"), "message": ctx.t("error.csrf"),
-                                         "nav": None}, status=403)
-    try:
-        checkout = await billing.checkout(session.subject, form.get("pack"), None)
-    except CheckoutFailed as exc:
-        return ctx.render("error.html", {"title": ctx.t("error.title"), "nav": None,
-                                         "message": _message(ctx, billing, exc.code)}, status=exc.status)
-    raise web.HTTPSeeOther(checkout.url)
-
-
-async def stripe_webhook(request: web.Request) -> web.StreamResponse:
-    billing = request.app[BILLING]
-    raw = await request.read()  # the signature covers these exact bytes
-    try:
-        event = billing.verify(raw, request.headers.get("Stripe-Signature"))
-    except (stripe.SignatureVerificationError, ValueError) as exc:
-        billing.metrics.purchases.labels(event="rejected").inc()
-        log.warning("stripe webhook rejected: %s", str(exc)[:200], extra={"source_ip": client_ip(request)})
-        return json_error(400, "invalid_signature", "Invalid or missing Stripe-Signature.")
-    try:
-        outcome = await billing.process(event, client_ip(request))
-    except (LedgerUnavailable, *UNAVAILABLE_ERRORS):
-        log.warning("stripe webhook: ledger unavailable, Stripe will retry", extra={"event_id": event["id"]})
-        return json_error(503, "ledger_unavailable", "The ledger is unavailable; retry later.")
-    except Exception:
-        log.exception("stripe webhook failed", extra={"event_id": event["id"]})
-        return json_error(500, "internal", "Internal error; retry later.")
-    return json_response({"received": True, "outcome": outcome})
-
-
-def me_offer(request: web.Request) -> dict[str, Any] | None:
-    """What /me shows of billing: None when it is off (nothing shows)."""
-    billing = request.app.get(BILLING)
-    if billing is None:
-        return None
-    ctx = request.app[WEB]
-    packs = [{"id": p.id, "tokens": p.tokens, "price": format_price(p.price, p.currency, ctx.lang),
-              "label": billing.text["buy_label"].format(tokens=fmt_int(p.tokens, ctx.lang),
-                                                        price=format_price(p.price, p.currency, ctx.lang))}
-             for p in billing.packs.values()]
-    purchase = request.query.get("purchase", "")
-    return {
-        "packs": packs, "text": billing.text,
-        "notice": billing.text[purchase] if purchase in ("success", "cancelled") else None,
-        # The form's 303 goes to Stripe: browsers check a redirect after a form against form-action.
-        "csp": CSP.replace("form-action 'self'", f"form-action 'self' {CHECKOUT_ORIGIN}"),
-    }
-
-
-def setup(app: web.Application) -> None:
-    """Mount the billing routes when billing is on (both Stripe keys set); otherwise nothing."""
-    service = app[SERVICE]
-    settings: Settings = service.settings
-    if not enabled(settings):
-        if settings.stripe_secret_key or settings.stripe_webhook_secret:
-            log.warning("billing is off: STRIPE_SECRET_KEY and STRIPE_WEBHOOK_SECRET must both be set")
-        return
-    billing = Billing(settings, pool=service.pool, ledger=service.ledger, metrics=service.metrics,
-                      clock=service.clock)
-    app[BILLING] = billing
-    r = app.router
-    r.add_get("/api/billing/packs", api_packs)
-    r.add_post("/api/billing/checkout", api_checkout)
-    r.add_post("/api/billing/stripe/webhook", stripe_webhook)
-    r.add_post("/me/billing/checkout", me_checkout)
-
-    async def close(_: web.Application) -> None:
-        await billing.close()
-
-    app.on_cleanup.append(close)
+    def clawback_reason(self, move: Clawback) -> str:
+        """The ledger reason of a clawback movement, in the deployment's language."""
+        if move.cause == "dispute":
+            return self.text["reason_dispute"].format(
+                amount=self.money(move.amount, move.currency), dispute=move.dispute_id, payment=move.payment_intent)
+        if move.cause == "refund":
+            return self.text["reason_refund"].format(
+                refunded=self.money(move.refunded, move.currency), amount=self.money(move.amount, move.currency),
+                payment=move.payment_intent)
+        return self.text["reason_dispute_released"].format(
+            status=move.status, dispute=move.dispute_id, payment=move.payment_intent)

@@ -20,12 +20,13 @@ from yarl import URL
 
 from extproc import accounting
 from extproc.app import Service
+from extproc.formats import fmt_int, fmt_pct
 from extproc.identity import mint_token
 from extproc.ledger import Usage
 from extproc.settings import Settings
 from extproc.web import queries as q
 from extproc.web.admin import parse_amount
-from extproc.web.app import WebContext, csv_cell, fmt_int, fmt_pct
+from extproc.web.kit import WebContext, csv_cell
 
 HOSTILE = '<script>window.pwned=1</script>"\'&'
 

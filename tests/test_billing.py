@@ -22,10 +22,11 @@ from yarl import URL
 
 from extproc import devstack
 from extproc.app import Service
+from extproc.formats import format_price
 from extproc.identity import mint_token
 from extproc.ledger import Ledger, utcnow
 from extproc.metrics import Metrics
-from extproc.purchases import checkout_idempotency_key, format_price, parse_packs
+from extproc.purchases import checkout_idempotency_key, parse_packs
 from extproc.settings import Settings
 from extproc.web.sessions import ME_COOKIE, Signer, new_session, session_cookie
 

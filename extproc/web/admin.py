@@ -7,13 +7,11 @@ Ledger's admin methods, which write the audit row in the same transaction (I4)."
 from __future__ import annotations
 
 import functools
-import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -22,22 +20,41 @@ from aiohttp import web
 from .. import accounting
 from ..ledger import Account, Ledger, UnknownPlan, UnknownUser
 from . import queries as q
-from .app import SERVICE, WEB, WebContext, client_ip, json_error, json_response, path_segment, stream_csv
+from .kit import (
+    DIGITS,
+    MAX_ID,
+    SERVICES,
+    WEB,
+    Invalid,
+    WebContext,
+    client_ip,
+    entries_json,
+    field_messages,
+    json_body,
+    json_error,
+    json_response,
+    parse_day,
+    parse_int,
+    path_segment,
+    statement_csv_response,
+    stream_csv,
+    validation_error,
+)
 from .sessions import (
     ADMIN_COOKIE,
     ADMIN_SESSION_SECONDS,
     PRE_COOKIE,
-    PRE_SESSION_SECONDS,
     AuthFailure,
     WebSession,
     admin_from_credential,
     clear_cookie,
     new_session,
-    pre_session,
     read_session,
     session_cookie,
     set_cookie,
 )
+
+__all__ = ["ROUTES", "parse_amount", "setup"]
 
 MAX_GRANT = 10**12  # far below bigint, far above any sane top-up: a typo guard
 MAX_REASON = 500
@@ -47,18 +64,7 @@ CHART_DAYS = 30
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-# ---------------------------------------------------------------- validation (shared)
-
-
-class Invalid(Exception):
-    """Field -> error code; rendered as messages in the page's or the API's language."""
-
-    def __init__(self, fields: dict[str, str]) -> None:
-        super().__init__(", ".join(f"{k}: {v}" for k, v in fields.items()))
-        self.fields = fields
-
-
-_DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() would take other scripts' digits too
+# ---------------------------------------------------------------- validation
 
 
 def parse_amount(raw: Any, lang: str, *, from_form: bool) -> int:
@@ -73,7 +79,7 @@ def parse_amount(raw: Any, lang: str, *, from_form: bool) -> int:
         body = text[1:] if negative else text
         groups = body.split(sep)
         grouped = len(groups) > 1 and 1 <= len(groups[0]) <= 3 and all(len(g) == 3 for g in groups[1:])
-        if not all(_DIGITS.fullmatch(g) for g in groups) or (len(groups) > 1 and not grouped):
+        if not all(DIGITS.fullmatch(g) for g in groups) or (len(groups) > 1 and not grouped):
             raise Invalid({"tokens": "not_integer"})
         value = int("".join(groups)) * (-1 if negative else 1)
     else:
@@ -109,27 +115,6 @@ def parse_key(raw: Any) -> str | None:
     return f"admin:{raw}"
 
 
-def parse_int(raw: str | None, name: str, *, low: int, high: int) -> int | None:
-    if raw in (None, ""):
-        return None
-    assert raw is not None
-    if not _DIGITS.fullmatch(raw.strip()):
-        raise Invalid({name: "not_integer"})
-    value = int(raw)
-    if not low <= value <= high:
-        raise Invalid({name: "out_of_range"})
-    return value
-
-
-def parse_day(raw: str | None, name: str) -> date | None:
-    if not raw:
-        return None
-    try:
-        return date.fromisoformat(raw.strip())
-    except ValueError:
-        raise Invalid({name: "invalid_date"}) from None
-
-
 def user_filter(query: Mapping[str, str]) -> q.UserFilter:
     f = q.UserFilter(
         q=query.get("q", "").strip(), state=query.get("state", ""), plan=query.get("plan", ""),
@@ -149,25 +134,20 @@ def audit_filter(query: Mapping[str, str]) -> q.AuditFilter:
         actor=query.get("actor", "").strip()[:300], action=query.get("action", "").strip()[:64],
         target=query.get("target", "").strip()[:300],
         since=parse_day(query.get("since"), "since"), until=parse_day(query.get("until"), "until"),
-        before_id=parse_int(query.get("before_id"), "before_id", low=1, high=2**62),
+        before_id=parse_int(query.get("before_id"), "before_id", low=1, high=MAX_ID),
         limit=parse_int(query.get("limit"), "limit", low=1, high=q.MAX_PAGE) or 50,
     )
 
 
-def field_messages(ctx: WebContext, fields: Mapping[str, str]) -> dict[str, str]:
-    return {name: ctx.t(f"err.{code}") for name, code in fields.items()}
-
-
-# ---------------------------------------------------------------- reads (shared)
+# ---------------------------------------------------------------- reads
 
 
 def ledger_of(request: web.Request) -> Ledger:
-    ledger: Ledger = request.app[SERVICE].ledger
-    return ledger
+    return request.app[SERVICES].ledger
 
 
 async def dashboard_data(request: web.Request) -> dict[str, Any]:
-    service = request.app[SERVICE]
+    service = request.app[SERVICES]
     ctx = request.app[WEB]
     pool = service.pool
     totals = await q.state_totals(pool)
@@ -225,15 +205,6 @@ def changes(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -
             if k not in skip and before.get(k) != after.get(k)]
 
 
-def statement_row(e: Mapping[str, Any], *, include_actor: bool) -> list[Any]:
-    row = [e["id"], e["created_at"], e["kind"], e["tokens"], e["allowance_delta"], e["credits_delta"],
-           e["balance_after"], e["model"], e["prompt_tokens"], e["completion_tokens"], e["request_id"],
-           e["reason"]]
-    return [*row, e["actor"]] if include_actor else row
-
-
-STATEMENT_HEADER = ["id", "created_at", "kind", "tokens", "allowance_delta", "credits_delta",
-                    "balance_after", "model", "prompt_tokens", "completion_tokens", "request_id", "reason"]
 USERS_HEADER = ["user_id", "email", "name", "plan", "state", "state_reason", "available", "balance",
                 "allowance", "credits", "reserved", "used", "budget", "used_pct", "cycle_start", "cycle_end",
                 "created_at"]
@@ -245,20 +216,8 @@ def user_row(a: Account) -> list[Any]:
             a.created_at]
 
 
-async def statement_csv_response(request: web.Request, user_id: str, *, include_actor: bool) -> web.StreamResponse:
-    pool = request.app[SERVICE].pool
-
-    async def rows() -> AsyncIterator[list[Any]]:
-        async for e in q.iter_entries(pool, user_id):
-            yield statement_row(e, include_actor=include_actor)
-
-    header = [*STATEMENT_HEADER, "actor"] if include_actor else STATEMENT_HEADER
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64] or "user"
-    return await stream_csv(request, f"statement-{safe}.csv", header, rows())
-
-
 async def users_csv_response(request: web.Request, f: q.UserFilter) -> web.StreamResponse:
-    pool = request.app[SERVICE].pool
+    pool = request.app[SERVICES].pool
 
     async def rows() -> AsyncIterator[list[Any]]:
         async for a in q.iter_users(pool, f):
@@ -280,15 +239,9 @@ def safe_next(raw: str | None) -> str:
 def login_response(request: web.Request, *, status: int = 200, error: str | None = None,
                    next_url: str | None = None) -> web.Response:
     ctx = request.app[WEB]
-    pre, fresh = pre_session(request)
-    response = ctx.render("admin/login.html", {
-        "title": ctx.t("login.title"), "nav": None, "csrf": ctx.signer.csrf(pre), "error": error,
-        "next": safe_next(next_url or request.path_qs),
+    return ctx.render_with_pre(request, "admin/login.html", {
+        "title": ctx.t("login.title"), "nav": None, "error": error, "next": safe_next(next_url or request.path_qs),
     }, status=status, headers={"WWW-Authenticate": 'Bearer realm="solaris-admin"'} if status == 401 else None)
-    if fresh:
-        set_cookie(response, PRE_COOKIE, pre, path="/", max_age=PRE_SESSION_SECONDS,
-                   secure=ctx.secure_cookies)
-    return response
 
 
 def page(handler: Callable[[web.Request, WebSession], Awaitable[web.StreamResponse]]) -> Handler:
@@ -303,11 +256,8 @@ def page(handler: Callable[[web.Request, WebSession], Awaitable[web.StreamRespon
             return login_response(request, status=401,
                                   next_url=request.path_qs if request.method == "GET" else "/admin")
         if request.method == "POST":
-            form = await request.post()
-            token = form.get("csrf")
-            if not ctx.signer.csrf_ok(session.sid, token if isinstance(token, str) else None):
-                return ctx.render("error.html", {"title": ctx.t("error.title"), "message": ctx.t("error.csrf"),
-                                                 "nav": nav(ctx, session, "")}, status=403)
+            if not ctx.csrf_ok(await request.post(), session.sid):
+                return ctx.error_page(ctx.t("error.csrf"), status=403, nav=nav(ctx, session, ""))
         return await handler(request, session)
 
     return wrapped
@@ -328,8 +278,7 @@ async def login_post(request: web.Request) -> web.StreamResponse:
     ctx = request.app[WEB]
     form = await request.post()
     next_url = safe_next(str(form.get("next", "")))
-    csrf = form.get("csrf")
-    if not ctx.signer.csrf_ok(request.cookies.get(PRE_COOKIE), csrf if isinstance(csrf, str) else None):
+    if not ctx.csrf_ok(form, request.cookies.get(PRE_COOKIE)):
         return login_response(request, status=403, error=ctx.t("error.csrf"), next_url=next_url)
     if not ctx.signer.enabled:
         return login_response(request, status=503, error=ctx.t("login.disabled"), next_url=next_url)
@@ -377,7 +326,7 @@ async def users_page(request: web.Request, session: WebSession) -> web.StreamRes
             "csv_link": query_link("/admin/users.csv", request.query, ("after", "before", "limit"))()}
     try:
         f = user_filter(request.query)
-        result = await q.list_users(request.app[SERVICE].pool, f)
+        result = await q.list_users(request.app[SERVICES].pool, f)
     except Invalid as exc:
         return ctx.render("admin/users.html", {**base, "f": q.UserFilter(), "page": None,
                                                "errors": field_messages(ctx, exc.fields)}, status=400)
@@ -403,17 +352,16 @@ async def users_csv(request: web.Request, session: WebSession) -> web.StreamResp
     try:
         f = user_filter(request.query)
     except Invalid as exc:
-        return ctx.render("error.html", {"title": ctx.t("error.title"), "nav": nav(ctx, session, "users"),
-                                         "message": "; ".join(field_messages(ctx, exc.fields).values())},
-                          status=400)
+        return ctx.error_page("; ".join(field_messages(ctx, exc.fields).values()), status=400,
+                              nav=nav(ctx, session, "users"))
     return await users_csv_response(request, f)
 
 
 async def user_context(request: web.Request, session: WebSession, account: Account) -> dict[str, Any]:
     ctx = request.app[WEB]
-    pool = request.app[SERVICE].pool
-    before_id = parse_int(request.query.get("before_id"), "before_id", low=1, high=2**62)
-    after_id = parse_int(request.query.get("after_id"), "after_id", low=1, high=2**62)
+    pool = request.app[SERVICES].pool
+    before_id = parse_int(request.query.get("before_id"), "before_id", low=1, high=MAX_ID)
+    after_id = parse_int(request.query.get("after_id"), "after_id", low=1, high=MAX_ID)
     entries = await q.entries_page(pool, account.user_id, limit=25, before_id=before_id, after_id=after_id)
     audit_rows, _ = await q.audit_page(pool, q.AuditFilter(target=account.user_id, limit=10))
     return {
@@ -434,12 +382,12 @@ def notice(ctx: WebContext, query: Mapping[str, str]) -> str | None:
 
 
 async def account_or_404(request: web.Request, session: WebSession | None) -> Account:
-    account = await q.get_account(request.app[SERVICE].pool, request.match_info["user_id"])
+    account = await q.get_account(request.app[SERVICES].pool, request.match_info["user_id"])
     if account is None:
         ctx = request.app[WEB]
-        raise web.HTTPNotFound(text=ctx.render("error.html", {
-            "title": ctx.t("error.title"), "message": ctx.t("err.unknown_user"),
-            "nav": nav(ctx, session, "users") if session else None}).text, content_type="text/html")
+        page_ = ctx.error_page(ctx.t("err.unknown_user"), status=404,
+                               nav=nav(ctx, session, "users") if session else None)
+        raise web.HTTPNotFound(text=page_.text, content_type="text/html")
     return account
 
 
@@ -450,9 +398,8 @@ async def user_page(request: web.Request, session: WebSession) -> web.StreamResp
     try:
         context = await user_context(request, session, account)
     except Invalid as exc:
-        return ctx.render("error.html", {"title": ctx.t("error.title"), "nav": nav(ctx, session, "users"),
-                                         "message": "; ".join(field_messages(ctx, exc.fields).values())},
-                          status=400)
+        return ctx.error_page("; ".join(field_messages(ctx, exc.fields).values()), status=400,
+                              nav=nav(ctx, session, "users"))
     return ctx.render("admin/user.html", context)
 
 
@@ -553,7 +500,7 @@ async def suspension_post(request: web.Request, session: WebSession) -> web.Stre
 @page
 async def audit_html(request: web.Request, session: WebSession) -> web.StreamResponse:
     ctx = request.app[WEB]
-    pool = request.app[SERVICE].pool
+    pool = request.app[SERVICES].pool
     base = {"title": ctx.t("audit.title"), "nav": nav(ctx, session, "audit"), "query": dict(request.query),
             "actions": await q.audit_actions(pool), "changes": changes,
             "link": query_link("/admin/audit", request.query)}
@@ -587,30 +534,15 @@ def api(handler: Callable[[web.Request, str], Awaitable[web.StreamResponse]]) ->
         try:
             return await handler(request, admin.actor)
         except Invalid as exc:
-            return invalid(ctx, exc.fields)
+            return validation_error(ctx, exc.fields)
         except q.BadCursor:
-            return invalid(ctx, {"cursor": "bad_cursor"})
+            return validation_error(ctx, {"cursor": "bad_cursor"})
 
     return wrapped
 
 
-def invalid(ctx: WebContext, fields: Mapping[str, str]) -> web.Response:
-    return json_error(400, "validation_failed", ctx.t("err.validation_failed"),
-                      fields={k: {"code": v, "message": ctx.t(f"err.{v}")} for k, v in fields.items()})
-
-
-async def json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        data = await request.json(loads=json.loads)
-    except (ValueError, UnicodeDecodeError):
-        raise Invalid({"body": "invalid_json"}) from None
-    if not isinstance(data, dict):
-        raise Invalid({"body": "invalid_json"})
-    return data
-
-
 async def api_account(request: web.Request) -> Account | web.Response:
-    account = await q.get_account(request.app[SERVICE].pool, request.match_info["user_id"])
+    account = await q.get_account(request.app[SERVICES].pool, request.match_info["user_id"])
     if account is None:
         ctx = request.app[WEB]
         return json_error(404, "unknown_user", ctx.t("err.unknown_user"))
@@ -627,7 +559,7 @@ async def api_dashboard(request: web.Request, actor: str) -> web.StreamResponse:
 
 @api
 async def api_users(request: web.Request, actor: str) -> web.StreamResponse:
-    result = await q.list_users(request.app[SERVICE].pool, user_filter(request.query))
+    result = await q.list_users(request.app[SERVICES].pool, user_filter(request.query))
     return json_response({"users": [a.as_json() for a in result.accounts], "next": result.next_cursor,
                           "prev": result.prev_cursor, "total": result.total, "total_capped": result.total_capped})
 
@@ -643,7 +575,7 @@ async def api_user(request: web.Request, actor: str) -> web.StreamResponse:
     if isinstance(account, web.Response):
         return account
     return json_response({"account": account.as_json(),
-                          "alerts": await q.alerts(request.app[SERVICE].pool, account.user_id)})
+                          "alerts": await q.alerts(request.app[SERVICES].pool, account.user_id)})
 
 
 @api
@@ -652,18 +584,6 @@ async def api_entries(request: web.Request, actor: str) -> web.StreamResponse:
     if isinstance(account, web.Response):
         return account
     return json_response(await entries_json(request, account.user_id, include_actor=True))
-
-
-async def entries_json(request: web.Request, user_id: str, *, include_actor: bool) -> dict[str, Any]:
-    """One statement page for the API (shared with /api/me, which hides the admin's name)."""
-    query = request.query
-    page_ = await q.entries_page(
-        request.app[SERVICE].pool, user_id,
-        limit=parse_int(query.get("limit"), "limit", low=1, high=q.MAX_PAGE) or 50,
-        before_id=parse_int(query.get("before_id"), "before_id", low=1, high=2**62),
-        after_id=parse_int(query.get("after_id"), "after_id", low=1, high=2**62))
-    entries = [e if include_actor else {k: v for k, v in e.items() if k != "actor"} for e in page_.entries]
-    return {"entries": entries, "next_before_id": page_.older, "prev_after_id": page_.newer}
 
 
 @api
@@ -741,7 +661,7 @@ async def api_plans(request: web.Request, actor: str) -> web.StreamResponse:
 
 @api
 async def api_audit(request: web.Request, actor: str) -> web.StreamResponse:
-    rows, older = await q.audit_page(request.app[SERVICE].pool, audit_filter(request.query))
+    rows, older = await q.audit_page(request.app[SERVICES].pool, audit_filter(request.query))
     return json_response({"entries": rows, "next_before_id": older})
 
 

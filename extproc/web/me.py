@@ -16,26 +16,39 @@ from typing import Any
 from aiohttp import web
 
 from ..alerts import SmtpSender, parse_smtp_url
-from ..identity import IdentityError, bearer
 from ..ledger import Account
 from . import queries as q
-from .admin import Invalid, entries_json, field_messages, parse_int, statement_csv_response
-from .app import SERVICE, WEB, WebContext, json_error, json_response
+from .kit import (
+    MAX_ID,
+    OFFER,
+    SERVICES,
+    WEB,
+    Invalid,
+    WebContext,
+    api_identity,
+    current_session,
+    entries_json,
+    field_messages,
+    json_error,
+    json_response,
+    parse_int,
+    signin_page,
+    statement_csv_response,
+    validation_error,
+)
 from .sessions import (
     MAGIC_LINK_SECONDS,
     ME_COOKIE,
     ME_SESSION_SECONDS,
     PRE_COOKIE,
-    PRE_SESSION_SECONDS,
     MagicLinks,
-    WebSession,
     clear_cookie,
     new_session,
-    pre_session,
-    read_session,
     session_cookie,
     set_cookie,
 )
+
+__all__ = ["setup"]
 
 log = logging.getLogger(__name__)
 
@@ -53,58 +66,35 @@ def valid_email(raw: Any) -> str:
     return text
 
 
-def _with_pre(ctx: WebContext, request: web.Request, template: str, context: dict[str, Any],
-              status: int = 200) -> web.Response:
-    """Render a sign-in form whose CSRF token is bound to the visitor's pre-session cookie."""
-    pre, fresh = pre_session(request)
-    response = ctx.render(template, {**context, "csrf": ctx.signer.csrf(pre)}, status=status)
-    if fresh:
-        set_cookie(response, PRE_COOKIE, pre, path="/", max_age=PRE_SESSION_SECONDS, secure=ctx.secure_cookies)
-    return response
-
-
-def signin_page(request: web.Request, *, status: int = 200, errors: dict[str, str] | None = None,
-                email: str = "") -> web.Response:
-    ctx = request.app[WEB]
-    return _with_pre(ctx, request, "me/signin.html", {
-        "title": ctx.t("me.signin_title"), "errors": errors or {}, "email": email}, status)
-
-
-def current_session(request: web.Request) -> WebSession | None:
-    return read_session(request.app[WEB].signer, "me", request, ME_COOKIE)
-
-
 async def me_page(request: web.Request) -> web.StreamResponse:
     ctx = request.app[WEB]
     session = current_session(request)
     if session is None:
         return signin_page(request)
-    pool = request.app[SERVICE].pool
+    pool = request.app[SERVICES].pool
     account = await q.get_account(pool, session.subject)
     if account is None:  # the account is gone: the session means nothing any more
         response = signin_page(request)
         clear_cookie(response, ME_COOKIE, path="/me", secure=ctx.secure_cookies)
         return response
     try:
-        before_id = parse_int(request.query.get("before_id"), "before_id", low=1, high=2**62)
-        after_id = parse_int(request.query.get("after_id"), "after_id", low=1, high=2**62)
+        before_id = parse_int(request.query.get("before_id"), "before_id", low=1, high=MAX_ID)
+        after_id = parse_int(request.query.get("after_id"), "after_id", low=1, high=MAX_ID)
     except Invalid:
         before_id = after_id = None
     entries = await q.entries_page(pool, account.user_id, limit=25, before_id=before_id, after_id=after_id)
-    from ..purchases import me_offer  # here: billing builds on this module
-
-    offer = me_offer(request)  # None when billing is off: no "buy credits" section at all
+    source = request.app.get(OFFER)  # absent when billing is off: no "buy credits" section at all
+    offer = source(request) if source is not None else None
     return ctx.render("me/statement.html", {
         "title": ctx.t("me.title"), "a": account, "entries": entries, "csrf": ctx.signer.csrf(session.sid),
-        "offer": offer}, headers={"Content-Security-Policy": offer["csp"]} if offer else None)
+        "offer": offer}, headers={"Content-Security-Policy": offer.csp} if offer else None)
 
 
 async def request_link(request: web.Request) -> web.StreamResponse:
     ctx = request.app[WEB]
     form = await request.post()
     email = str(form.get("email", ""))
-    csrf = form.get("csrf")
-    if not ctx.signer.csrf_ok(request.cookies.get(PRE_COOKIE), csrf if isinstance(csrf, str) else None):
+    if not ctx.csrf_ok(form, request.cookies.get(PRE_COOKIE)):
         return signin_page(request, status=403, errors={"form": ctx.t("error.csrf")}, email=email)
     try:
         address = valid_email(email)
@@ -119,7 +109,7 @@ async def send_links(app: web.Application, address: str) -> None:
     """Mail a sign-in link to each account with this address (errors are logged: the visitor
     was already told "if the address is known, a link is on its way")."""
     ctx = app[WEB]
-    service = app[SERVICE]
+    service = app[SERVICES]
     try:
         accounts = await q.accounts_by_email(service.pool, address)
         if not accounts:
@@ -155,19 +145,17 @@ async def confirm_page(request: web.Request) -> web.StreamResponse:
     scanner that fetches the link does not use it up."""
     ctx = request.app[WEB]
     token = request.query.get("token", "")
-    if MagicLinks(request.app[SERVICE].pool, ctx.signer).peek(token) is None:
+    if MagicLinks(request.app[SERVICES].pool, ctx.signer).peek(token) is None:
         return ctx.render("me/link_invalid.html", {"title": ctx.t("me.link_invalid_title")}, status=400)
-    return _with_pre(ctx, request, "me/confirm.html", {"title": ctx.t("me.confirm_title"), "token": token})
+    return ctx.render_with_pre(request, "me/confirm.html", {"title": ctx.t("me.confirm_title"), "token": token})
 
 
 async def confirm_post(request: web.Request) -> web.StreamResponse:
     ctx = request.app[WEB]
-    service = request.app[SERVICE]
+    service = request.app[SERVICES]
     form = await request.post()
-    csrf = form.get("csrf")
-    if not ctx.signer.csrf_ok(request.cookies.get(PRE_COOKIE), csrf if isinstance(csrf, str) else None):
-        return ctx.render("error.html", {"title": ctx.t("error.title"), "message": ctx.t("error.csrf"),
-                                         "nav": None}, status=403)
+    if not ctx.csrf_ok(form, request.cookies.get(PRE_COOKIE)):
+        return ctx.error_page(ctx.t("error.csrf"), status=403)
     token = form.get("token")
     user_id = await MagicLinks(service.pool, ctx.signer).consume(
         token if isinstance(token, str) else None, service.clock())
@@ -184,10 +172,8 @@ async def logout(request: web.Request) -> web.StreamResponse:
     ctx = request.app[WEB]
     session = current_session(request)
     form = await request.post()
-    csrf = form.get("csrf")
-    if session is not None and not ctx.signer.csrf_ok(session.sid, csrf if isinstance(csrf, str) else None):
-        return ctx.render("error.html", {"title": ctx.t("error.title"), "message": ctx.t("error.csrf"),
-                                         "nav": None}, status=403)
+    if session is not None and not ctx.csrf_ok(form, session.sid):
+        return ctx.error_page(ctx.t("error.csrf"), status=403)
     response = web.HTTPSeeOther("/me")
     clear_cookie(response, ME_COOKIE, path="/me", secure=ctx.secure_cookies)
     raise response
@@ -198,26 +184,12 @@ async def statement_csv(request: web.Request) -> web.StreamResponse:
     session = current_session(request)
     if session is None:
         return signin_page(request, status=401)
-    if await q.get_account(request.app[SERVICE].pool, session.subject) is None:
-        return ctx.render("error.html", {"title": ctx.t("error.title"), "message": ctx.t("me.no_account"),
-                                         "nav": None}, status=404)
+    if await q.get_account(request.app[SERVICES].pool, session.subject) is None:
+        return ctx.error_page(ctx.t("me.no_account"), status=404)
     return await statement_csv_response(request, session.subject, include_actor=False)
 
 
 # ---------------------------------------------------------------- /api/me (Bearer JWT)
-
-
-async def api_identity(request: web.Request) -> str | web.Response:
-    ctx = request.app[WEB]
-    token = bearer(request.headers.get("authorization"))
-    headers = {"WWW-Authenticate": 'Bearer realm="solaris-me"'}
-    if not token or token.count(".") != 2:
-        return json_error(401, "missing_credentials", ctx.t("login.missing_credentials"), headers=headers)
-    try:
-        identity = await ctx.authenticator.verify_jwt(token)
-    except IdentityError:
-        return json_error(401, "invalid_credentials", ctx.t("login.invalid_credentials"), headers=headers)
-    return identity.user_id
 
 
 async def api_me(request: web.Request) -> web.StreamResponse:
@@ -225,7 +197,7 @@ async def api_me(request: web.Request) -> web.StreamResponse:
     user_id = await api_identity(request)
     if isinstance(user_id, web.Response):
         return user_id
-    account = await q.get_account(request.app[SERVICE].pool, user_id)
+    account = await q.get_account(request.app[SERVICES].pool, user_id)
     if account is None:
         return json_error(404, "no_account", ctx.t("me.no_account"))
     return json_response({"account": account.as_json()})
@@ -239,8 +211,7 @@ async def api_entries(request: web.Request) -> web.StreamResponse:
     try:
         return json_response(await entries_json(request, user_id, include_actor=False))
     except Invalid as exc:
-        return json_error(400, "validation_failed", ctx.t("err.validation_failed"),
-                          fields={k: {"code": v, "message": ctx.t(f"err.{v}")} for k, v in exc.fields.items()})
+        return validation_error(ctx, exc.fields)
 
 
 async def api_statement_csv(request: web.Request) -> web.StreamResponse:

@@ -20,16 +20,14 @@ from typing import Any
 import asyncpg
 
 from ..accounting import STATES
-from ..ledger import Account
+from ..ledger import ACCOUNT_COLUMNS, Account, account_from_row
 
-ACCOUNT_COLUMNS = (
-    "a.user_id, a.email, a.name, a.plan, a.state, a.state_reason, a.cycle_start, a.cycle_end,"
-    " a.cycle_budget, a.used_cycle, a.allowance, a.credits, a.reserved, a.created_at"
-)
-
-# accounting.usage_pct in SQL, for filtering and sorting only: what is shown is always
-# Account.used_pct. (Python rounds the binary float, SQL the exact decimal, so the two can
-# differ in the last digit when the exact value ends in 5 at the third decimal.)
+# accounting.usage_pct in SQL, for the usage bands and the "usage" sort only: what is shown is
+# always Account.used_pct. It must be SQL: the list pages 100 000+ accounts by keyset, so the
+# value has to be in the WHERE and ORDER BY of the query itself (and in its cursor), not
+# computed after the rows are read. Python rounds the binary float, SQL the exact decimal,
+# so the two differ, by 0.01, only when the exact value ends in 5 at the third decimal
+# (tests/test_web_queries.py checks that this is the only difference).
 USED_PCT = (
     "(CASE WHEN a.cycle_budget <= 0 THEN 100.0"
     " ELSE round(100.0 * a.used_cycle / a.cycle_budget, 2) END)"
@@ -60,10 +58,6 @@ COUNT_CAP = 10_000
 
 class BadCursor(ValueError):
     pass
-
-
-def account_from_row(row: asyncpg.Record) -> Account:
-    return Account(**{k: row[k] for k in Account.__dataclass_fields__})
 
 
 def like_prefix(text: str) -> str:

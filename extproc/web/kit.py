@@ -1,0 +1,403 @@
+"""What the web surfaces share: the handler modules (``admin``, ``me``, ``billing``) import this
+module and ``sessions``, never each other.
+
+- the service they use (``Services``, typed) and the app keys that carry it;
+- ``WebContext``: templates, language, the error page and the CSRF check of a form;
+- request parsing (``Invalid``, ``parse_int``, ``json_body``...) and JSON/CSV answers;
+- the user's identity on /me, /api/me and billing (session cookie or JWT);
+- the statement ("extrato") as JSON pages and CSV, shared by the admin console and /me.
+
+Pages are server-rendered Jinja2 with autoescape on (identity values are attacker-chosen
+text), no front-end build and nothing loaded from another origin (the CSP says so)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import asyncpg
+from aiohttp import web
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+from ..formats import fmt_date, fmt_dt, fmt_int, fmt_pct, fmt_signed, fmt_value
+from ..identity import Authenticator, IdentityError, bearer
+from ..ledger import Clock, Ledger
+from ..metrics import Metrics
+from ..settings import Settings
+from . import queries as q
+from .sessions import (
+    ME_COOKIE,
+    PRE_COOKIE,
+    PRE_SESSION_SECONDS,
+    Signer,
+    WebSession,
+    pre_session,
+    read_session,
+    set_cookie,
+)
+
+__all__ = [
+    "CSP", "OFFER", "SERVICES", "STATIC", "TEMPLATES", "WEB", "Invalid", "Offer", "OfferSource", "Services",
+    "WebContext", "api_identity", "client_ip", "csv_cell", "current_session", "entries_json", "field_messages",
+    "json_body", "json_error", "json_response", "parse_day", "parse_int", "path_segment", "signin_page",
+    "statement_csv_response", "stream_csv", "validation_error",
+]
+
+PACKAGE = Path(__file__).resolve().parent.parent  # extproc: templates/ and static/ stay there
+TEMPLATES = PACKAGE / "templates"
+STATIC = PACKAGE / "static"
+CSP = ("default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:;"
+       " form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+MAX_ID = 2**62  # bound of an entry or audit id in a query string
+
+
+# ---------------------------------------------------------------- the service the handlers use
+
+
+class Services(Protocol):
+    """What the web surfaces use of the running service (``extproc.app.Service``, whose pool
+    and ledger exist once it has started, before it builds the web app; tests pass stand-ins
+    with the attributes their routes touch). Read at request time, never copied."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    ledger: Ledger
+    metrics: Metrics
+    clock: Clock
+
+    async def redis_status(self) -> str: ...
+
+    async def refresh_gauges(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The "buy credits" section of the /me page (the template reads its fields)."""
+
+    packs: list[dict[str, Any]]  # id, tokens, price and button label of each pack
+    text: Mapping[str, str]  # the section's wording
+    notice: str | None  # after coming back from Stripe: paid or cancelled
+    csp: str  # the page's Content-Security-Policy (the form's redirect goes to Stripe)
+
+
+class OfferSource(Protocol):
+    """Set under OFFER by ``billing`` when billing is on; /me shows no offer without it."""
+
+    def __call__(self, request: web.Request) -> Offer: ...
+
+
+# ---------------------------------------------------------------- language, templates, errors
+
+
+def load_messages() -> dict[str, dict[str, str]]:
+    with (TEMPLATES / "i18n.json").open(encoding="utf-8") as fh:
+        data: dict[str, dict[str, str]] = json.load(fh)
+    return data
+
+
+def path_segment(value: str) -> str:
+    """A user id as one URL path segment (ids may contain '/', '?', '#', spaces, anything)."""
+    return quote(value, safe="")
+
+
+@dataclass
+class WebContext:
+    """What the console's handlers share, built once per application from the settings."""
+
+    settings: Settings
+    signer: Signer
+    authenticator: Authenticator
+    jinja: Environment
+    messages: dict[str, str]
+    lang: str
+    secure_cookies: bool
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Whole past days of the dashboard chart never change (usage is written at "now"):
+    # computed once per process, only today is queried on every view.
+    daily_cache: dict[date, tuple[int, int]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: Settings, authenticator: Authenticator | None = None) -> WebContext:
+        """``authenticator``: the service's own (one JWKS cache and its background refresh
+        for the gate and the console alike); a fresh one for tests that build pages alone."""
+        lang = settings.language if settings.language in ("pt-BR", "en") else "pt-BR"
+        all_messages = load_messages()
+        messages = {**all_messages["en"], **all_messages.get(lang, {})}
+        jinja = Environment(
+            loader=FileSystemLoader(TEMPLATES),
+            autoescape=select_autoescape(enabled_extensions=("html", "svg", "xml"),
+                                         disabled_extensions=("txt",), default_for_string=True,
+                                         default=True),
+            undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+        )
+        ctx = cls(settings=settings, signer=Signer(settings),
+                  authenticator=authenticator or Authenticator(settings),
+                  jinja=jinja, messages=messages, lang=lang,
+                  secure_cookies=settings.public_url.lower().startswith("https://"))
+        jinja.globals.update(t=ctx.t, t_or=ctx.t_or, lang=lang, html_lang=lang)
+        jinja.filters.update(
+            num=lambda v: fmt_int(v, lang), signed=lambda v: fmt_signed(v, lang),
+            pct=lambda v: fmt_pct(v, lang), dt=lambda v: fmt_dt(v, lang),
+            day=lambda v: fmt_date(v, lang), seg=path_segment, value=lambda v: fmt_value(v, lang),
+        )
+        return ctx
+
+    def t(self, key: str, **kwargs: Any) -> str:
+        text = self.messages.get(key, key)
+        return text.format(**kwargs) if kwargs else text
+
+    def t_or(self, key: str, default: str) -> str:
+        return self.messages.get(key, default)
+
+    def render(self, name: str, context: dict[str, Any], *, status: int = 200,
+               headers: dict[str, str] | None = None) -> web.Response:
+        body = self.jinja.get_template(name).render(**context)
+        return web.Response(text=body, status=status, content_type="text/html", headers=headers)
+
+    def error_page(self, message: str, *, status: int, nav: dict[str, Any] | None = None) -> web.Response:
+        """The one error page of the console and /me; ``nav``: the admin header, if signed in."""
+        return self.render("error.html", {"title": self.t("error.title"), "message": message, "nav": nav},
+                           status=status)
+
+    def csrf_ok(self, form: Mapping[str, Any], binding: str | None) -> bool:
+        """Whether a posted form carries the CSRF token of ``binding`` (a session id, or the
+        pre-session cookie of a sign-in form)."""
+        token = form.get("csrf")
+        return self.signer.csrf_ok(binding, token if isinstance(token, str) else None)
+
+    def render_with_pre(self, request: web.Request, template: str, context: dict[str, Any], *,
+                        status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+        """Render a sign-in form whose CSRF token is bound to the visitor's pre-session cookie
+        (set now when missing)."""
+        pre, fresh = pre_session(request)
+        response = self.render(template, {**context, "csrf": self.signer.csrf(pre)}, status=status,
+                               headers=headers)
+        if fresh:
+            set_cookie(response, PRE_COOKIE, pre, path="/", max_age=PRE_SESSION_SECONDS,
+                       secure=self.secure_cookies)
+        return response
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        """Run ``coro`` in the background, keeping a reference until it ends."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+SERVICES = web.AppKey("services", Services)
+WEB = web.AppKey("web", WebContext)
+OFFER = web.AppKey("me_offer", OfferSource)
+
+
+# ---------------------------------------------------------------- request parsing
+
+
+class Invalid(Exception):
+    """Field -> error code; rendered as messages in the page's or the API's language."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__(", ".join(f"{k}: {v}" for k, v in fields.items()))
+        self.fields = fields
+
+
+DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() would take other scripts' digits too
+
+
+def parse_int(raw: str | None, name: str, *, low: int, high: int) -> int | None:
+    if raw in (None, ""):
+        return None
+    assert raw is not None
+    if not DIGITS.fullmatch(raw.strip()):
+        raise Invalid({name: "not_integer"})
+    value = int(raw)
+    if not low <= value <= high:
+        raise Invalid({name: "out_of_range"})
+    return value
+
+
+def parse_day(raw: str | None, name: str) -> date | None:
+    if not raw:
+        return None
+    try:
+        return date.fromisoformat(raw.strip())
+    except ValueError:
+        raise Invalid({name: "invalid_date"}) from None
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object; Invalid({"body": "invalid_json"}) otherwise."""
+    try:
+        data = await request.json(loads=json.loads)
+    except (ValueError, UnicodeDecodeError):
+        raise Invalid({"body": "invalid_json"}) from None
+    if not isinstance(data, dict):
+        raise Invalid({"body": "invalid_json"})
+    return data
+
+
+def field_messages(ctx: WebContext, fields: Mapping[str, str]) -> dict[str, str]:
+    return {name: ctx.t(f"err.{code}") for name, code in fields.items()}
+
+
+def client_ip(request: web.Request) -> str:
+    """The audit log's source address: the TCP peer, plus what the proxy says it forwarded
+    for (Envoy passes X-Forwarded-For through; only the peer is not client-controlled)."""
+    peer = request.remote or "unknown"
+    forwarded = request.headers.get("x-forwarded-for", "").strip()
+    if forwarded:
+        forwarded = "".join(c for c in forwarded if c.isprintable())[:200]
+        return f"{forwarded} via {peer}"
+    return peer
+
+
+# ---------------------------------------------------------------- JSON and CSV
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=json.dumps(data, default=_json_default, ensure_ascii=False), status=status,
+                        content_type="application/json", headers=headers)
+
+
+def json_error(status: int, code: str, message: str, *, fields: dict[str, Any] | None = None,
+               headers: dict[str, str] | None = None) -> web.Response:
+    """OpenAI-shaped, like every other error of the gate."""
+    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+            503: "service_unavailable"}.get(status, "invalid_request_error")
+    error: dict[str, Any] = {"message": message, "type": kind, "code": code}
+    if fields:
+        error["fields"] = fields
+    return json_response({"error": error}, status=status, headers=headers)
+
+
+def validation_error(ctx: WebContext, fields: Mapping[str, str],
+                     messages: Mapping[str, str] | None = None) -> web.Response:
+    """400 validation_failed with each field's code and message (``messages``: code -> text
+    for codes the page catalogue does not have)."""
+    messages = messages or {}
+    return json_error(400, "validation_failed", ctx.t("err.validation_failed"),
+                      fields={k: {"code": v, "message": messages.get(v) or ctx.t(f"err.{v}")}
+                              for k, v in fields.items()})
+
+
+def csv_cell(value: Any) -> Any:
+    """Spreadsheet-safe: text starting with = + - @ (a formula to Excel or Sheets) is prefixed
+    with a quote, so a hostile name cannot run in the admin's spreadsheet."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, list | tuple):
+        value = " ".join(str(v) for v in value)
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return "" if value is None else value
+
+
+async def stream_csv(request: web.Request, filename: str, header: Sequence[str],
+                     rows: AsyncIterator[Sequence[Any]]) -> web.StreamResponse:
+    """Write rows as they come (exports of 100 000 accounts never sit in memory whole)."""
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8",
+        "Content-Disposition": f'attachment; filename="{filename}"',
+        "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+    })
+    await response.prepare(request)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(header)
+    count = 0
+    async for row in rows:
+        writer.writerow([csv_cell(v) for v in row])
+        count += 1
+        if count % 500 == 0:
+            await response.write(buffer.getvalue().encode())
+            buffer.seek(0)
+            buffer.truncate()
+    await response.write(buffer.getvalue().encode())
+    await response.write_eof()
+    return response
+
+
+# ---------------------------------------------------------------- the user's identity (/me, billing)
+
+
+def current_session(request: web.Request) -> WebSession | None:
+    """The /me session cookie's user, if signed in."""
+    return read_session(request.app[WEB].signer, "me", request, ME_COOKIE)
+
+
+def signin_page(request: web.Request, *, status: int = 200, errors: dict[str, str] | None = None,
+                email: str = "") -> web.Response:
+    """The /me sign-in form (asks for a link by e-mail)."""
+    ctx = request.app[WEB]
+    return ctx.render_with_pre(request, "me/signin.html", {
+        "title": ctx.t("me.signin_title"), "errors": errors or {}, "email": email}, status=status)
+
+
+async def api_identity(request: web.Request) -> str | web.Response:
+    """The user id of a verified JWT (``Authorization: Bearer``), or the 401 to answer."""
+    ctx = request.app[WEB]
+    token = bearer(request.headers.get("authorization"))
+    headers = {"WWW-Authenticate": 'Bearer realm="solaris-me"'}
+    if not token or token.count(".") != 2:
+        return json_error(401, "missing_credentials", ctx.t("login.missing_credentials"), headers=headers)
+    try:
+        identity = await ctx.authenticator.verify_jwt(token)
+    except IdentityError:
+        return json_error(401, "invalid_credentials", ctx.t("login.invalid_credentials"), headers=headers)
+    return identity.user_id
+
+
+# ---------------------------------------------------------------- the statement (admin and /me)
+
+
+STATEMENT_HEADER = ["id", "created_at", "kind", "tokens", "allowance_delta", "credits_delta",
+                    "balance_after", "model", "prompt_tokens", "completion_tokens", "request_id", "reason"]
+
+
+def statement_row(e: Mapping[str, Any], *, include_actor: bool) -> list[Any]:
+    row = [e["id"], e["created_at"], e["kind"], e["tokens"], e["allowance_delta"], e["credits_delta"],
+           e["balance_after"], e["model"], e["prompt_tokens"], e["completion_tokens"], e["request_id"],
+           e["reason"]]
+    return [*row, e["actor"]] if include_actor else row
+
+
+async def statement_csv_response(request: web.Request, user_id: str, *, include_actor: bool) -> web.StreamResponse:
+    """The whole statement of ``user_id`` as CSV (``include_actor``: the admin's view)."""
+    pool = request.app[SERVICES].pool
+
+    async def rows() -> AsyncIterator[list[Any]]:
+        async for e in q.iter_entries(pool, user_id):
+            yield statement_row(e, include_actor=include_actor)
+
+    header = [*STATEMENT_HEADER, "actor"] if include_actor else STATEMENT_HEADER
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64] or "user"
+    return await stream_csv(request, f"statement-{safe}.csv", header, rows())
+
+
+async def entries_json(request: web.Request, user_id: str, *, include_actor: bool) -> dict[str, Any]:
+    """One statement page for the API (/api/me hides the admin's name: ``include_actor``)."""
+    query = request.query
+    page = await q.entries_page(
+        request.app[SERVICES].pool, user_id,
+        limit=parse_int(query.get("limit"), "limit", low=1, high=q.MAX_PAGE) or 50,
+        before_id=parse_int(query.get("before_id"), "before_id", low=1, high=MAX_ID),
+        after_id=parse_int(query.get("after_id"), "after_id", low=1, high=MAX_ID))
+    entries = [e if include_actor else {k: v for k, v in e.items() if k != "actor"} for e in page.entries]
+    return {"entries": entries, "next_before_id": page.older, "prev_after_id": page.newer}
