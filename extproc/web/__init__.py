@@ -1,5 +1,16 @@
-"""The processor's HTTP side (port 8081): health, readiness and metrics, the admin console,
-the user's statement page (/me) and the Stripe purchase routes."""
+"""The processor's HTTP side (port 8081), in layers; a module imports only those below it:
+
+- ``app``: builds the aiohttp application (middleware, health, readiness, metrics) and
+  mounts the three surfaces;
+- ``admin`` (the console, /admin and /api/admin), ``me`` (the user's statement, /me and
+  /api/me), ``billing`` (the credit purchase routes): handlers only, never importing one
+  another;
+- ``kit``: what those share (typed service, context, errors, CSRF, parsing, JSON/CSV);
+- ``sessions`` (cookies, CSRF tokens, magic links, admin credentials) and ``queries`` (the
+  read-only SQL of the pages).
+
+Money never moves here: changes go through ``extproc.ledger``, purchases through
+``extproc.purchases``."""
 
 from .app import build_app
 
