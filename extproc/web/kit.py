@@ -22,17 +22,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
-import asyncpg
 from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from ..formats import fmt_date, fmt_dt, fmt_int, fmt_pct, fmt_signed, fmt_value
 from ..identity import Authenticator, IdentityError, bearer
-from ..ledger import Clock, Ledger
-from ..metrics import Metrics
 from ..settings import Settings
 from . import queries as q
 from .sessions import (
@@ -45,6 +42,12 @@ from .sessions import (
     read_session,
     set_cookie,
 )
+
+if TYPE_CHECKING:  # annotations only: the service's parts are read, never built, here
+    import asyncpg
+
+    from ..ledger import Clock, Ledger
+    from ..metrics import Metrics
 
 __all__ = [
     "CSP", "OFFER", "SERVICES", "STATIC", "TEMPLATES", "WEB", "Invalid", "Offer", "OfferSource", "Services",
