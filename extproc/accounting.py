@@ -19,6 +19,9 @@ STATES = ("active", "warned_80", "warned_90", "blocked", "suspended")
 # (the estimate itself is computed in ``estimate``: one rule per billable input)
 
 
+TIMEOUT_STATUSES = frozenset({408, 504})
+
+
 @dataclass(frozen=True)
 class Charge:
     """The debit of an exchange whose real usage is unknown, and why (ledger flags)."""
@@ -34,13 +37,18 @@ def unreported_charge(*, status: int, abandoned: bool, prompt_estimate: int,
 
     * An upstream error reply (non-2xx) with no visible output is released: providers do not
       bill a refused request. One with output is charged the prompt estimate plus that output.
+      A timeout (408, 504) is not a refusal: charged like an abandoned exchange.
     * Anything else happened after the upstream was called and may have produced output the
       gate never saw (a 2xx with missing or garbled usage, a stream cut before its usage
       event, a client gone before the answer, reasoning tokens that are never visible): it is
       charged the full reservation, or the output counted when that is larger.
     """
     flags = ("no_usage", "abandoned") if abandoned else ("no_usage",)
-    if status and not 200 <= status < 300:
+    if status in TIMEOUT_STATUSES:
+        # The upstream gave up waiting, not the provider refusing: the provider may well have
+        # produced (and billed) the answer nobody received.
+        flags = (*flags, "timeout")
+    elif status and not 200 <= status < 300:
         if counted_output <= 0:
             return None
         return Charge(prompt_estimate, counted_output, (*flags, "counted"))
@@ -115,12 +123,23 @@ def split_debit(allowance: int, cost: int) -> Split:
     return Split(-from_allowance, -(max(cost, 0) - from_allowance))
 
 
-def split_trueup(allowance: int, delta: int) -> Split:
-    """A correction of an earlier debit: more cost is a debit like any other; less cost gives
-    the difference back to the allowance (where a debit is taken from first)."""
+def split_trueup(allowance: int, delta: int, *, swept_from_credits: int, same_cycle: bool) -> Split:
+    """The correction of a sweep's charge by ``delta`` (real cost - swept charge).
+
+    More cost is a debit like any other. Less cost gives back the difference where the sweep
+    took it from, in reverse: credits first (up to what the sweep took from credits), then
+    the allowance; when the cycle has rolled since the sweep, the allowance the sweep took
+    belonged to a cycle that is over, so its share comes back as credits rather than swelling
+    the new cycle's allowance. Either way the exchange's final debit is its real cost (I5).
+    """
     if delta >= 0:
         return split_debit(allowance, delta)
-    return Split(-delta, 0)
+    back = -delta
+    to_credits = min(back, max(swept_from_credits, 0))
+    rest = back - to_credits
+    if same_cycle:
+        return Split(rest, to_credits)
+    return Split(0, to_credits + rest)
 
 
 # ---------------------------------------------------------------- cycles

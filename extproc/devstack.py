@@ -148,13 +148,13 @@ class Envoy:
     def __init__(self, workdir: Path, *, upstream: tuple[str, int],
                  extproc: Sequence[tuple[str, int]] | None, http: tuple[str, int],
                  listen_port: int | None = None, admin_port: int | None = None,
-                 concurrency: int = 2, health_check: bool = True) -> None:
+                 concurrency: int = 2, health_check: bool = True, language: str = "pt-BR") -> None:
         self.workdir = workdir
         self.listen_port = listen_port or free_port()
         self.admin_port = admin_port or free_port()
         config = envoy_config.render(
             listen_port=self.listen_port, admin_port=self.admin_port, extproc=extproc,
-            upstream=upstream, http=http, health_check=health_check)
+            upstream=upstream, http=http, health_check=health_check, language=language)
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = envoy_config.write(config, workdir / f"envoy-{self.listen_port}.yaml")
         self.log_path = workdir / f"envoy-{self.listen_port}.log"
@@ -522,7 +522,7 @@ class DevStack:
         envoy = Envoy(self.workdir, upstream=upstream,
                       extproc=[("127.0.0.1", settings.grpc_port)],
                       http=("127.0.0.1", settings.http_port), listen_port=settings.listen_port,
-                      admin_port=settings.envoy_admin_port)
+                      admin_port=settings.envoy_admin_port, language=settings.language)
         try:
             envoy.start(detach=True)
         except (RuntimeError, TimeoutError) as exc:

@@ -18,6 +18,16 @@ def envoy_template_path() -> Path:
     return Path(os.environ.get("GATE_ENVOY_TEMPLATE", ROOT / "envoy.yaml"))
 
 
+# Envoy's own error replies (local_reply_config), by language, in the order of its mappers.
+LOCAL_REPLIES = {
+    "pt-BR": ("A conversa é grande demais para o gateway. Inicie uma nova conversa.",
+              "O controle de tokens está indisponível (%RESPONSE_CODE_DETAILS%). "
+              "Tente novamente em instantes."),
+    "en": ("The conversation is too large for the gateway. Start a new conversation.",
+           "The token gate is unavailable (%RESPONSE_CODE_DETAILS%). Try again in a moment."),
+}
+
+
 def _endpoints(addresses: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
     return [{"lb_endpoints": [
         {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
@@ -33,6 +43,7 @@ def render(
     http: tuple[str, int],
     template: Path | None = None,
     health_check: bool = True,
+    language: str = "pt-BR",
 ) -> dict[str, Any]:
     """The configuration with the given ports. ``extproc=None`` removes the ext_proc filter
     (the benchmark's "Envoy direct" baseline)."""
@@ -40,11 +51,13 @@ def render(
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listener = config["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["port_value"] = listen_port
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    for mapper, text in zip(hcm["local_reply_config"]["mappers"], LOCAL_REPLIES[language], strict=True):
+        mapper["body_format_override"]["json_format"]["error"]["message"] = text
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     clusters["litellm"]["load_assignment"]["endpoints"] = _endpoints([upstream])
     clusters["extproc_http"]["load_assignment"]["endpoints"] = _endpoints([http])
     if extproc is None:
-        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
         hcm["http_filters"] = [f for f in hcm["http_filters"]
                                if f["name"] != "envoy.filters.http.ext_proc"]
         for vhost in hcm["route_config"]["virtual_hosts"]:

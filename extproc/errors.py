@@ -86,8 +86,11 @@ REFUSALS: dict[str, dict[str, str]] = {
         "model_list": "uma lista de modelos ('{detail}') dispara várias chamadas e não é "
                       "aceita; escolha um modelo",
         "model_not_allowed": "o modelo '{detail}' não está liberado neste gateway",
-        "fan_out": "o campo '{detail}' faz o proxy chamar outros modelos ou credenciais e não "
-                   "é aceito",
+        "fan_out": "o campo '{detail}' muda como o proxy chama o modelo (outros modelos, "
+                   "credenciais, repetições ou parâmetros do provedor) e não é aceito",
+        "service_tier": "o nível de serviço '{detail}' não é aceito neste gateway",
+        "query_not_allowed": "parâmetros na URL não são aceitos nesta rota",
+        "unreadable": "não foi possível ler a requisição",
         "bad_integer": "o campo '{detail}' deve ser um inteiro dentro do limite permitido",
         "max_tokens_above": "o limite de tokens de resposta pedido passa de {detail}",
     },
@@ -102,8 +105,11 @@ REFUSALS: dict[str, dict[str, str]] = {
         "model_list": "a list of models ('{detail}') makes several calls and is not "
                       "accepted; choose one model",
         "model_not_allowed": "model '{detail}' is not enabled on this gateway",
-        "fan_out": "'{detail}' makes the proxy call other models or credentials and is not "
-                   "accepted",
+        "fan_out": "'{detail}' changes how the proxy calls the model (other models, "
+                   "credentials, retries or provider parameters) and is not accepted",
+        "service_tier": "service tier '{detail}' is not accepted on this gateway",
+        "query_not_allowed": "URL parameters are not accepted on this route",
+        "unreadable": "the request could not be read",
         "bad_integer": "'{detail}' must be an integer within the allowed range",
         "max_tokens_above": "the requested completion limit is above {detail}",
     },

@@ -395,6 +395,7 @@ class Ledger:
             )
             flags = list(usage.flags)
             exchange_key, trueup_key, debit = usage.exchange_id, None, cost
+            split, this_cycle = accounting.split_debit(0, 0), True
             if row is None:
                 row, swept = await self._unreserved_row(conn, usage, now)
                 if row is None:
@@ -404,13 +405,21 @@ class Ledger:
                 else:
                     # I5: the sweep charged this exchange its hold; the real settle corrects
                     # that charge to the real cost, once (keyed apart from the usage entry).
-                    exchange_key, trueup_key, debit = None, trueup_key_for(usage.exchange_id), cost - swept
+                    exchange_key, trueup_key = None, trueup_key_for(usage.exchange_id)
+                    debit = cost + swept["tokens"]  # the sweep's entry is negative
+                    this_cycle = debit >= 0 or swept["cycle_start"] == row["cycle_start"]
+                    split = accounting.split_trueup(
+                        row["allowance"], debit, swept_from_credits=-swept["credits_delta"],
+                        same_cycle=this_cycle)
                     flags.append("trueup")
+            if trueup_key is None:
+                split = accounting.split_debit(row["allowance"], debit)
             held = row["held"]
-            split = accounting.split_trueup(row["allowance"], debit)
             allowance = row["allowance"] + split.allowance_delta
             credits = row["credits"] + split.credits_delta
-            used = max(row["used_cycle"] + debit, 0)
+            # This cycle's usage moves by what this cycle's balance moved (a give-back for a
+            # sweep of an earlier cycle leaves the current cycle's usage alone).
+            used = max(row["used_cycle"] - split.tokens, 0) if this_cycle else row["used_cycle"]
             before = accounting.usage_pct(row["used_cycle"], row["cycle_budget"])
             after = accounting.usage_pct(used, row["cycle_budget"])
             state = accounting.state_for(row["state"], allowance + credits, after)
@@ -439,11 +448,11 @@ class Ledger:
 
     async def _unreserved_row(
         self, conn: asyncpg.Connection, usage: Usage, now: datetime
-    ) -> tuple[dict[str, Any] | None, int | None]:
+    ) -> tuple[dict[str, Any] | None, asyncpg.Record | None]:
         """No held reservation. Returns (account row, None) for an exchange admitted while the
-        ledger was unreachable (fail-open) and replayed from the spool; (row, swept cost) for
-        the real settle of an exchange the sweep charged (a true-up is due); (None, None) for
-        a replay of a settle already applied."""
+        ledger was unreachable (fail-open) and replayed from the spool; (row, the sweep's
+        entry) for the real settle of an exchange the sweep charged (a true-up is due);
+        (None, None) for a replay of a settle already applied."""
         release = "released" in usage.flags  # a spooled release: undoes, never creates
         row = await self._locked_account(conn, usage.user_id)
         if row is None:
@@ -455,29 +464,41 @@ class Ledger:
         # lock was granted, so they see a settle that committed while we waited (a subquery in
         # the locking SELECT would not).
         previous = await conn.fetchrow(
-            "SELECT tokens, flags FROM ledger_entries WHERE exchange_id = $1", usage.exchange_id)
+            "SELECT tokens, credits_delta, cycle_start, flags FROM ledger_entries WHERE exchange_id = $1",
+            usage.exchange_id)
         if previous is None:
             return (None, None) if release else ({**dict(row), "held": 0}, None)
         if "expired" not in previous["flags"] or "expired" in usage.flags or await conn.fetchval(
                 "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1",
                 trueup_key_for(usage.exchange_id)):
             return None, None
-        return {**dict(row), "held": 0}, -previous["tokens"]
+        return {**dict(row), "held": 0}, previous
 
     async def release(self, exchange_id: str) -> bool:
-        """Give back a reservation without a debit (upstream error before any output)."""
+        """Give back a reservation without a debit (upstream error before any output). When
+        the sweep got there first and charged the hold, the charge is given back instead (a
+        zero-cost settle: its true-up, I5). Returns whether a hold or a charge was undone."""
         try:
             async with self.pool.acquire() as conn:
-                released = await conn.fetchval(
+                released = await conn.fetchrow(
                     "WITH r AS (UPDATE reservations SET state = 'released', closed_at = $2"
                     "   WHERE exchange_id = $1 AND state = 'held' RETURNING user_id, tokens)"
                     " UPDATE accounts a SET reserved = a.reserved - r.tokens FROM r"
-                    " WHERE a.user_id = r.user_id RETURNING true",
+                    " WHERE a.user_id = r.user_id RETURNING true AS done",
                     exchange_id, self.clock(),
                 )
-                return bool(released)
+                swept_user = None if released else await conn.fetchval(
+                    "SELECT user_id FROM reservations WHERE exchange_id = $1 AND state = 'expired'",
+                    exchange_id)
         except UNAVAILABLE_ERRORS as exc:
             raise LedgerUnavailable(str(exc)) from exc
+        if released:
+            return True
+        if swept_user is None:
+            return False
+        undone = await self.settle(Usage(exchange_id=exchange_id, user_id=swept_user,
+                                         flags=("released",), cost=0))
+        return undone is not None
 
     # ------------------------------------------------------------ credits and admin
 

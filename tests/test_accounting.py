@@ -34,10 +34,23 @@ def test_unreported_charge(status, abandoned, counted, expected) -> None:
         assert (charge.prompt_tokens, charge.completion_tokens, charge.flags) == expected
 
 
-def test_split_trueup_gives_back_to_allowance() -> None:
-    assert acc.split_trueup(50, 80) == acc.Split(-50, -30)  # a larger cost: a normal debit
-    assert acc.split_trueup(0, -70) == acc.Split(70, 0)     # a smaller cost: back to allowance
-    assert acc.split_trueup(10, 0).tokens == 0
+def test_split_trueup_reverses_where_the_sweep_took_from() -> None:
+    same = {"swept_from_credits": 0, "same_cycle": True}
+    assert acc.split_trueup(50, 80, **same) == acc.Split(-50, -30)  # a larger cost: a debit
+    assert acc.split_trueup(0, -70, **same) == acc.Split(70, 0)     # taken from allowance
+    # the sweep took 40 from credits: those come back first, the rest to the allowance
+    assert acc.split_trueup(0, -70, swept_from_credits=40, same_cycle=True) == acc.Split(30, 40)
+    # the cycle rolled since: nothing swells the new cycle's allowance
+    assert acc.split_trueup(900, -70, swept_from_credits=0, same_cycle=False) == acc.Split(0, 70)
+    assert acc.split_trueup(10, 0, **same).tokens == 0
+
+
+def test_timeouts_are_charged_like_abandoned_exchanges() -> None:
+    for status in (408, 504):
+        charge = acc.unreported_charge(status=status, abandoned=False, prompt_estimate=10,
+                                       estimate=100, counted_output=0)
+        assert charge is not None and charge.flags == ("no_usage", "timeout", "reservation")
+        assert (charge.prompt_tokens, charge.completion_tokens) == (10, 90)
 
 
 def test_usage_pct_is_against_cycle_budget() -> None:

@@ -83,3 +83,16 @@ def test_envoy_accepts_the_configuration(variant: str, tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "OK" in result.stdout + result.stderr
+
+
+def test_envoys_own_errors_follow_the_language() -> None:
+    def messages(language: str) -> list[str]:
+        config = envoy_config.render(listen_port=1, admin_port=2, upstream=("127.0.0.1", 3),
+                                     http=("127.0.0.1", 4), extproc=[("127.0.0.1", 5)], language=language)
+        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        return [m["body_format_override"]["json_format"]["error"]["message"]
+                for m in hcm["local_reply_config"]["mappers"]]
+
+    assert messages("pt-BR")[1].startswith("O controle de tokens está indisponível")
+    assert messages("en")[1].startswith("The token gate is unavailable")
+    assert messages("en")[0].startswith("The conversation is too large")

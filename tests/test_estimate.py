@@ -269,3 +269,44 @@ def test_estimate_never_below_the_rule_and_never_zero(case: tuple[str, dict, int
     assert reserved >= math.ceil(chars * FACTOR) + tokens + completion
     assert found.text_chars >= chars
 
+
+
+def test_text_beside_a_media_payload_is_still_counted() -> None:
+    text = "x" * 10_000
+    as_image = {"model": "m", "messages": [{"role": "user", "type": "image", "content": text}]}
+    with_key = {"model": "m", "messages": [{"role": "user", "image_url": "https://h/i", "content": text}]}
+    as_file = {"model": "m", "messages": [{"role": "user", "type": "file", "content": text}]}
+    for body in (as_image, with_key, as_file):
+        assert est("chat", body).text_chars >= len(text)
+
+
+@pytest.mark.parametrize("part", [
+    {"type": ["x"], "text": "abc"},                                     # an unhashable type
+    {"type": "input_audio", "input_audio": {"data": base64.b64encode(
+        b"RIFF\x00\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00").decode()}},  # fmt cut short
+])
+def test_malformed_parts_are_estimated_not_crashed(part: dict) -> None:
+    assert est("chat", {"model": "m", "messages": [{"role": "user", "content": [part]}]}).tokens(FACTOR) >= 1
+
+
+def test_pdf_pages_never_below_its_size() -> None:
+    lying = b"%PDF-1.4 /Count 1 " + b"x" * 500_000
+    assert e.pdf_pages(lying) == 11  # 500,018 bytes at one page per 50 kB, rounded up
+
+
+@pytest.mark.parametrize("key,value", [
+    ("extra_body", {"n": 128}), ("timeout", 1), ("max_retries", 4), ("request_timeout", 1),
+    ("stream_timeout", 1), ("custom_llm_provider", "openai"), ("extra_headers", {}),
+])
+def test_keys_that_change_the_providers_request_are_refused(key: str, value: object) -> None:
+    with pytest.raises(e.Refusal) as refused:
+        est("chat", {"model": "m", "messages": [], key: value})
+    assert refused.value.code == "fan_out"
+
+
+def test_service_tiers() -> None:
+    for tier in ("auto", "default", "flex", None):
+        est("chat", {"model": "m", "messages": [], "service_tier": tier})
+    with pytest.raises(e.Refusal) as refused:
+        est("chat", {"model": "m", "messages": [], "service_tier": "priority"})
+    assert refused.value.code == "service_tier"

@@ -176,4 +176,5 @@ async def test_processor_down_fails_closed_with_openai_shaped_503(faulty, http, 
     status, body = await _post(http, proxy_envoy, auth(user), _chat())
     assert status == 503
     assert body["error"]["code"] == "gateway_unavailable"
+    assert body["error"]["message"].startswith("O controle de tokens está indisponível")  # pt-BR
     assert len(upstream.requests) == before

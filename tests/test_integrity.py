@@ -294,11 +294,11 @@ async def test_model_lists_and_fan_out_keys_are_refused(
          "Requisição inválida: uma lista de modelos ('a,b') dispara várias chamadas e não é "
          "aceita; escolha um modelo."),
         (chat(fallbacks=["gpt-4o"]), "fan_out",
-         "Requisição inválida: o campo 'fallbacks' faz o proxy chamar outros modelos ou "
-         "credenciais e não é aceito."),
+         "Requisição inválida: o campo 'fallbacks' muda como o proxy chama o modelo (outros "
+         "modelos, credenciais, repetições ou parâmetros do provedor) e não é aceito."),
         (chat(api_base="http://attacker.example/v1"), "fan_out",
-         "Requisição inválida: o campo 'api_base' faz o proxy chamar outros modelos ou "
-         "credenciais e não é aceito."),
+         "Requisição inválida: o campo 'api_base' muda como o proxy chama o modelo (outros "
+         "modelos, credenciais, repetições ou parâmetros do provedor) e não é aceito."),
     ]
     for body, code, message in cases:
         status, _, raw = await post(http, envoy, auth(user), body)
@@ -548,4 +548,51 @@ async def test_langchain_chatopenai_as_a_librechat_custom_endpoint(
     account = await balance(service, user)
     assert (account.email, account.name) == ("bia@example.com", "Bia")
     assert account.balance == settings.default_monthly_tokens - 51
+    await assert_invariants(service, user)
+
+
+# ---------------------------------------------------------------- 16. found in review
+
+
+async def test_the_upstream_reads_the_body_the_gate_priced(http, envoy, service, upstream, auth, user):
+    """A form-encoded body with "&model=dear" hidden in a JSON string: LiteLLM would parse
+    the form and run "dear". The gate forwards it as the JSON it priced."""
+    before = len(upstream.requests)
+    raw = json.dumps(chat(metadata={"a": "&model=dear&max_tokens=100000&"})).encode()
+    async with http.post(envoy.url + CHAT, data=raw, headers={
+            **auth(user), "content-type": "application/x-www-form-urlencoded"}) as resp:
+        assert resp.status == 200
+    forwarded = {k.lower(): v for k, v in upstream.requests[before]["headers"].items()}
+    assert forwarded["content-type"] == "application/json"
+    assert upstream.requests[before]["body"]["model"] == "gpt-4o-mini"
+    await assert_invariants(service, user)
+
+
+async def test_a_model_in_the_query_string_is_refused(http, envoy, upstream, auth, user):
+    before = len(upstream.requests)
+    status, _, raw = await post(http, envoy, auth(user), chat(), path=CHAT + "?model=dear")
+    assert status == 400 and refusal(raw)["code"] == "query_not_allowed"
+    assert "parâmetros na URL" in refusal(raw)["message"]
+    assert len(upstream.requests) == before
+
+
+async def test_a_lone_surrogate_in_a_streamed_request_is_served(http, envoy, service, auth, user):
+    raw = b'{"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    headers = {**auth(user), "content-type": "application/json"}
+    async with http.post(envoy.url + CHAT, data=raw, headers=headers) as resp:
+        assert resp.status == 200
+        await resp.read()
+    await settled(service)
+    [entry] = await usage_entries(service, user)
+    assert entry["real_tokens"] == 12  # the fake upstream's default usage
+    await assert_invariants(service, user)
+
+
+async def test_an_upstream_timeout_is_charged_not_released(http, envoy, service, auth, user, settings):
+    status, _, _ = await post(http, envoy, auth(user), chat(max_tokens=100, x_test={"status": 504}),
+                              service=service)
+    assert status == 504
+    [entry] = await usage_entries(service, user)
+    assert list(entry["flags"]) == ["no_usage", "timeout", "reservation"]
+    assert -entry["tokens"] == entry["estimate"] == HELLO_TOKENS + 100
     await assert_invariants(service, user)

@@ -353,3 +353,36 @@ async def test_a_spooled_release_after_the_sweep_gives_the_charge_back(ledger, c
     await ledger.settle(Usage(exchange_id=x, user_id=user, flags=("released",), cost=0))
     assert (await ledger.account(user)).balance == 1000
     await check_invariants(ledger)
+
+
+async def test_late_give_back_returns_credits_the_sweep_took(ledger, clock, pool, user):
+    await spend(ledger, user, 1000)  # the allowance is gone: the sweep will take credits
+    await ledger.grant(user, 500, actor="test", reason="top-up")
+    x = await _swept(ledger, clock, user, 300)
+    account = await ledger.account(user)
+    assert (account.allowance, account.credits) == (0, 200)
+    await ledger.settle(Usage(exchange_id=x, user_id=user, completion_tokens=100))
+    account = await ledger.account(user)
+    assert (account.allowance, account.credits) == (0, 400)  # as if settled on time
+    await check_invariants(ledger)
+
+
+async def test_late_give_back_after_a_cycle_roll_does_not_swell_the_new_allowance(ledger, clock, user):
+    x = await _swept(ledger, clock, user, 500)
+    clock.now += timedelta(days=40)  # the cycle rolls (no rollover): a fresh 1000
+    await ledger.roll_idle_cycles()
+    assert (await ledger.account(user)).allowance == 1000
+    await ledger.settle(Usage(exchange_id=x, user_id=user, completion_tokens=100))
+    account = await ledger.account(user)
+    # 400 over-charged in the old cycle come back as credits; the new cycle is untouched
+    assert (account.allowance, account.credits, account.used_cycle) == (1000, 400, 0)
+    await check_invariants(ledger)
+
+
+async def test_a_release_after_the_sweep_gives_the_charge_back(ledger, clock, user):
+    x = await _swept(ledger, clock, user, 100)
+    assert (await ledger.account(user)).balance == 900
+    assert await ledger.release(x) is True
+    assert await ledger.release(x) is False  # once
+    assert (await ledger.account(user)).balance == 1000
+    await check_invariants(ledger)

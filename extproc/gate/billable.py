@@ -53,16 +53,26 @@ SCHEMA_KEYS = frozenset({"tools", "functions", "response_format", "text", "tool_
 # Inside content: labels, not billed text.
 LABEL_KEYS = frozenset({"role", "type", "detail", "format", "mime_type"})
 # Body keys that make LiteLLM call several models or deployments for one request (model
-# lists, client-side routing, retries and fallbacks) or point it at other credentials.
+# lists, client-side routing, retries, fallbacks, timeouts that retry), point it at other
+# credentials or providers, or change the provider's request behind the gate's back
+# (``extra_body`` is merged into it: a second ``n``, max-token field or even ``model``).
 FAN_OUT_KEYS = frozenset({
     "fastest_response", "user_config", "router_settings_override", "fallbacks",
     "context_window_fallbacks", "content_policy_fallbacks", "context_window_fallback_dict",
-    "num_retries", "model_group_retry_policy", "mock_testing_fallbacks", "api_key",
-    "api_base", "base_url", "api_version", "deployment_id",
+    "num_retries", "max_retries", "timeout", "request_timeout", "stream_timeout",
+    "model_group_retry_policy", "mock_testing_fallbacks", "api_key", "api_base", "base_url",
+    "api_version", "deployment_id", "custom_llm_provider", "extra_body", "extra_headers",
+    "extra_query",
 })
+# Service tiers priced as the standard one (or cheaper); a dearer tier is refused.
+SERVICE_TIERS = frozenset({"auto", "default", "flex"})
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
 AUDIO_PART_TYPES = frozenset({"input_audio", "audio"})
 FILE_PART_TYPES = frozenset({"file", "input_file", "document"})
+# The keys of a media part that its rule prices (the rest of the part is walked as usual).
+IMAGE_PAYLOAD_KEYS = frozenset({"image_url", "file_id", "url"})
+AUDIO_PAYLOAD_KEYS = frozenset({"input_audio", "data"})
+FILE_PAYLOAD_KEYS = frozenset({"file", "file_data", "file_id", "file_url"})
 MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
@@ -121,6 +131,9 @@ def check_fan_out(body: Mapping[str, object]) -> None:
     for key in FAN_OUT_KEYS:
         if key in body:
             raise Refusal("fan_out", key)
+    tier = body.get("service_tier")
+    if tier is not None and tier not in SERVICE_TIERS:
+        raise Refusal("service_tier", str(tier)[:40])
 
 
 def count_field(body: Mapping[str, object], key: str, low: int, high: int) -> int | None:
@@ -181,16 +194,22 @@ def walk(value: object, count: Count, server_context_tokens: int) -> None:
             walk(item, count, server_context_tokens)
     elif isinstance(value, Mapping):
         kind = value.get("type")
+        kind = kind if isinstance(kind, str) else None
+        # A media part's payload is priced by its rule; every other key of the same object
+        # is still walked, so text next to a payload (or under a media "type") is counted.
+        payload: frozenset[str] = frozenset()
         if kind in IMAGE_PART_TYPES or (kind is None and "image_url" in value):
             count.tokens += image_tokens(value, server_context_tokens)
+            payload = IMAGE_PAYLOAD_KEYS
         elif kind in AUDIO_PART_TYPES and ("input_audio" in value or "data" in value):
             count.tokens += audio_tokens(value)
+            payload = AUDIO_PAYLOAD_KEYS
         elif kind in FILE_PART_TYPES:
             file_cost(value, count, server_context_tokens)
-        else:
-            for key, item in value.items():
-                if key not in LABEL_KEYS:
-                    walk(item, count, server_context_tokens)
+            payload = FILE_PAYLOAD_KEYS
+        for key, item in value.items():
+            if key not in LABEL_KEYS and key not in payload:
+                walk(item, count, server_context_tokens)
 
 
 # ---------------------------------------------------------------- images
@@ -324,7 +343,7 @@ def wav_seconds(head: bytes, total: int) -> float | None:
     i = 12
     while i + 8 <= len(head):
         chunk, size = head[i:i + 4], struct.unpack("<I", head[i + 4:i + 8])[0]
-        if chunk == b"fmt " and i + 16 <= len(head):
+        if chunk == b"fmt " and i + 20 <= len(head):
             byte_rate = struct.unpack("<I", head[i + 16:i + 20])[0]
             return total / byte_rate if byte_rate > 0 else None
         i += 8 + size + (size & 1)
@@ -348,8 +367,8 @@ def file_cost(part: Mapping[str, object], count: Count, server_context_tokens: i
     else:
         count.tokens += server_context_tokens
     name = inner.get("filename")
-    if isinstance(name, str):
-        count.chars += len(name)
+    if inner is not part and isinstance(name, str):
+        count.chars += len(name)  # (a file's own keys beside file_data are walked by walk())
 
 
 _PAGE = re.compile(rb"/Type\s*/Page(?![a-zA-Z])")
@@ -357,9 +376,9 @@ _COUNT = re.compile(rb"/Count\s+(\d{1,7})")
 
 
 def pdf_pages(raw: bytes) -> int:
-    """Pages of a PDF: the larger of its page objects and its page-tree counts; when neither
-    can be read (compressed object streams), one page per 50 kB."""
+    """Pages of a PDF: the largest of its page objects, its page-tree counts and one page per
+    50 kB (page objects hide in compressed object streams, and a ``/Count`` can be any text,
+    so none of them alone is a floor)."""
     found = len(_PAGE.findall(raw))
     counts = [int(m) for m in _COUNT.findall(raw)]
-    pages = max([found, *counts])
-    return pages if pages > 0 else max(1, math.ceil(len(raw) / PDF_BYTES_PER_PAGE))
+    return max([1, found, *counts, math.ceil(len(raw) / PDF_BYTES_PER_PAGE)])

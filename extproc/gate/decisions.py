@@ -83,10 +83,16 @@ class Gate:
         self.estimate_limits = Limits(settings.default_completion_tokens,
                                       settings.max_completion_tokens, settings.server_context_tokens)
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.admit_headers = upstream_credentials(settings.upstream_api_key, settings.jwt_header)
+        credentials = upstream_credentials(settings.upstream_api_key, settings.jwt_header)
+        # The body the gate priced is read as JSON, so the upstream must read it as JSON too:
+        # LiteLLM parses a form-encoded body as a form, where "&model=..." hidden in a JSON
+        # string would become the request it runs.
+        self.admit_headers = Continue(
+            set_headers=(*credentials.set_headers, ("content-type", "application/json")),
+            remove_headers=credentials.remove_headers)
         # Unmetered pass-through (GET /v1/models): nothing more to see on this stream.
-        self.pass_through = Continue(set_headers=self.admit_headers.set_headers,
-                                     remove_headers=self.admit_headers.remove_headers, done=True)
+        self.pass_through = Continue(set_headers=credentials.set_headers,
+                                     remove_headers=credentials.remove_headers, done=True)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run money work that must outlive a cancelled stream; drained on shutdown."""
@@ -118,7 +124,7 @@ class Gate:
     # ------------------------------------------------------------ request headers
 
     async def request_headers(self, ex: Exchange, headers: Mapping[str, str], end_of_stream: bool) -> Reply:
-        path = headers.get(":path", "").split("?", 1)[0]
+        path, has_query, _ = headers.get(":path", "").partition("?")
         method = headers.get(":method", "")
         ex.translator = BY_PATH.get(path)
         ex.request_id = headers.get("x-request-id")
@@ -141,6 +147,10 @@ class Gate:
             return self._without(self.pass_through, steering)
         if method != "POST":
             return self.reject(ex, self.messages.refused("method_not_allowed", method))
+        if has_query:
+            # LiteLLM takes ?model=... over the body's model: the gate would price one model
+            # and the upstream run another. No metered API of OpenAI's uses the query string.
+            return self.reject(ex, self.messages.refused("query_not_allowed"))
         if end_of_stream:
             return self.reject(ex, self.messages.refused("empty_body"))
         return self._without(self.admit_headers, steering)
@@ -194,6 +204,11 @@ class Gate:
             return m.refused(refusal.code, refusal.detail)
         except RecursionError:
             return m.refused("too_deep")
+        except Exception:
+            # A body shape the rules did not foresee: refused (400) rather than a 500, and
+            # logged whole-stack so the rule gets fixed.
+            log.exception("estimate failed on a request body")
+            return m.refused("unreadable")
         factor = self.settings.conversion_factor
         ex.stream = body.get("stream") is True
         ex.prompt_chars = found.text_chars
@@ -274,7 +289,10 @@ class Gate:
         if not ex.translator.mutate(body, stream=ex.stream, enforce_limit=s.enforce_max_tokens,
                                     default_completion=s.default_completion_tokens):
             return CONTINUE
-        new_body = json.dumps(body, ensure_ascii=False).encode()
+        try:
+            new_body = json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate (\ud800) JSON allows: keep it escaped
+            new_body = json.dumps(body).encode()
         return Continue(set_headers=(("content-length", str(len(new_body))),), body=new_body)
 
     # ------------------------------------------------------------ response
@@ -288,7 +306,7 @@ class Gate:
             return CONTINUE
         rate = ex.rate.headers() if ex.rate else ()
         if headers.get("content-type", "").startswith("text/event-stream"):
-            ex.tap = StreamTap(self.settings.max_usage_tokens)
+            ex.tap = StreamTap(self._usage_cap(ex))
             if end_of_stream:
                 self._finish(ex)
             return Continue(set_headers=rate, stream_response=True)
@@ -338,7 +356,7 @@ class Gate:
             usage, text = ex.tap.result(ex.translator)
         else:
             raw, ex.body = bytes(ex.body), bytearray()
-            usage, text = read_body(ex.translator, raw, self.settings.max_usage_tokens)
+            usage, text = read_body(ex.translator, raw, self._usage_cap(ex))
         if usage is not None:
             return usage
         if text:
@@ -351,6 +369,11 @@ class Gate:
         if charge is None:
             return None
         return Observed(charge.prompt_tokens, charge.completion_tokens, charge.flags)
+
+    def _usage_cap(self, ex: Exchange) -> int:
+        """Reported usage above this is capped and flagged: never below what the request was
+        admitted for (n=128 completions of the largest allowance are a legitimate 16 M)."""
+        return max(self.settings.max_usage_tokens, ex.estimate)
 
     def _finish(self, ex: Exchange, abandoned: bool = False) -> tuple[asyncio.Task[Any], Usage | None]:
         """Close the exchange once: settle what it cost, or release its hold, in a task."""
