@@ -118,7 +118,7 @@ class Split:
 
 def split_debit(allowance: int, cost: int) -> Split:
     """Allowance is spent before credits; what the allowance cannot cover comes from credits
-    (which may go negative: the bounded overspend of invariant 3)."""
+    (which may go negative: the bounded overspend B1 of the ledger)."""
     from_allowance = min(max(allowance, 0), max(cost, 0))
     return Split(-from_allowance, -(max(cost, 0) - from_allowance))
 

@@ -34,7 +34,7 @@ from .spool import Spool
 log = logging.getLogger(__name__)
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
-# Room for a buffered body at Envoy's buffer limit plus protobuf framing (DESIGN.md sec. 11).
+# Room for a buffered body at Envoy's buffer limit plus protobuf framing.
 GRPC_MESSAGE_LIMIT = 64 * 1024 * 1024
 
 

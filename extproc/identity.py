@@ -1,6 +1,6 @@
 """Who is calling: a verified JWT, or LibreChat's identity headers proven by the gateway key.
 
-An identity header without proof is never trusted (DESIGN.md section 2).
+An identity header without proof is never trusted.
 """
 
 from __future__ import annotations

@@ -1,18 +1,26 @@
 """The ledger: every SQL statement that moves money lives in this module.
 
-Invariants (numbered as in migrations/20261125000001_ledger.sql and DESIGN.md section 4):
+The invariants, numbered alike here, in the first migration, in docs/architecture.md and in
+the tests (``extproc reconcile`` checks I2 and I3 on a live database):
 
 I1  Exactly once: a usage entry is keyed by the exchange id the processor minted
     (UNIQUE); settle() checks for it under the account's row lock, so replays are no-ops.
 I2  allowance = SUM(allowance_delta), credits = SUM(credits_delta) for every account: each
     UPDATE of those columns happens in the same transaction as the INSERT of its entry,
-    with the deltas the pure functions in ``accounting`` computed.
+    with the deltas the pure functions in ``accounting`` computed. No money moves without
+    a ledger entry.
 I3  reserved = SUM(held reservations): reservations are created and closed in the same
     statement/transaction that moves ``reserved``.
 I4  Admin changes (grant, plan, suspend) write their audit row in the same transaction.
 I5  The final debit of an exchange equals its real cost: a settle that arrives after the
     sweep charged the hold adds one true-up entry (idempotency key ``trueup:<exchange id>``)
     for the difference, exactly once.
+
+And one bound rather than an invariant:
+
+B1  Overspend: admission reserves the full estimate, so concurrent exchanges can take a
+    balance below zero only by the excess of real over estimated tokens of the exchanges in
+    flight; credits absorb it (they may go negative, the account is then blocked).
 
 Concurrency: every money transaction starts by locking the account row (FOR UPDATE), so
 per-user operations serialize while different users never contend (no global hot row).
@@ -187,9 +195,8 @@ class Usage:
 
 @dataclass(frozen=True)
 class Settled:
-    account: Account
-    cost: int
-    alerts: tuple[int, ...]
+    cost: int                 # what this settle moved (a true-up: the correction only)
+    alerts: tuple[int, ...]   # thresholds crossed, queued in the outbox
 
 
 class Ledger:
@@ -424,7 +431,7 @@ class Ledger:
             after = accounting.usage_pct(used, row["cycle_budget"])
             state = accounting.state_for(row["state"], allowance + credits, after)
             alerts = accounting.crossings(before, after, self._thresholds)
-            updated = await conn.fetchrow(
+            await conn.execute(
                 "WITH e AS (INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta,"
                 "   credits_delta, balance_after, exchange_id, request_id, model, prompt_tokens,"
                 "   completion_tokens, estimate, real_tokens, flags, actor, cycle_start,"
@@ -436,15 +443,14 @@ class Ledger:
                 "   SELECT $1, $19, $20, t, $21, $4, $22, $2::bigint + $3::bigint, $5, $5 FROM unnest($23::int[]) t"
                 "   ON CONFLICT (user_id, cycle_start, threshold) DO NOTHING)"
                 " UPDATE accounts SET allowance = $2, credits = $3, used_cycle = $4,"
-                "   reserved = reserved - $6, state = $7, updated_at = $5 WHERE user_id = $1"
-                f" RETURNING {_ACCOUNT_FIELDS}",
+                "   reserved = reserved - $6, state = $7, updated_at = $5 WHERE user_id = $1",
                 usage.user_id, allowance, credits, used, now, held, state, exchange_key,
                 split.tokens, split.allowance_delta, split.credits_delta, usage.request_id,
                 usage.model, usage.prompt_tokens, usage.completion_tokens, usage.estimate,
                 usage.real_tokens, flags, row["cycle_start"], row["cycle_end"], after,
                 row["cycle_budget"], alerts, usage.prompt_chars, trueup_key,
             )
-            return Settled(_account(updated), debit, tuple(alerts))
+            return Settled(debit, tuple(alerts))
 
     async def _unreserved_row(
         self, conn: asyncpg.Connection, usage: Usage, now: datetime
@@ -700,15 +706,6 @@ class Ledger:
         row = await self.pool.fetchrow(
             f"SELECT {_ACCOUNT_FIELDS} FROM accounts WHERE user_id = $1", user_id)
         return None if row is None else _account(row)
-
-    async def entries(self, user_id: str, limit: int = 50, before_id: int | None = None
-                      ) -> list[dict[str, Any]]:
-        rows = await self.pool.fetch(
-            "SELECT * FROM ledger_entries WHERE user_id = $1"
-            " AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3",
-            user_id, before_id, limit,
-        )
-        return [dict(r) for r in rows]
 
     # ------------------------------------------------------------ maintenance
 

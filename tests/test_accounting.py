@@ -149,7 +149,7 @@ def test_cycles_tile_time_without_gaps(created: datetime, months: int) -> None:
 @given(st.lists(st.tuples(st.sampled_from(["debit", "grant", "reset"]),
                           st.integers(min_value=0, max_value=10_000)), max_size=60))
 def test_split_and_reset_keep_balance_equal_to_sum_of_deltas(ops: list[tuple[str, int]]) -> None:
-    """Invariant 2 at the level of the rules: applying the deltas the functions return keeps
+    """I2 at the level of the rules: applying the deltas the functions return keeps
     allowance, credits and the sum of entries in step, and the allowance never negative."""
     allowance, credits, entries = 1000, 0, [1000]
     for op, n in ops:

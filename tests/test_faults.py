@@ -1,4 +1,4 @@
-"""The failure policy (DESIGN.md section 8) with real faults: PostgreSQL cut off by a TCP
+"""The failure policy (docs/architecture.md) with real faults: PostgreSQL cut off by a TCP
 proxy between the processor and the database, at admission and at settle."""
 
 from __future__ import annotations

@@ -407,7 +407,7 @@ async def test_upstream_abort_mid_stream_debits_what_was_seen(http, envoy, servi
 
 
 async def test_100_concurrent_requests_small_balance(http, envoy, service, auth, user, settings):
-    """Invariant 3: with the full estimate reserved at admission, concurrent requests cannot
+    """B1 (the overspend bound): with the full estimate reserved at admission, concurrent requests cannot
     push the balance below zero unless real usage exceeds the estimate; here each costs
     exactly 30 and reserves 6 + 24 = 30, so the bound is zero and exactly floor(B/30) pass."""
     assert service.ledger is not None

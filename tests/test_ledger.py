@@ -242,7 +242,7 @@ async def test_concurrent_settle_replays_debit_once(ledger, pool, user):
 
 async def test_overspend_beyond_reservation_is_bounded_and_recorded(ledger, user):
     """Real usage above the estimate is debited in full (credits go negative): the bound of
-    invariant 3 is the excess of real over estimated tokens of the requests in flight."""
+    B1 is the excess of real over estimated tokens of the requests in flight."""
     await spend(ledger, user, 990)
     x = xid()
     await ledger.admit(user, 10, x)
