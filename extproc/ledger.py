@@ -40,6 +40,7 @@ from typing import Any
 import asyncpg
 
 from . import accounting
+from .batching import Batcher
 from .settings import Settings
 
 Clock = Callable[[], datetime]
@@ -144,6 +145,32 @@ _ACCOUNT_FIELDS = (
 )
 
 
+# One statement for a batch of settles (``Ledger._settle_batch``): the usage entries, the
+# threshold alerts (once per user, cycle and threshold: the outbox's UNIQUE key) and the
+# accounts' new values, as parallel arrays.
+_BATCH_SETTLE_SQL = (
+    "WITH e AS (INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta, credits_delta,"
+    "   balance_after, exchange_id, request_id, model, prompt_tokens, completion_tokens, estimate,"
+    "   real_tokens, flags, actor, cycle_start, created_at, prompt_chars)"
+    "  SELECT u, 'usage', t, ad, cd, ba, x, rq, m, pt, ct, es, rt, string_to_array(f, ','),"
+    "   'gateway', cs, $1, pc"
+    "  FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::text[],"
+    "   $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[],"
+    "   $14::text[], $15::timestamptz[], $16::bigint[])"
+    "   WITH ORDINALITY AS e(u, t, ad, cd, ba, x, rq, m, pt, ct, es, rt, f, cs, pc, n) ORDER BY n),"
+    " o AS (INSERT INTO alert_outbox (user_id, cycle_start, cycle_end, threshold, used_pct, used,"
+    "   budget, remaining, created_at, next_attempt_at)"
+    "  SELECT u, cs, ce, t, p, us, b, r, $1, $1"
+    "  FROM unnest($17::text[], $18::timestamptz[], $19::timestamptz[], $20::int[], $21::numeric[],"
+    "   $22::bigint[], $23::bigint[], $24::bigint[]) AS o(u, cs, ce, t, p, us, b, r)"
+    "  ON CONFLICT (user_id, cycle_start, threshold) DO NOTHING)"
+    " UPDATE accounts a SET allowance = v.al, credits = v.cr, used_cycle = v.us,"
+    "  reserved = a.reserved - v.rl, state = v.st, updated_at = $1"
+    " FROM unnest($25::text[], $26::bigint[], $27::bigint[], $28::bigint[], $29::bigint[], $30::text[])"
+    "  AS v(uid, al, cr, us, rl, st) WHERE a.user_id = v.uid"
+)
+
+
 def _account(row: asyncpg.Record) -> Account:
     return Account(**{k: row[k] for k in Account.__dataclass_fields__})
 
@@ -207,13 +234,20 @@ class Ledger:
     first. Debits, grants and audit rows always commit synchronously on ``pool``."""
 
     def __init__(self, pool: asyncpg.Pool, settings: Settings, clock: Clock = utcnow,
-                 admit_pool: asyncpg.Pool | None = None) -> None:
+                 admit_pool: asyncpg.Pool | None = None, *, batch: bool = True) -> None:
         self.pool = pool
         self.admit_pool = admit_pool or pool
         self.settings = settings
         self.clock = clock
         self._weights = settings.weights()
         self._thresholds = settings.thresholds()
+        self._settles: Batcher[Usage, Settled | None] | None = Batcher(
+            self._settle_batch, self.settle_one, fatal=(LedgerUnavailable,)) if batch else None
+
+    @property
+    def settle_backlog(self) -> int:
+        """Settles waiting for a batch in flight to finish (0 without batching)."""
+        return self._settles.waiting if self._settles is not None else 0
 
     # ------------------------------------------------------------ helpers
 
@@ -375,7 +409,16 @@ class Ledger:
         """Debit an exchange's real usage exactly once (I1), release its reservation (I3),
         move the account's state and queue threshold alerts, all in one transaction.
 
+        Settles that arrive together are group-committed (``batching``): one transaction and
+        two statements for the whole batch when they close held reservations; anything else
+        (a replay, a true-up, an unreserved spool entry, a sweep) takes ``settle_one``.
         Returns None when the exchange was already settled (a replay)."""
+        if reservation_state == "settled" and self._settles is not None:
+            return await self._settles.submit(usage)
+        return await self.settle_one(usage, reservation_state=reservation_state)
+
+    async def settle_one(self, usage: Usage, *, reservation_state: str = "settled") -> Settled | None:
+        """``settle`` for one exchange in its own transaction."""
         now = self.clock()
         cost = usage.cost if usage.cost is not None else accounting.weighted_cost(
             usage.real_tokens, usage.model, self._weights)
@@ -451,6 +494,71 @@ class Ledger:
                 row["cycle_budget"], alerts, usage.prompt_chars, trueup_key,
             )
             return Settled(debit, tuple(alerts))
+
+    async def _settle_batch(self, items: list[Usage]) -> list[Settled | None]:
+        """Settle many exchanges in one transaction: close their held reservations in one
+        statement, lock their accounts in user order (two batches never deadlock), compute
+        every debit with the pure rules in arrival order, and write all entries, alerts and
+        account rows in one more statement. An item whose reservation is not held here (a
+        replay, a true-up, a duplicate within the batch) is settled alone afterwards."""
+        now = self.clock()
+        results: list[Settled | None] = [None] * len(items)
+        alone: list[int] = []
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                closed = await conn.fetch(
+                    "UPDATE reservations r SET state = 'settled', closed_at = $2"
+                    " FROM unnest($1::text[]) AS x(id) WHERE r.exchange_id = x.id AND r.state = 'held'"
+                    " RETURNING r.exchange_id, r.user_id, r.tokens",
+                    [u.exchange_id for u in items], now)
+                held = {r["exchange_id"]: r for r in closed}
+                users = sorted({r["user_id"] for r in closed})
+                accounts = {r["user_id"]: dict(r) for r in await conn.fetch(
+                    "SELECT * FROM accounts WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE",
+                    users)}
+                entries: list[tuple[Any, ...]] = []
+                alerts: list[tuple[Any, ...]] = []
+                released: dict[str, int] = {}
+                for i, usage in enumerate(items):
+                    hold = held.pop(usage.exchange_id, None)
+                    acc = accounts.get(usage.user_id)
+                    if hold is None or hold["user_id"] != usage.user_id or acc is None:
+                        alone.append(i)
+                        continue
+                    cost = usage.cost if usage.cost is not None else accounting.weighted_cost(
+                        usage.real_tokens, usage.model, self._weights)
+                    split = accounting.split_debit(acc["allowance"], cost)
+                    before = accounting.usage_pct(acc["used_cycle"], acc["cycle_budget"])
+                    acc["allowance"] += split.allowance_delta
+                    acc["credits"] += split.credits_delta
+                    acc["used_cycle"] = max(acc["used_cycle"] - split.tokens, 0)
+                    after = accounting.usage_pct(acc["used_cycle"], acc["cycle_budget"])
+                    balance = acc["allowance"] + acc["credits"]
+                    acc["state"] = accounting.state_for(acc["state"], balance, after)
+                    released[usage.user_id] = released.get(usage.user_id, 0) + hold["tokens"]
+                    crossed = accounting.crossings(before, after, self._thresholds)
+                    entries.append((
+                        usage.user_id, split.tokens, split.allowance_delta, split.credits_delta,
+                        balance, usage.exchange_id, usage.request_id, usage.model, usage.prompt_tokens,
+                        usage.completion_tokens, usage.estimate, usage.real_tokens,
+                        ",".join(usage.flags), acc["cycle_start"], usage.prompt_chars))
+                    alerts.extend((usage.user_id, acc["cycle_start"], acc["cycle_end"], t, after,
+                                   acc["used_cycle"], acc["cycle_budget"], balance) for t in crossed)
+                    results[i] = Settled(cost, tuple(crossed))
+                if entries:
+                    await conn.execute(
+                        _BATCH_SETTLE_SQL, now,
+                        *[list(column) for column in zip(*entries, strict=True)],
+                        *([list(column) for column in zip(*alerts, strict=True)] if alerts else [[]] * 8),
+                        *[list(column) for column in zip(*[
+                            (user, a["allowance"], a["credits"], a["used_cycle"], released[user], a["state"])
+                            for user, a in accounts.items() if user in released], strict=True)],
+                    )
+        except UNAVAILABLE_ERRORS as exc:
+            raise LedgerUnavailable(str(exc)) from exc
+        for i in alone:
+            results[i] = await self.settle_one(items[i])
+        return results
 
     async def _unreserved_row(
         self, conn: asyncpg.Connection, usage: Usage, now: datetime

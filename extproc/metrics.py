@@ -40,6 +40,10 @@ class Metrics:
             registry=r)
         self.spooled = Counter(
             "solaris_spooled_settles_total", "Settles written to the local spool.", registry=r)
+        self.settle_backlog = Gauge(
+            "solaris_settle_backlog",
+            "Settles handed over and not yet committed (bounded: past the limit, replies wait).",
+            registry=r)
         self.settles_lost = Counter(
             "solaris_settles_not_spooled_total",
             "Settles neither applied nor spooled (written to the error log only): page someone.",

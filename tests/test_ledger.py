@@ -386,3 +386,61 @@ async def test_a_release_after_the_sweep_gives_the_charge_back(ledger, clock, us
     assert await ledger.release(x) is False  # once
     assert (await ledger.account(user)).balance == 1000
     await check_invariants(ledger)
+
+
+# ---------------------------------------------------------------- group commit
+
+
+async def test_concurrent_settles_are_group_committed_exactly(ledger, pool, user):
+    users = [f"{user}-{i}" for i in range(5)]
+    holds = []
+    for u in users:
+        for _ in range(8):
+            x = xid()
+            assert (await ledger.admit(u, 30, x)).outcome == "ok"
+            holds.append((u, x))
+    batches_before = ledger._settles.batches
+    usages = [Usage(exchange_id=x, user_id=u, prompt_tokens=10, completion_tokens=5) for u, x in holds]
+    usages.append(usages[0])  # the same exchange twice in one burst: debited once
+    results = await asyncio.gather(*[ledger.settle(u) for u in usages])
+    assert sum(r is not None for r in results) == len(holds)
+    assert ledger._settles.batches - batches_before < len(usages)  # batches did form
+    for u in users:
+        account = await ledger.account(u)
+        assert (account.balance, account.reserved, account.used_cycle) == (1000 - 8 * 15, 0, 120)
+        assert len(await entries(pool, u, "usage")) == 8
+    await check_invariants(ledger)
+
+
+async def test_batched_settles_queue_each_alert_once(ledger, pool, user):
+    holds = []
+    for _ in range(20):
+        x = xid()
+        assert (await ledger.admit(user, 50, x)).outcome == "ok"
+        holds.append(x)
+    await asyncio.gather(*[ledger.settle(Usage(exchange_id=x, user_id=user, completion_tokens=50))
+                           for x in holds])
+    account = await ledger.account(user)
+    assert (account.balance, account.state) == (0, "blocked")
+    thresholds = [r["threshold"] for r in await pool.fetch(
+        "SELECT threshold FROM alert_outbox WHERE user_id = $1 ORDER BY threshold", user)]
+    assert thresholds == [80, 90, 100]
+    await check_invariants(ledger)
+
+
+async def test_one_bad_settle_does_not_fail_its_batch(ledger, pool, user, monkeypatch):
+    first, good, bad = xid(), xid(), xid()
+    for x in (first, good, bad):
+        assert (await ledger.admit(user, 10, x)).outcome == "ok"
+    monkeypatch.setattr(ledger._settles, "max_in_flight", 1)  # the 2nd and 3rd wait: one batch
+    batches = ledger._settles.batches
+    poisoned = Usage(exchange_id=bad, user_id=user, prompt_tokens=2**63, completion_tokens=1)
+    results = await asyncio.gather(
+        ledger.settle(Usage(exchange_id=first, user_id=user, completion_tokens=1)),
+        ledger.settle(Usage(exchange_id=good, user_id=user, completion_tokens=7)),
+        ledger.settle(poisoned), return_exceptions=True)
+    assert ledger._settles.batches - batches == 2
+    assert results[1] is not None and results[1].cost == 7
+    assert isinstance(results[2], Exception)
+    assert [e["exchange_id"] for e in await entries(pool, user, "usage")] == [first, good]
+    await check_invariants(ledger)

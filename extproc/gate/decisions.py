@@ -34,8 +34,9 @@ MODELS = ("/v1/models", "/models")
 # (x-litellm-num-retries), change timeouts or authenticate with another key: none of that is a
 # client's to steer behind a gate that prices the body's model, so they never reach it.
 STEERING_HEADER_PREFIX = "x-litellm-"
-# Settles run after the reply; beyond this many in flight, replies wait for theirs.
-MAX_PENDING_SETTLES = 64
+# Settles run after the reply; beyond this many not yet committed, replies wait for theirs
+# (backpressure: the backlog, and with it what a crash could leave to the sweep, is bounded).
+MAX_PENDING_SETTLES = 256
 
 
 def upstream_credentials(key: str, jwt_header: str = "authorization") -> Continue:
@@ -83,6 +84,7 @@ class Gate:
         self.estimate_limits = Limits(settings.default_completion_tokens,
                                       settings.max_completion_tokens, settings.server_context_tokens)
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.pending_settles = 0
         credentials = upstream_credentials(settings.upstream_api_key, settings.jwt_header)
         # The body the gate priced is read as JSON, so the upstream must read it as JSON too:
         # LiteLLM parses a form-encoded body as a form, where "&model=..." hidden in a JSON
@@ -330,7 +332,7 @@ class Gate:
         # the ledger is down), so the debit's transaction is not on the user's latency path;
         # past MAX_PENDING_SETTLES the reply waits for its settle (backpressure, bounded lag).
         task, usage = self._finish(ex)
-        if len(self.tasks) > MAX_PENDING_SETTLES:
+        if self.pending_settles > MAX_PENDING_SETTLES:
             await asyncio.shield(task)
         if ex.account is None or usage is None:
             return CONTINUE
@@ -412,6 +414,8 @@ class Gate:
             self.metrics.reservations_held.dec()
         started = time.perf_counter()
         cost: int | None = None
+        self.pending_settles += 1
+        self.metrics.settle_backlog.set(self.pending_settles)
         try:
             if usage is None:
                 await self.ledger.release(ex.exchange_id)
@@ -430,6 +434,8 @@ class Gate:
             usage = usage or self._zero_cost(ex)
             await self._spool(ex, usage, exc)
         finally:
+            self.pending_settles -= 1
+            self.metrics.settle_backlog.set(self.pending_settles)
             self.metrics.ledger_latency.labels("settle").observe(time.perf_counter() - started)
             self._log(ex, "allowed", status=ex.status, tokens=cost,
                       flags=list(usage.flags) if usage is not None else ["released"])
