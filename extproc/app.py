@@ -66,7 +66,7 @@ class Service:
         if not self.noop:
             # Loading the tokenizer takes a moment: do it now, off the event loop, not on
             # the first stream that lacks usage.
-            await asyncio.to_thread(usage.encoder)
+            await asyncio.to_thread(usage.encoder, s.tiktoken_cache_dir)
             self.pool = await create_pool(s)
             self.admit_pool = await create_pool(s, asynchronous_commit=True)
             # No client-side retries: a dead Redis must fail fast so the limiter's circuit

@@ -100,6 +100,10 @@ FIELDS: list[tuple[str, str, str]] = [
      "(`previous_response_id`, `conversation`, file ids, stored prompts), each."),
     ("GATE_ALLOWED_MODELS", "allowed_models",
      "Optional comma-separated allow-list of models; other models get a 400 (empty: any)."),
+    ("TIKTOKEN_CACHE_DIR", "tiktoken_cache_dir",
+     "tiktoken's encodings directory, so nothing is downloaded (empty: the files the LiteLLM "
+     "wheel ships, when installed, else tiktoken's own download; counted by characters when "
+     "the encoding cannot be loaded)."),
 ]
 
 _BOOL_TRUE = {"1", "true", "yes", "on"}
@@ -168,6 +172,7 @@ class Settings:
     allowed_models: str = ""
     # Not an env var: a key prefix so test runs sharing one Redis never collide.
     redis_prefix: str = field(default="solaris:")
+    tiktoken_cache_dir: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

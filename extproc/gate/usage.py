@@ -15,8 +15,8 @@ import json
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,8 +36,8 @@ class Observed:
 
 
 def _tiktoken_dir() -> str | None:
-    """tiktoken downloads encodings on first use, which fails offline: point it at the files
-    the LiteLLM wheel ships (named by the SHA-1 of their URL, as tiktoken's cache expects)."""
+    """The encodings the LiteLLM wheel ships (named by the SHA-1 of their URL, as tiktoken's
+    cache expects), when it is installed."""
     spec = importlib.util.find_spec("litellm")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -45,13 +45,28 @@ def _tiktoken_dir() -> str | None:
     return str(path) if path.is_dir() else None
 
 
-@cache
-def encoder() -> Any | None:
-    """cl100k_base, loaded once (call it at start-up off the event loop), or None offline."""
-    if "TIKTOKEN_CACHE_DIR" not in os.environ:
-        found = _tiktoken_dir()
-        if found:
-            os.environ["TIKTOKEN_CACHE_DIR"] = found
+_encoder: list[Any] = []  # empty until loaded, then [cl100k_base or None]
+_encoder_lock = threading.Lock()
+
+
+def encoder(cache_dir: str = "") -> Any | None:
+    """cl100k_base, or None offline; loaded by the first call, which the processor makes at
+    start-up (off the event loop) with TIKTOKEN_CACHE_DIR from its settings. Later calls get
+    the same encoder whatever they pass.
+
+    tiktoken downloads encodings on first use, which fails offline, unless its cache directory
+    holds them: ``cache_dir``, else the files the LiteLLM wheel ships."""
+    if _encoder:
+        return _encoder[0]
+    with _encoder_lock:
+        if not _encoder:
+            _encoder.append(_load_encoder(cache_dir or _tiktoken_dir() or ""))
+        return _encoder[0]
+
+
+def _load_encoder(cache_dir: str) -> Any | None:
+    if cache_dir:
+        os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir  # tiktoken reads it from nowhere else
     try:
         import tiktoken
 
