@@ -34,7 +34,6 @@ import asyncpg
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc import devstack
 from extproc.app import Service
 from extproc.gate.envoy import NoopProcessor, Processor
 from extproc.identity import mint_token
@@ -42,6 +41,7 @@ from extproc.ledger import Ledger, Usage
 from extproc.logs import JsonFormatter
 from extproc.migrate import dbmate
 from extproc.settings import Settings
+from extproc_dev import devstack
 
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [
     {"role": "user", "content": "Say hello to the Solaris benchmark in one short sentence, please."}]}).encode()

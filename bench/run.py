@@ -51,10 +51,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from extproc import devstack
 from extproc.identity import mint_token
 from extproc.migrate import dbmate
 from extproc.settings import Settings
+from extproc_dev import devstack
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

@@ -1,4 +1,4 @@
-"""The `extproc` command (DESIGN.md section 10): serve, migrate, dev, token, grant, balance,
+"""The `extproc` command: serve, migrate, dev, token, grant, balance,
 reconcile, calibrate, plus plan, suspend, unsuspend, worker, backup, restore."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from . import logs
 from .identity import mint_token
 from .ledger import Ledger, UnknownPlan, UnknownUser, create_pool
-from .migrate import dbmate
+from .migrate import migrate
 from .settings import Settings
 
 
@@ -41,28 +41,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     return worker_main(settings, once=args.once, interval=args.interval)
 
 
-# Replicas of a deployment all run `extproc migrate` at start: an advisory lock held around
-# dbmate serializes them, so the later ones find nothing to do instead of racing.
-MIGRATE_LOCK = 7_420_001
-
-
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     import asyncpg
 
-    async def locked() -> Any:
-        try:
-            conn = await asyncpg.connect(settings.database_url)
-        except asyncpg.InvalidCatalogNameError:
-            # No database yet: dbmate creates it (nothing to serialize against until it exists).
-            return await asyncio.to_thread(dbmate, settings.database_url, args.direction, check=False)
-        try:
-            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK)
-            return await asyncio.to_thread(dbmate, settings.database_url, args.direction, check=False)
-        finally:
-            await conn.close()  # ends the session, and the lock with it
-
     try:
-        result = asyncio.run(locked())
+        result = asyncio.run(migrate(settings, args.direction))
     except (OSError, asyncpg.PostgresError) as exc:
         print(f"error: migrate: cannot reach the database: {exc}", file=sys.stderr)
         return 1
@@ -72,7 +55,9 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
-    from .devstack import run_dev
+    # Imported here, not at the top: the embedded dev stack is a separate package (extproc_dev)
+    # whose binaries come with the optional `dev` extra, absent from a production install.
+    from extproc_dev.devstack import run_dev
 
     return run_dev(upstream=args.upstream, workdir=args.workdir)
 

@@ -3,7 +3,12 @@
 Every knob is an environment variable with a documented default. The README's
 configuration table is printed by ``python -m extproc.settings`` and a test checks that
 the README lists every variable with its default, so the two never drift.
-Code receives a ``Settings`` object explicitly; nothing reads ``os.environ`` elsewhere.
+Code receives a ``Settings`` object explicitly; nothing else in the package reads
+``os.environ`` (the dev stack, ``extproc_dev``, hands its environment to the processes it
+starts).
+
+Files the package ships (the dbmate migrations, the Envoy template) are package data, found
+beside this module unless a variable points elsewhere: never through a source checkout.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+# The installed package's own directory: its data files (migrations/, envoy.yaml) sit beside
+# its modules, in a wheel as in an editable install. (``extproc`` is a namespace package, which
+# ``importlib.resources.files`` cannot open under setuptools' editable finder.)
+PACKAGE = Path(__file__).resolve().parent
 
 # (env var, attribute, meaning); the default is the dataclass field's default below.
 FIELDS: list[tuple[str, str, str]] = [
@@ -104,6 +115,12 @@ FIELDS: list[tuple[str, str, str]] = [
      "tiktoken's encodings directory, so nothing is downloaded (empty: the files the LiteLLM "
      "wheel ships, when installed, else tiktoken's own download; counted by characters when "
      "the encoding cannot be loaded)."),
+    ("GATE_MIGRATIONS_DIR", "migrations_dir",
+     "Directory of the dbmate migrations (empty: the ones shipped in the package, "
+     "`extproc/migrations`)."),
+    ("GATE_ENVOY_TEMPLATE", "envoy_template",
+     "Envoy configuration `extproc dev` renders with its ports (empty: the one shipped in the "
+     "package, `extproc/envoy.yaml`, which the tests and deploy/envoy.compose.yaml use)."),
 ]
 
 _BOOL_TRUE = {"1", "true", "yes", "on"}
@@ -173,6 +190,8 @@ class Settings:
     # Not an env var: a key prefix so test runs sharing one Redis never collide.
     redis_prefix: str = field(default="solaris:")
     tiktoken_cache_dir: str = ""
+    migrations_dir: str = ""
+    envoy_template: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -246,6 +265,14 @@ class Settings:
 
     def open_path_list(self) -> list[str]:
         return [p.strip() for p in self.open_paths.split(",") if p.strip()]
+
+    def migrations_path(self) -> Path:
+        """GATE_MIGRATIONS_DIR, else the migrations shipped in the package."""
+        return Path(self.migrations_dir) if self.migrations_dir else PACKAGE / "migrations"
+
+    def envoy_template_path(self) -> Path:
+        """GATE_ENVOY_TEMPLATE, else the Envoy configuration shipped in the package."""
+        return Path(self.envoy_template) if self.envoy_template else PACKAGE / "envoy.yaml"
 
 
 def markdown_table() -> str:

@@ -20,11 +20,11 @@ import aiohttp
 import asyncpg
 import pytest
 
-from extproc import devstack
 from extproc.app import Service
 from extproc.identity import mint_token
 from extproc.migrate import dbmate
 from extproc.settings import Settings
+from extproc_dev import devstack
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_upstream import Upstream

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 import stripe
 from aiohttp import web
 
-from extproc.devstack import free_port
+from extproc_dev.devstack import free_port
 
 SECRET_KEY = "sk_test_solaris_0123456789abcdef"
 WEBHOOK_SECRET = "whsec_solaris_test_0123456789abcdef"

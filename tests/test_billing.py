@@ -20,7 +20,6 @@ from fake_stripe import SECRET_KEY, WEBHOOK_SECRET, FakeStripe, checkout_session
 from test_admin_api import admin_browser, api, base, csrf_of, open_account, spend
 from yarl import URL
 
-from extproc import devstack
 from extproc.app import Service
 from extproc.formats import format_price
 from extproc.identity import mint_token
@@ -29,6 +28,7 @@ from extproc.metrics import Metrics
 from extproc.purchases import checkout_idempotency_key, parse_packs
 from extproc.settings import Settings
 from extproc.web.sessions import ME_COOKIE, Signer, new_session, session_cookie
+from extproc_dev import devstack
 
 WEBHOOK = "/api/billing/stripe/webhook"
 CHAT = "/v1/chat/completions"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from extproc import devstack, envoy_config
 from extproc.settings import FIELDS, Settings, markdown_table
+from extproc_dev import devstack, envoy_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +73,7 @@ def test_bad_settings_are_refused_with_the_variable_named(env: dict, message: st
 @pytest.mark.parametrize("variant", ["checked-in", "rendered", "direct"])
 def test_envoy_accepts_the_configuration(variant: str, tmp_path: Path) -> None:
     if variant == "checked-in":
-        path = ROOT / "envoy.yaml"
+        path = Settings().envoy_template_path()
     else:
         config = envoy_config.render(
             listen_port=18080, admin_port=19901, upstream=("127.0.0.1", 14000),

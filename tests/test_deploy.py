@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc import devstack, envoy_config
 from extproc.metrics import Metrics
 from extproc.settings import FIELDS, Settings
+from extproc_dev import devstack, envoy_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -68,7 +68,7 @@ def render_compose_envoy() -> str:
     config = envoy_config.render(
         listen_port=s.listen_port, admin_port=s.envoy_admin_port,
         extproc=[(EXTPROC_HOST, s.grpc_port)], upstream=(LITELLM_HOST, s.upstream_port),
-        http=(EXTPROC_HOST, s.http_port), template=ROOT / "envoy.yaml")
+        http=(EXTPROC_HOST, s.http_port), template=s.envoy_template_path())
     config["admin"]["address"]["socket_address"]["address"] = "0.0.0.0"
     for cluster in config["static_resources"]["clusters"]:
         # A STATIC cluster takes IP addresses only: a service name must be resolved by DNS.
@@ -314,7 +314,7 @@ def test_litellm_config_serves_the_mock_models() -> None:
     command = service["command"]
     assert _container_path(service, "deploy/litellm.yaml") == command[command.index("--config") + 1]
     deploy_models = yaml.safe_load((DEPLOY / "litellm.yaml").read_text())["model_list"]
-    dev_models = yaml.safe_load((ROOT / "extproc" / "litellm.yaml").read_text())["model_list"]
+    dev_models = yaml.safe_load(devstack.LITELLM_CONFIG.read_text())["model_list"]
     assert {m["model_name"] for m in dev_models} <= {m["model_name"] for m in deploy_models}
     assert all(m["litellm_params"].get("mock_response") for m in deploy_models)
     assert "os.environ/" in (DEPLOY / "litellm.yaml").read_text()  # the commented real provider

@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from extproc import devstack
+from extproc_dev import devstack
 
 PORT_VARS = [name for name, _ in devstack.PORTS]
 

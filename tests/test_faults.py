@@ -14,9 +14,9 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from test_gate_e2e import settled
 
-from extproc import devstack
 from extproc.app import Service
 from extproc.settings import Settings
+from extproc_dev import devstack
 
 CHAT = "/v1/chat/completions"
 

@@ -14,8 +14,8 @@ from conftest import UPSTREAM_KEY
 from multidict import CIMultiDict
 
 from extproc.app import Service
-from extproc.devstack import Envoy
 from extproc.gate.usage import encoder
+from extproc_dev.devstack import Envoy
 
 CHAT = "/v1/chat/completions"
 

@@ -12,10 +12,10 @@ import aiohttp
 import pytest
 from conftest import JWT_SECRET, start_serve
 
-from extproc import devstack
 from extproc.identity import mint_token
 from extproc.ledger import Ledger
 from extproc.settings import Settings
+from extproc_dev import devstack
 
 CHAT = "/v1/chat/completions"
 

@@ -1,4 +1,4 @@
-"""The happy path through the REAL LiteLLM proxy (mock models of extproc/litellm.yaml, no
+"""The happy path through the REAL LiteLLM proxy (mock models of extproc_dev/litellm.yaml, no
 network): Envoy → processor → LiteLLM. The debit must equal the `usage` LiteLLM reports."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from conftest import UPSTREAM_KEY
 from test_gate_e2e import settled, usage_entries
 
-from extproc import devstack
 from extproc.app import Service
+from extproc_dev import devstack
 
 CHAT = "/v1/chat/completions"
 MASTER_KEY = UPSTREAM_KEY

@@ -23,10 +23,10 @@ from test_admin_api import HOSTILE, api, base, csrf_of, open_account, spend
 from yarl import URL
 
 from extproc.app import Service
-from extproc.devstack import free_port
 from extproc.identity import mint_token
 from extproc.settings import Settings
 from extproc.web.sessions import MagicLinks, Signer
+from extproc_dev.devstack import free_port
 
 
 class Inbox:

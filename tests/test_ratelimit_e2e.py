@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from conftest import JWT_SECRET, start_serve
 
-from extproc import devstack
 from extproc.identity import mint_token
+from extproc_dev import devstack
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "oi"}], "max_tokens": 5}

@@ -1,22 +1,18 @@
-"""Renders envoy.yaml (the one Envoy configuration) with other ports and hosts, for the dev
-stack, the tests and the benchmark. The checked-in file stays the source of truth."""
+"""Renders the Envoy template (GATE_ENVOY_TEMPLATE; by default ``extproc/envoy.yaml``, the
+one Envoy configuration, shipped in the package) with other ports and hosts, for the dev
+stack, the tests, the benchmark and deploy/envoy.compose.yaml. The template stays the source
+of truth."""
 
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def envoy_template_path() -> Path:
-    return Path(os.environ.get("GATE_ENVOY_TEMPLATE", ROOT / "envoy.yaml"))
-
+from extproc.settings import Settings
 
 # Envoy's own error replies (local_reply_config), by language, in the order of its mappers.
 LOCAL_REPLIES = {
@@ -46,8 +42,9 @@ def render(
     language: str = "pt-BR",
 ) -> dict[str, Any]:
     """The configuration with the given ports. ``extproc=None`` removes the ext_proc filter
-    (the benchmark's "Envoy direct" baseline)."""
-    config = copy.deepcopy(yaml.safe_load((template or envoy_template_path()).read_text()))
+    (the benchmark's "Envoy direct" baseline). ``template``: default, the package's own."""
+    template = template or Settings().envoy_template_path()
+    config = copy.deepcopy(yaml.safe_load(template.read_text()))
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listener = config["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["port_value"] = listen_port

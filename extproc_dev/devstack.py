@@ -26,8 +26,9 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from extproc.settings import Settings
+
 from . import envoy_config
-from .settings import Settings
 
 LITELLM_CONFIG = Path(__file__).with_name("litellm.yaml")
 
@@ -143,18 +144,21 @@ def tail(path: Path, lines: int = 15) -> str:
 
 
 class Envoy:
-    """A real Envoy running envoy.yaml rendered with the given ports."""
+    """A real Envoy running the Envoy template (default: the package's envoy.yaml) rendered
+    with the given ports."""
 
     def __init__(self, workdir: Path, *, upstream: tuple[str, int],
                  extproc: Sequence[tuple[str, int]] | None, http: tuple[str, int],
                  listen_port: int | None = None, admin_port: int | None = None,
-                 concurrency: int = 2, health_check: bool = True, language: str = "pt-BR") -> None:
+                 concurrency: int = 2, health_check: bool = True, language: str = "pt-BR",
+                 template: Path | None = None) -> None:
         self.workdir = workdir
         self.listen_port = listen_port or free_port()
         self.admin_port = admin_port or free_port()
         config = envoy_config.render(
             listen_port=self.listen_port, admin_port=self.admin_port, extproc=extproc,
-            upstream=upstream, http=http, health_check=health_check, language=language)
+            upstream=upstream, http=http, template=template, health_check=health_check,
+            language=language)
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = envoy_config.write(config, workdir / f"envoy-{self.listen_port}.yaml")
         self.log_path = workdir / f"envoy-{self.listen_port}.log"
@@ -359,7 +363,7 @@ def parse_upstream(url: str) -> tuple[str, int]:
 
 
 class DevStack:
-    """`extproc dev`: the whole stack in the foreground (DESIGN.md section 10)."""
+    """`extproc dev`: the whole stack in the foreground."""
 
     def __init__(self, workdir: Path, upstream: str | None = None,
                  environ: Mapping[str, str] | None = None,
@@ -495,11 +499,11 @@ class DevStack:
         self.where.insert(1, f"  REDIS_URL={url}    # embedded Redis, data in {self.workdir / 'redis'}")
         return url
 
-    def migrate(self, url: str) -> None:
-        from .migrate import dbmate
+    def migrate(self, url: str, settings: Settings) -> None:
+        from extproc.migrate import dbmate
 
         since = time.monotonic()
-        result = dbmate(url, "up", check=False)
+        result = dbmate(url, "up", check=False, settings=settings)
         if result.returncode != 0:
             raise DevStackError(f"migrations failed:\n{result.stdout}{result.stderr}")
         self._step("migrations applied", since)
@@ -522,7 +526,8 @@ class DevStack:
         envoy = Envoy(self.workdir, upstream=upstream,
                       extproc=[("127.0.0.1", settings.grpc_port)],
                       http=("127.0.0.1", settings.http_port), listen_port=settings.listen_port,
-                      admin_port=settings.envoy_admin_port, language=settings.language)
+                      admin_port=settings.envoy_admin_port, language=settings.language,
+                      template=settings.envoy_template_path())
         try:
             envoy.start(detach=True)
         except (RuntimeError, TimeoutError) as exc:
@@ -571,7 +576,7 @@ class DevStack:
         database_url = self.start_postgres()
         redis_url = self.start_redis()
         self.env.update(DATABASE_URL=database_url, REDIS_URL=redis_url)
-        self.migrate(database_url)
+        self.migrate(database_url, settings)
         self.start_processor(settings)
         envoy = self.start_envoy(settings, upstream)
         if litellm is not None:
@@ -584,7 +589,7 @@ class DevStack:
 
     def demo(self, settings: Settings) -> dict[str, dict[str, str]]:
         """Headers of the demo user for each identity mode that is on."""
-        from .identity import mint_token
+        from extproc.identity import mint_token
 
         demo: dict[str, dict[str, str]] = {}
         if settings.identity_mode != "trusted-headers":
