@@ -171,8 +171,39 @@ _BATCH_SETTLE_SQL = (
 )
 
 
+# One statement for a batch of admissions (``Ledger._admit_batch``): lock the accounts in
+# user order, then reserve for each request whose account is current, funded, unsuspended
+# and whose e-mail and name did not change (the fast path's condition, row by row).
+_BATCH_ADMIT_SQL = (
+    "WITH i AS (SELECT * FROM unnest($3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[],"
+    "   $8::text[], $9::text[]) AS i(uid, est, xid, rid, email, name, model)),"
+    " l AS (SELECT user_id FROM accounts WHERE user_id = ANY($3::text[]) ORDER BY user_id FOR UPDATE),"
+    " a AS (UPDATE accounts SET reserved = accounts.reserved + i.est FROM i"
+    "  WHERE accounts.user_id = i.uid AND accounts.user_id IN (SELECT user_id FROM l)"
+    "   AND accounts.state <> 'suspended' AND accounts.cycle_end > $1"
+    "   AND accounts.allowance + accounts.credits - accounts.reserved >= i.est"
+    "   AND (i.email IS NULL OR accounts.email IS NOT DISTINCT FROM i.email)"
+    "   AND (i.name IS NULL OR accounts.name IS NOT DISTINCT FROM i.name)"
+    f"  RETURNING {', '.join('accounts.' + f for f in _ACCOUNT_FIELDS.split(', '))}, i.xid),"
+    " r AS (INSERT INTO reservations (exchange_id, user_id, tokens, request_id, model, created_at,"
+    "   expires_at) SELECT i.xid, i.uid, i.est, i.rid, i.model, $1, $2 FROM a JOIN i ON i.xid = a.xid)"
+    " SELECT * FROM a"
+)
+
+
 def _account(row: asyncpg.Record) -> Account:
     return Account(**{k: row[k] for k in Account.__dataclass_fields__})
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitRequest:
+    user_id: str
+    estimate: int
+    exchange_id: str
+    email: str | None = None
+    name: str | None = None
+    request_id: str | None = None
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -243,6 +274,8 @@ class Ledger:
         self._thresholds = settings.thresholds()
         self._settles: Batcher[Usage, Settled | None] | None = Batcher(
             self._settle_batch, self.settle_one, fatal=(LedgerUnavailable,)) if batch else None
+        self._admits: Batcher[AdmitRequest, Admission] | None = Batcher(
+            self._admit_batch, self.admit_one, fatal=(LedgerUnavailable,)) if batch else None
 
     @property
     def settle_backlog(self) -> int:
@@ -334,7 +367,17 @@ class Ledger:
         request_id: str | None = None,
         model: str | None = None,
     ) -> Admission:
-        """Reserve ``estimate`` tokens for one exchange, or say why not."""
+        """Reserve ``estimate`` tokens for one exchange, or say why not. Admissions that
+        arrive together go out as one statement (``_admit_batch``)."""
+        request = AdmitRequest(user_id, estimate, exchange_id, email, name, request_id, model)
+        if self._admits is not None:
+            return await self._admits.submit(request)
+        return await self.admit_one(request)
+
+    async def admit_one(self, request: AdmitRequest) -> Admission:
+        """``admit`` for one exchange: one conditional statement, or the slow transaction."""
+        user_id, estimate, exchange_id = request.user_id, request.estimate, request.exchange_id
+        email, name, request_id, model = request.email, request.name, request.request_id, request.model
         now = self.clock()
         expires = accounting.reservation_expiry(now, self.settings.reservation_ttl_seconds)
         try:
@@ -360,6 +403,37 @@ class Ledger:
                     now, expires,
                 )
         except UNAVAILABLE_ERRORS as exc:
+    async def _admit_batch(self, requests: list[AdmitRequest]) -> list[Admission]:
+        """Many admissions in one statement: the fast path's conditional reservation for the
+        first request of each user (the condition is per row, so two of one user's requests
+        go in separate statements), accounts locked in user order first so two batches never
+        deadlock. A request the statement did not admit takes ``admit_one`` (onboarding, a
+        cycle to roll, an e-mail that changed, a refusal with its reason)."""
+        now = self.clock()
+        expires = accounting.reservation_expiry(now, self.settings.reservation_ttl_seconds)
+        first: dict[str, int] = {}
+        for i, r in enumerate(requests):
+            first.setdefault(r.user_id, i)
+        batch = [requests[i] for i in sorted(first.values(), key=lambda i: requests[i].user_id)]
+        results: list[Admission | None] = [None] * len(requests)
+        try:
+            async with self.admit_pool.acquire() as conn:
+                rows = await conn.fetch(
+                    _BATCH_ADMIT_SQL, now, expires, [r.user_id for r in batch], [r.estimate for r in batch],
+                    [r.exchange_id for r in batch], [r.request_id for r in batch],
+                    [r.email for r in batch], [r.name for r in batch], [r.model for r in batch])
+        except UNAVAILABLE_ERRORS as exc:
+            raise LedgerUnavailable(str(exc)) from exc
+        admitted = {row["xid"]: row for row in rows}
+        for i, r in enumerate(requests):
+            row = admitted.get(r.exchange_id)
+            if row is not None:
+                results[i] = Admission("ok", _account(row), r.estimate)
+        for i, r in enumerate(requests):
+            if results[i] is None:
+                results[i] = await self.admit_one(r)
+        return [a for a in results if a is not None]
+
             raise LedgerUnavailable(str(exc)) from exc
 
     async def _admit_slow(
