@@ -444,3 +444,35 @@ async def test_one_bad_settle_does_not_fail_its_batch(ledger, pool, user, monkey
     assert isinstance(results[2], Exception)
     assert [e["exchange_id"] for e in await entries(pool, user, "usage")] == [first, good]
     await check_invariants(ledger)
+
+
+async def test_concurrent_admissions_are_batched_and_never_overdraw(ledger, user):
+    """100 admissions of 30 on 1,000 tokens, one user among others, all at once: exactly
+    33 fit, however the batches form (one user's requests never share a statement)."""
+    others = [f"{user}-other-{i}" for i in range(4)]
+    for u in [user, *others]:
+        await spend(ledger, u, 0, estimate=0)  # open the accounts
+    batches = ledger._admits.batches
+    requests = [(user, xid()) for _ in range(100)] + [(u, xid()) for u in others for _ in range(5)]
+    results = await asyncio.gather(*[ledger.admit(u, 30, x) for u, x in requests])
+    assert ledger._admits.batches - batches < len(requests)
+    mine = [r for (u, _), r in zip(requests, results, strict=True) if u == user]
+    assert sum(r.outcome == "ok" for r in mine) == 33
+    assert all(r.outcome == "ok" for (u, _), r in zip(requests, results, strict=True) if u != user)
+    account = await ledger.account(user)
+    assert (account.reserved, account.available) == (990, 10)
+    await check_invariants(ledger)
+
+
+async def test_batched_admission_falls_back_for_what_the_fast_path_cannot_do(ledger, clock, user):
+    """New accounts, a changed e-mail and a refusal in one burst each take the slow path."""
+    await spend(ledger, user, 995)
+    fresh = f"{user}-new"
+    results = await asyncio.gather(
+        ledger.admit(fresh, 10, xid(), email="new@example.com"),
+        ledger.admit(user, 10, xid()),                                # 5 left: insufficient
+        ledger.admit(f"{user}-new2", 10, xid()),
+    )
+    assert [r.outcome for r in results] == ["ok", "insufficient", "ok"]
+    assert (await ledger.account(fresh)).email == "new@example.com"
+    await check_invariants(ledger)
