@@ -28,18 +28,11 @@ from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from extproc.alerts import (
-    NO_CHANNEL,
-    Alert,
-    AlertWorker,
-    Templates,
-    backoff,
-    parse_smtp_url,
-    sign,
-    verify_signature,
-    worker_main,
-)
+from extproc.alerts.render import Alert, AlertTemplates
+from extproc.alerts.webhook import sign, verify_signature
+from extproc.alerts.worker import NO_CHANNEL, AlertWorker, backoff, worker_main
 from extproc.ledger import Ledger, Usage
+from extproc.mail import parse_smtp_url
 from extproc.metrics import Metrics
 from extproc.migrate import dbmate, migrations_dir
 from extproc.settings import Settings
@@ -513,7 +506,7 @@ async def test_blocked_alert_goes_to_the_user_and_the_admins(pool, base, smtp, u
     alert = Alert(1, user, address, "Ana", 100, 120.0, 120_000, 100_000, -20_000,
                   datetime(2026, 3, 10, tzinfo=UTC), datetime(2026, 4, 10, tzinfo=UTC), datetime.now(UTC))
     for language, offer in (("pt-BR", "ou compre créditos em:"), ("en", "or buy credits at:")):
-        billing = Templates(settings.replace(stripe_secret_key="sk_test_x", language=language))
+        billing = AlertTemplates(settings.replace(stripe_secret_key="sk_test_x", language=language))
         _, text, html = billing.render("user_alert", alert)
         assert offer in text and "https://gate.solaris.test/me" in html
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ..alerts import SmtpSender, parse_smtp_url
 from ..ledger import Account
+from ..mail import smtp_sender
 from . import queries as q
 from .kit import (
     MAX_ID,
@@ -114,10 +114,10 @@ async def send_links(app: web.Application, address: str) -> None:
         accounts = await q.accounts_by_email(service.pool, address)
         if not accounts:
             return
-        if not ctx.settings.smtp_url:
+        sender = smtp_sender(ctx.settings.smtp_url)
+        if sender is None:
             log.warning("sign-in link not sent: GATE_SMTP_URL is not set")
             return
-        sender = SmtpSender(parse_smtp_url(ctx.settings.smtp_url))
         links = MagicLinks(service.pool, ctx.signer)
         for account in accounts:
             token = await links.issue(account.user_id, service.clock())

@@ -1,4 +1,4 @@
-"""Threshold alerts: the delivery worker (DESIGN.md section 6, issue #4).
+"""Threshold alerts: the outbox worker that plans, claims, sends and records deliveries.
 
 How an alert travels
 --------------------
@@ -37,350 +37,37 @@ Rules
   is sent again (at-least-once in that window only). E-mails carry a stable Message-ID and
   webhooks a stable ``X-Solaris-Event-Id`` so receivers can drop the duplicate.
 
-SMTP URL (GATE_SMTP_URL)
-------------------------
-``smtps://user:pass@host:port`` is TLS from the first byte (default port 465).
-``smtp://user:pass@host:port`` (default port 25) uses STARTTLS: required with ``?starttls=1``
-or on port 587, never with ``?starttls=0``, otherwise opportunistic (upgraded when the server
-offers it). User and password are percent-decoded and, when present, used to log in.
-``?verify=0`` skips certificate verification (an internal relay with a self-signed
-certificate); ``?timeout=SECONDS`` bounds each SMTP operation (default 30).
-
-Webhook (GATE_WEBHOOK_URL, GATE_WEBHOOK_SECRET)
------------------------------------------------
-A JSON POST per alert (every threshold), with a ``text`` field so Slack/Teams incoming webhooks
-show it as is. Signed: ``X-Solaris-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of
-"<t>.<raw body>" keyed with the secret>``; receivers should check the HMAC in constant time
-and reject a ``t`` older than a few minutes (``verify_signature`` does both). Any non-2xx
-answer, a timeout or a refused connection is retried like an e-mail.
+Where the rest lives: the messages in ``alerts.render``, the webhook's signature and POST in
+``alerts.webhook``, SMTP in ``mail``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
-import json
 import logging
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from email.message import EmailMessage
-from email.utils import format_datetime, parseaddr
-from pathlib import Path
-from typing import Any, Protocol
-from urllib.parse import parse_qsl, unquote, urlsplit
+from datetime import datetime, timedelta
+from typing import Any
 
-import aiohttp
-import aiosmtplib
 import asyncpg
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-from .ledger import Clock, create_pool, utcnow
-from .metrics import Metrics
-from .settings import Settings
+from ..ledger import Clock, create_pool, utcnow
+from ..mail import MailSender, Undeliverable, smtp_sender, usable_address
+from ..metrics import Metrics
+from ..settings import Settings
+from .render import Alert, AlertTemplates, event_id
+from .webhook import HttpWebhook, WebhookPoster, request_headers
+
+__all__ = ["NO_CHANNEL", "AlertWorker", "Job", "backoff", "worker_main"]
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_DIR = Path(__file__).with_name("templates") / "email"
-MONTHS_EN = ("January", "February", "March", "April", "May", "June", "July", "August",
-             "September", "October", "November", "December")
 NO_CHANNEL = "no alert channel configured (GATE_SMTP_URL, GATE_WEBHOOK_URL)"
 ERROR_LIMIT = 500  # characters of an error kept in last_error
-
-
-# ---------------------------------------------------------------- errors
-
-
-class Undeliverable(Exception):
-    """A permanent failure: retrying cannot help (no address, a mailbox refused with 5xx)."""
-
-
-class WebhookError(Exception):
-    """The webhook receiver answered with something other than 2xx."""
-
-
-# ---------------------------------------------------------------- SMTP
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _flag(name: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"GATE_SMTP_URL: {name}={raw!r} is not a boolean")
-
-
-@dataclass(frozen=True)
-class SmtpConfig:
-    hostname: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-    use_tls: bool = False           # implicit TLS (smtps://)
-    start_tls: bool | None = None   # True: required, False: never, None: if offered
-    validate_certs: bool = True
-    timeout: float = 30.0
-
-
-def parse_smtp_url(url: str) -> SmtpConfig:
-    """GATE_SMTP_URL → connection parameters (the rule is in the module docstring)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("smtp", "smtps"):
-        raise ValueError(f"GATE_SMTP_URL must start with smtp:// or smtps://, not {parts.scheme!r}")
-    if not parts.hostname:
-        raise ValueError("GATE_SMTP_URL has no host")
-    query = {k.lower(): v for k, v in parse_qsl(parts.query, keep_blank_values=True)}
-    implicit = parts.scheme == "smtps"
-    port = parts.port or (465 if implicit else 25)
-    start_tls: bool | None
-    if implicit:
-        start_tls = False  # already encrypted; STARTTLS inside TLS is an error
-    elif "starttls" in query:
-        start_tls = _flag("starttls", query["starttls"])
-    elif port == 587:
-        start_tls = True  # the submission port: STARTTLS is the norm, refuse to send in clear
-    else:
-        start_tls = None
-    try:
-        timeout = float(query.get("timeout", "30"))
-    except ValueError:
-        raise ValueError(f"GATE_SMTP_URL: timeout={query['timeout']!r} is not a number") from None
-    return SmtpConfig(
-        hostname=parts.hostname,
-        port=port,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        use_tls=implicit,
-        start_tls=start_tls,
-        validate_certs=_flag("verify", query["verify"]) if "verify" in query else True,
-        timeout=timeout,
-    )
-
-
-class MailSender(Protocol):
-    async def send(self, message: EmailMessage) -> None:
-        """Deliver one message to its To: recipients; raise Undeliverable when a retry cannot help."""
-
-
-class SmtpSender:
-    """One SMTP connection per message: alerts are rare, and a connection that is not kept
-    cannot go stale while the server restarts."""
-
-    def __init__(self, config: SmtpConfig) -> None:
-        self.config = config
-
-    async def send(self, message: EmailMessage) -> None:
-        c = self.config
-        try:
-            await aiosmtplib.send(
-                message, hostname=c.hostname, port=c.port, username=c.username,
-                password=c.password, use_tls=c.use_tls, start_tls=c.start_tls,
-                validate_certs=c.validate_certs, timeout=c.timeout,
-            )
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            # A 5xx to RCPT is the mailbox saying "never"; a 4xx (greylisting, full) is retried.
-            if exc.recipients and all(500 <= r.code < 600 for r in exc.recipients):
-                raise Undeliverable("; ".join(f"{r.code} {r.message}" for r in exc.recipients)) from exc
-            raise
-        except aiosmtplib.SMTPRecipientRefused as exc:
-            if 500 <= exc.code < 600:
-                raise Undeliverable(f"{exc.code} {exc.message}") from exc
-            raise
-
-
-# ---------------------------------------------------------------- webhook
-
-
-def sign(secret: str, body: bytes, timestamp: int) -> str:
-    """The X-Solaris-Signature value: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">."""
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
-
-
-def verify_signature(secret: str, header: str, body: bytes, *, now: int, tolerance: int = 300) -> bool:
-    """What a receiver does: the HMAC matches (constant time) and the timestamp is recent
-    (a captured request cannot be replayed later)."""
-    fields: dict[str, list[str]] = {}
-    for item in header.split(","):
-        key, _, value = item.strip().partition("=")
-        fields.setdefault(key, []).append(value)
-    try:
-        timestamp = int(fields.get("t", [""])[0])
-    except ValueError:
-        return False
-    if abs(now - timestamp) > tolerance:
-        return False
-    expected = sign(secret, body, timestamp).rpartition("v1=")[2]
-    return any(hmac.compare_digest(expected, v) for v in fields.get("v1", []))
-
-
-class WebhookPoster(Protocol):
-    async def post(self, body: bytes, headers: Mapping[str, str]) -> None:
-        """POST one signed payload; raise on anything but a 2xx."""
-
-    async def aclose(self) -> None: ...
-
-
-class HttpWebhook:
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
-        self.url = url
-        self.timeout = timeout
-        self._session: aiohttp.ClientSession | None = None
-
-    async def post(self, body: bytes, headers: Mapping[str, str]) -> None:
-        if self._session is None:  # created lazily: it must belong to the running loop
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-        # No redirects: a 3xx is a misconfigured URL, retried (and visible) like any non-2xx.
-        async with self._session.post(self.url, data=body, headers=dict(headers),
-                                      allow_redirects=False) as resp:
-            if not 200 <= resp.status < 300:
-                text = (await resp.text(errors="replace"))[:200]
-                raise WebhookError(f"HTTP {resp.status} {text}".strip())
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-# ---------------------------------------------------------------- rendering
-
-
-@dataclass(frozen=True)
-class Alert:
-    outbox_id: int
-    user_id: str
-    email: str | None
-    name: str | None
-    threshold: int
-    used_pct: float
-    used: int
-    budget: int
-    remaining: int
-    cycle_start: datetime
-    cycle_end: datetime
-    created_at: datetime
-
-    @property
-    def blocked(self) -> bool:
-        return self.threshold >= 100
-
-
-class Templates:
-    """Jinja2 templates in extproc/templates/email, one file per message, language and part:
-    ``<message>.<language>.txt`` (its ``subject`` is a ``{% set %}`` block) and ``.html``
-    (autoescaped: a user's name is data, never markup)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.language = settings.language
-        base = settings.public_url.rstrip("/")
-        self.me_url = base + "/me"
-        self.admin_url = base + "/admin"
-        self.admins = settings.admin_email_list()
-        self.env = Environment(
-            loader=FileSystemLoader(TEMPLATE_DIR),
-            autoescape=select_autoescape(["html"], default_for_string=False, default=False),
-            undefined=StrictUndefined,  # a typo in a template fails the attempt, visibly
-            trim_blocks=True,
-            lstrip_blocks=True,
-            keep_trailing_newline=True,
-        )
-        self.env.filters.update(num=self.num, pct=self.pct, date=self.date)
-
-    # Formatting is explicit rather than via the OS locale: containers rarely have pt_BR.
-    def num(self, value: int | float | Decimal) -> str:
-        text = f"{int(value):,}"
-        return text.replace(",", ".") if self.language == "pt-BR" else text
-
-    def pct(self, value: float | Decimal) -> str:
-        text = f"{float(value):.2f}".rstrip("0").rstrip(".")
-        return text.replace(".", ",") if self.language == "pt-BR" else text
-
-    def date(self, value: datetime) -> str:
-        d = value.astimezone(UTC)
-        if self.language == "pt-BR":
-            return d.strftime("%d/%m/%Y")
-        return f"{MONTHS_EN[d.month - 1]} {d.day}, {d.year}"
-
-    def context(self, alert: Alert) -> dict[str, Any]:
-        return {
-            "lang": self.language,
-            "user_id": alert.user_id,
-            "name": alert.name or "",
-            "email": alert.email or "",
-            "threshold": alert.threshold,
-            "used_pct": alert.used_pct,
-            "used": alert.used,
-            "budget": alert.budget,
-            "remaining": max(alert.remaining, 0),  # overspend shows as 0, not a negative balance
-            "cycle_start": alert.cycle_start,
-            "cycle_end": alert.cycle_end,
-            "blocked": alert.blocked,
-            "me_url": self.me_url,
-            "admin_url": self.admin_url,
-            "admin_contacts": self.admins,
-            "billing": bool(self.settings.stripe_secret_key),
-        }
-
-    def render(self, message: str, alert: Alert) -> tuple[str, str, str]:
-        """(subject, text, html) of ``message`` ("user_alert" or "admin_alert")."""
-        ctx = self.context(alert)
-        module = self.env.get_template(f"{message}.{self.language}.txt").make_module(ctx)
-        subject = " ".join(str(module.subject).split())  # one line: it becomes a header
-        html = self.env.get_template(f"{message}.{self.language}.html").render(ctx, subject=subject)
-        return subject, str(module), html
-
-    def email(self, alert: Alert, audience: str, recipient: str, *, delivery_id: int,
-              now: datetime) -> EmailMessage:
-        subject, text, html = self.render("user_alert" if audience == "user" else "admin_alert", alert)
-        msg = EmailMessage()
-        msg["Subject"] = subject
-        msg["From"] = self.settings.mail_from
-        msg["To"] = recipient
-        if audience == "user" and self.admins:
-            msg["Reply-To"] = ", ".join(self.admins)  # "contact the admin" is a reply away
-        msg["Date"] = format_datetime(now.astimezone(UTC))
-        domain = parseaddr(self.settings.mail_from)[1].rpartition("@")[2] or "localhost"
-        # Stable across retries: a duplicate after a crash mid-send can be recognised.
-        msg["Message-ID"] = f"<solaris-alert-{alert.outbox_id}.{delivery_id}@{domain}>"
-        msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation auto-replies
-        msg.set_content(text)
-        msg.add_alternative(html, subtype="html")
-        msg["Content-Language"] = self.language  # after the body: set_content drops Content-* headers
-        return msg
-
-    def webhook_payload(self, alert: Alert) -> dict[str, Any]:
-        text = self.env.get_template(f"webhook.{self.language}.txt").render(self.context(alert)).strip()
-        return {
-            "id": f"alert-{alert.outbox_id}",
-            "type": "quota.threshold_crossed",
-            "text": text,
-            "threshold": alert.threshold,
-            "blocked": alert.blocked,
-            "user": {"id": alert.user_id, "email": alert.email, "name": alert.name},
-            "used": alert.used,
-            "budget": alert.budget,
-            "remaining": alert.remaining,
-            "used_pct": alert.used_pct,
-            "cycle_start": alert.cycle_start.isoformat(),
-            "cycle_end": alert.cycle_end.isoformat(),
-            "created_at": alert.created_at.isoformat(),
-            "admin_url": self.admin_url,
-        }
-
-
-# ---------------------------------------------------------------- the worker
 
 
 @dataclass(frozen=True)
@@ -399,17 +86,6 @@ def backoff(attempts: int, base: float = 30.0, cap: float = 3600.0) -> timedelta
     """Wait after the ``attempts``-th failed attempt: 30 s, 1 min, 2 min, ... capped at 1 h.
     Exponential so a long outage costs few attempts, capped so recovery is noticed within the hour."""
     return timedelta(seconds=min(base * 2 ** max(attempts - 1, 0), cap))
-
-
-def _clean_address(raw: str | None) -> str | None:
-    """The bare address when ``raw`` is a usable one, else None."""
-    if not raw:
-        return None
-    address = parseaddr(raw)[1].strip()
-    if not address or "@" not in address or any(c.isspace() for c in address):
-        return None
-    local, _, domain = address.rpartition("@")
-    return address if local and "." in domain.strip(".") else None
 
 
 def _error_text(exc: BaseException) -> str:
@@ -493,13 +169,13 @@ class AlertWorker:
         self.metrics = metrics
         self.clock = clock
         # None means "from the settings"; an unset URL disables the channel.
-        if sender is None and settings.smtp_url:
-            sender = SmtpSender(parse_smtp_url(settings.smtp_url))
+        if sender is None:
+            sender = smtp_sender(settings.smtp_url)
         if webhook is None and settings.webhook_url:
             webhook = HttpWebhook(settings.webhook_url)
         self.sender = sender
         self.webhook = webhook
-        self.templates = Templates(settings)
+        self.templates = AlertTemplates(settings)
         self.admins = settings.admin_email_list()
         self.max_attempts = max_attempts
         self.base_delay = base_delay
@@ -577,7 +253,7 @@ class AlertWorker:
         """(channel, audience, recipient, state, error) rows of one alert."""
         rows: list[tuple[str, str, str, str, str | None]] = []
         if self.sender is not None:
-            address = _clean_address(email)
+            address = usable_address(email)
             if address is not None:
                 rows.append(("email", "user", address, "pending", None))
             elif email:
@@ -655,16 +331,9 @@ class AlertWorker:
             return
         if self.webhook is None:
             raise RuntimeError("webhook no longer configured (GATE_WEBHOOK_URL)")
-        body = json.dumps(self.templates.webhook_payload(job.alert), ensure_ascii=False,
-                          separators=(",", ":")).encode()
-        headers = {
-            "Content-Type": "application/json; charset=utf-8",
-            "User-Agent": "solaris-token-gate",
-            "X-Solaris-Event-Id": f"alert-{job.alert.outbox_id}",
-            "X-Solaris-Attempt": str(job.attempts),
-        }
-        if self.settings.webhook_secret:  # re-signed on every attempt: the timestamp is fresh
-            headers["X-Solaris-Signature"] = sign(self.settings.webhook_secret, body, int(now.timestamp()))
+        body = self.templates.webhook_body(job.alert)
+        headers = request_headers(body, event_id=event_id(job.alert), attempt=job.attempts,
+                                  secret=self.settings.webhook_secret, now=int(now.timestamp()))
         await self.webhook.post(body, headers)
 
     async def _deliver(self, job: Job) -> None:
@@ -762,8 +431,7 @@ def worker_main(settings: Settings, *, once: bool = False, interval: float = 5.0
     """``extproc worker [--once]``: deliver alerts until SIGTERM/SIGINT (or, with ``once``,
     until nothing is due). Returns the process exit code (2: bad configuration)."""
     try:
-        if settings.smtp_url:
-            parse_smtp_url(settings.smtp_url)  # fail before connecting to anything
+        smtp_sender(settings.smtp_url)  # fail before connecting to anything
     except ValueError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
