@@ -100,11 +100,12 @@ import asyncpg
 import stripe
 
 from .formats import fmt_int, format_price
+from .i18n import catalogue, supported
 from .ledger import Account, Clawback, Ledger, PaymentSettled, UnknownUser, purchase_key
 from .metrics import Metrics
 from .settings import Settings
 
-__all__ = ["TEXT", "Checkout", "CheckoutFailed", "Pack", "Purchases", "checkout_idempotency_key", "enabled",
+__all__ = ["Checkout", "CheckoutFailed", "Pack", "Purchases", "checkout_idempotency_key", "enabled",
            "parse_packs"]
 
 log = logging.getLogger(__name__)
@@ -124,51 +125,6 @@ DISPUTE_RANK = {"warning_needs_response": 1, "warning_under_review": 2, "warning
                 "appeal_needs_response": 7, "appeal_under_review": 8}
 _PACK_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _DIGITS = re.compile(r"[0-9]+")
-
-TEXT: dict[str, dict[str, str]] = {
-    "pt-BR": {
-        "title": "Comprar créditos",
-        "intro": "Créditos comprados somam-se ao saldo e continuam valendo quando o ciclo renova. "
-                 "O pagamento é feito no Stripe.",
-        "buy": "Comprar",
-        "buy_label": "Comprar {tokens} tokens por {price}",
-        "product": "Solaris: {tokens} tokens",
-        "success": "Pagamento enviado. Os créditos entram no extrato assim que o Stripe confirmar o pagamento.",
-        "cancelled": "Compra cancelada: nada foi cobrado.",
-        "unknown_pack": "Pacote de créditos desconhecido.",
-        "suspended": "Sua conta está suspensa: não é possível comprar créditos.",
-        "provider": "O serviço de pagamento não respondeu. Tente novamente em instantes.",
-        "conflict": "Esta chave de idempotência já foi usada para outra compra.",
-        "invalid_key": "Idempotency-Key inválida (até 200 caracteres imprimíveis).",
-        "reason_purchase": "Compra de créditos: pacote {pack}, {price} (Stripe {session})",
-        "reason_refund": "Estorno de {refunded} de {amount} (Stripe {payment})",
-        "reason_dispute": "Contestação (chargeback) de {amount} no cartão: créditos da compra retirados "
-                          "(Stripe {dispute}, {payment})",
-        "reason_dispute_released": "Contestação encerrada ({status}): créditos devolvidos "
-                                   "(Stripe {dispute}, {payment})",
-    },
-    "en": {
-        "title": "Buy credits",
-        "intro": "Purchased credits add to your balance and stay when the cycle renews. "
-                 "Payment is handled by Stripe.",
-        "buy": "Buy",
-        "buy_label": "Buy {tokens} tokens for {price}",
-        "product": "Solaris: {tokens} tokens",
-        "success": "Payment sent. The credits appear in your statement as soon as Stripe confirms the payment.",
-        "cancelled": "Purchase cancelled: nothing was charged.",
-        "unknown_pack": "Unknown credit pack.",
-        "suspended": "Your account is suspended: credits cannot be bought.",
-        "provider": "The payment service did not answer. Try again in a moment.",
-        "conflict": "This idempotency key was already used for another purchase.",
-        "invalid_key": "Invalid Idempotency-Key (up to 200 printable characters).",
-        "reason_purchase": "Credit purchase: pack {pack}, {price} (Stripe {session})",
-        "reason_refund": "Refund of {refunded} of {amount} (Stripe {payment})",
-        "reason_dispute": "Card dispute (chargeback) of {amount}: purchased credits taken back "
-                          "(Stripe {dispute}, {payment})",
-        "reason_dispute_released": "Dispute closed ({status}): credits given back (Stripe {dispute}, {payment})",
-    },
-}
-
 
 # ---------------------------------------------------------------- packs and prices
 
@@ -264,8 +220,8 @@ class Purchases:
         self.ledger = ledger
         self.metrics = metrics
         self.clock = clock
-        self.lang = settings.language if settings.language in TEXT else "pt-BR"
-        self.text = TEXT[self.lang]
+        self.lang = supported(settings.language)
+        self.text = catalogue().section(self.lang, "billing")  # what the /me offer and the errors say
         self.public_url = settings.public_url.rstrip("/")
         self.http_client = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=STRIPE_TIMEOUT_SECONDS))
         base = {"api": settings.stripe_api_base.rstrip("/")} if settings.stripe_api_base else None
@@ -411,7 +367,7 @@ class Purchases:
         try:
             _, applied = await self.ledger.grant(
                 user_id, tokens, actor=ACTOR, kind="purchase", idempotency_key=purchase_key(session_id),
-                reason=self.text["reason_purchase"].format(pack=pack, price=price, session=session_id),
+                reason=catalogue().text(self.lang, "reason.purchase", pack=pack, amount=price, session=session_id),
                 source_ip=source_ip)
         except UnknownUser:
             log.error("paid checkout session for a user without an account: not credited",
@@ -514,11 +470,11 @@ class Purchases:
     def clawback_reason(self, move: Clawback) -> str:
         """The ledger reason of a clawback movement, in the deployment's language."""
         if move.cause == "dispute":
-            return self.text["reason_dispute"].format(
+            return catalogue().text(self.lang, "reason.dispute",
                 amount=self.money(move.amount, move.currency), dispute=move.dispute_id, payment=move.payment_intent)
         if move.cause == "refund":
-            return self.text["reason_refund"].format(
+            return catalogue().text(self.lang, "reason.refund",
                 refunded=self.money(move.refunded, move.currency), amount=self.money(move.amount, move.currency),
                 payment=move.payment_intent)
-        return self.text["reason_dispute_released"].format(
+        return catalogue().text(self.lang, "reason.dispute_released",
             status=move.status, dispute=move.dispute_id, payment=move.payment_intent)

@@ -22,6 +22,7 @@ from yarl import URL
 
 from extproc.app import Service
 from extproc.formats import format_price
+from extproc.i18n import catalogue
 from extproc.identity import mint_token
 from extproc.ledger import Ledger, utcnow
 from extproc.metrics import Metrics
@@ -639,10 +640,9 @@ async def clawbacks(svc: Service, user: str) -> list[tuple[str, int, str]]:
 
 
 def test_dispute_texts_exist_in_both_languages():
-    from extproc.purchases import TEXT
-
-    assert set(TEXT["pt-BR"]) == set(TEXT["en"])
-    assert "Contestação" in TEXT["pt-BR"]["reason_dispute"] and "dispute" in TEXT["en"]["reason_dispute"]
+    pt, en = catalogue().section("pt-BR", "reason"), catalogue().section("en", "reason")
+    assert set(pt) == set(en)
+    assert "Contestação" in pt["dispute"] and "dispute" in en["dispute"]
 
 
 async def test_dispute_claws_back_the_pack_blocks_and_402(http, billing_envoy, billing_service, settings, auth, user):

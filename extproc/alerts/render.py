@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 from pathlib import Path
@@ -20,13 +19,12 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from ..formats import fmt_date_text, fmt_int, fmt_number
 from ..settings import Settings
 
 __all__ = ["Alert", "AlertTemplates", "event_id"]
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates" / "email"
-MONTHS_EN = ("January", "February", "March", "April", "May", "June", "July", "August",
-             "September", "October", "November", "December")
 
 
 @dataclass(frozen=True)
@@ -69,22 +67,9 @@ class AlertTemplates:
             lstrip_blocks=True,
             keep_trailing_newline=True,
         )
-        self.env.filters.update(num=self.num, pct=self.pct, date=self.date)
-
-    # Formatting is explicit rather than via the OS locale: containers rarely have pt_BR.
-    def num(self, value: int | float | Decimal) -> str:
-        text = f"{int(value):,}"
-        return text.replace(",", ".") if self.language == "pt-BR" else text
-
-    def pct(self, value: float | Decimal) -> str:
-        text = f"{float(value):.2f}".rstrip("0").rstrip(".")
-        return text.replace(".", ",") if self.language == "pt-BR" else text
-
-    def date(self, value: datetime) -> str:
-        d = value.astimezone(UTC)
-        if self.language == "pt-BR":
-            return d.strftime("%d/%m/%Y")
-        return f"{MONTHS_EN[d.month - 1]} {d.day}, {d.year}"
+        lang = self.language
+        self.env.filters.update(num=lambda v: fmt_int(v, lang), pct=lambda v: fmt_number(v, lang),
+                                date=lambda v: fmt_date_text(v, lang))
 
     def context(self, alert: Alert) -> dict[str, Any]:
         return {

@@ -28,7 +28,8 @@ from urllib.parse import quote
 from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-from ..formats import fmt_date, fmt_dt, fmt_int, fmt_pct, fmt_signed, fmt_value
+from ..formats import fmt_date, fmt_day_month, fmt_dt, fmt_int, fmt_pct, fmt_signed, fmt_value
+from ..i18n import catalogue, supported
 from ..identity import Authenticator, IdentityError, bearer
 from ..settings import Settings
 from . import queries as q
@@ -102,12 +103,6 @@ class OfferSource(Protocol):
 # ---------------------------------------------------------------- language, templates, errors
 
 
-def load_messages() -> dict[str, dict[str, str]]:
-    with (TEMPLATES / "i18n.json").open(encoding="utf-8") as fh:
-        data: dict[str, dict[str, str]] = json.load(fh)
-    return data
-
-
 def path_segment(value: str) -> str:
     """A user id as one URL path segment (ids may contain '/', '?', '#', spaces, anything)."""
     return quote(value, safe="")
@@ -121,7 +116,7 @@ class WebContext:
     signer: Signer
     authenticator: Authenticator
     jinja: Environment
-    messages: dict[str, str]
+    messages: Mapping[str, str]  # the catalogue's texts in ``lang``
     lang: str
     secure_cookies: bool
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -133,9 +128,8 @@ class WebContext:
     def build(cls, settings: Settings, authenticator: Authenticator | None = None) -> WebContext:
         """``authenticator``: the service's own (one JWKS cache and its background refresh
         for the gate and the console alike); a fresh one for tests that build pages alone."""
-        lang = settings.language if settings.language in ("pt-BR", "en") else "pt-BR"
-        all_messages = load_messages()
-        messages = {**all_messages["en"], **all_messages.get(lang, {})}
+        lang = supported(settings.language)
+        messages = catalogue().texts(lang)
         jinja = Environment(
             loader=FileSystemLoader(TEMPLATES),
             autoescape=select_autoescape(enabled_extensions=("html", "svg", "xml"),
@@ -151,7 +145,8 @@ class WebContext:
         jinja.filters.update(
             num=lambda v: fmt_int(v, lang), signed=lambda v: fmt_signed(v, lang),
             pct=lambda v: fmt_pct(v, lang), dt=lambda v: fmt_dt(v, lang),
-            day=lambda v: fmt_date(v, lang), seg=path_segment, value=lambda v: fmt_value(v, lang),
+            day=lambda v: fmt_date(v, lang), daymonth=lambda v: fmt_day_month(v, lang), seg=path_segment,
+            value=lambda v: fmt_value(v, lang),
         )
         return ctx
 
