@@ -39,7 +39,7 @@ from typing import Any
 
 import asyncpg
 
-from . import accounting
+from . import accounting, reasons
 from .batching import Batcher
 from .settings import Settings
 
@@ -317,9 +317,9 @@ class Ledger:
         if created:
             await conn.execute(
                 "INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta, credits_delta,"
-                " balance_after, actor, reason, cycle_start, created_at)"
-                " VALUES ($1, 'cycle_reset', $2, $2, 0, $2, 'system', 'account opened', $3, $4)",
-                user_id, tokens, start, now,
+                " balance_after, actor, reason, reason_code, reason_params, cycle_start, created_at)"
+                " VALUES ($1, 'cycle_reset', $2, $2, 0, $2, 'system', $3, $4, $5::jsonb, $6, $7)",
+                user_id, tokens, *reasons.columns(reasons.account_opened()), start, now,
             )
 
     async def _roll_if_due(
@@ -337,14 +337,12 @@ class Ledger:
         balance = reset.allowance + row["credits"]
         state = accounting.state_for(row["state"], balance, 0.0)
         expired = row["allowance"] if not row["rollover"] else 0
-        reason = f"new cycle {reset.start.date()} to {reset.end.date()}"
-        if expired:
-            reason += f"; {expired} unused tokens expired"
+        reason = reasons.new_cycle(reset.start, reset.end, expired)
         await conn.execute(
             "INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta, credits_delta,"
-            " balance_after, actor, reason, cycle_start, created_at)"
-            " VALUES ($1, 'cycle_reset', $2, $2, 0, $3, 'system', $4, $5, $6)",
-            row["user_id"], reset.split.allowance_delta, balance, reason, reset.start, now,
+            " balance_after, actor, reason, reason_code, reason_params, cycle_start, created_at)"
+            " VALUES ($1, 'cycle_reset', $2, $2, 0, $3, 'system', $4, $5, $6::jsonb, $7, $8)",
+            row["user_id"], reset.split.allowance_delta, balance, *reasons.columns(reason), reset.start, now,
         )
         return await conn.fetchrow(
             "UPDATE accounts a SET cycle_start = $2, cycle_end = $3, allowance = $4,"
@@ -696,14 +694,15 @@ class Ledger:
         tokens: int,
         *,
         actor: str,
-        reason: str,
+        reason: str | reasons.Reason,
         kind: str = "grant",
         idempotency_key: str | None = None,
         source_ip: str | None = None,
     ) -> tuple[Account, bool]:
         """Add (or, with a negative amount, claw back) credits, with its ledger entry and
         audit row in one transaction. Returns (account, applied); a repeated idempotency key
-        returns the current account and applied=False."""
+        returns the current account and applied=False. ``reason``: an admin's text, or a coded
+        reason (purchases, clawbacks) that pages show in the reader's language."""
         if kind not in ("grant", "purchase", "refund", "adjustment"):
             raise ValueError(f"unknown credit kind {kind!r}")
         now = self.clock()
@@ -722,10 +721,10 @@ class Ledger:
             state = accounting.state_for(row["state"], row["allowance"] + credits, pct)
             await conn.execute(
                 "INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta, credits_delta,"
-                " balance_after, idempotency_key, actor, reason, cycle_start, created_at)"
-                " VALUES ($1, $2, $3, 0, $3, $4, $5, $6, $7, $8, $9)",
-                user_id, kind, tokens, row["allowance"] + credits, idempotency_key, actor, reason,
-                row["cycle_start"], now,
+                " balance_after, idempotency_key, actor, reason, reason_code, reason_params, cycle_start,"
+                " created_at) VALUES ($1, $2, $3, 0, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11)",
+                user_id, kind, tokens, row["allowance"] + credits, idempotency_key, actor,
+                *reasons.columns(reason), row["cycle_start"], now,
             )
             updated = _account(await conn.fetchrow(
                 "UPDATE accounts SET credits = $2, cycle_budget = $3, state = $4, updated_at = $5"
@@ -749,7 +748,7 @@ class Ledger:
         return asyncio.Semaphore(PAYMENT_CONCURRENCY)
 
     async def settle_payment(
-        self, payment_intent: str, *, actor: str, reason: Callable[[Clawback], str],
+        self, payment_intent: str, *, actor: str, reason: Callable[[Clawback], str | reasons.Reason],
         source_ip: str | None = None,
     ) -> PaymentSettled:
         """Bring what is clawed back from one purchase to what Stripe's events say it should be
@@ -971,7 +970,7 @@ def trueup_key_for(exchange_id: str) -> str:
 async def audit(
     conn: asyncpg.Connection, actor: str, action: str, target: str | None,
     before: Account | dict[str, Any] | None, after: Account | dict[str, Any] | None,
-    reason: str | None, source_ip: str | None, now: datetime,
+    reason: str | reasons.Reason | None, source_ip: str | None, now: datetime,
 ) -> None:
     """One audit row; call it inside the transaction of the change it records (I4)."""
 
@@ -981,9 +980,9 @@ async def audit(
         return json.dumps(value.as_json() if isinstance(value, Account) else value, default=str)
 
     await conn.execute(
-        "INSERT INTO audit_log (actor, action, target, before, after, reason, source_ip, created_at)"
-        " VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8)",
-        actor, action, target, dump(before), dump(after), reason, source_ip, now,
+        "INSERT INTO audit_log (actor, action, target, before, after, reason, reason_code, reason_params,"
+        " source_ip, created_at) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8::jsonb, $9, $10)",
+        actor, action, target, dump(before), dump(after), *reasons.columns(reason), source_ip, now,
     )
 
 

@@ -99,7 +99,8 @@ import aiohttp
 import asyncpg
 import stripe
 
-from .formats import fmt_int, format_price
+from . import reasons
+from .formats import fmt_int
 from .i18n import catalogue, supported
 from .ledger import Account, Clawback, Ledger, PaymentSettled, UnknownUser, purchase_key
 from .metrics import Metrics
@@ -232,11 +233,6 @@ class Purchases:
     async def close(self) -> None:
         await self.http_client.close_async()
 
-    def money(self, amount: int | None, currency: str | None) -> str:
-        if amount is None:
-            return "?"
-        return format_price(amount, currency, self.lang) if currency else str(amount)
-
     # ------------------------------------------------------------ checkout
 
     def checkout_params(self, account: Account, pack: Pack) -> dict[str, Any]:
@@ -363,11 +359,12 @@ class Purchases:
         else:
             log.warning("paid checkout session without a payment intent: refunds cannot be matched",
                         extra={"session": session_id})
-        price = self.money(amount, currency)
+        reason = reasons.coded(reasons.PURCHASE, {"pack": pack, "amount": amount, "currency": currency or None,
+                                                  "session": session_id}, self.lang)
         try:
             _, applied = await self.ledger.grant(
                 user_id, tokens, actor=ACTOR, kind="purchase", idempotency_key=purchase_key(session_id),
-                reason=catalogue().text(self.lang, "reason.purchase", pack=pack, amount=price, session=session_id),
+                reason=reason,
                 source_ip=source_ip)
         except UnknownUser:
             log.error("paid checkout session for a user without an account: not credited",
@@ -467,14 +464,14 @@ class Purchases:
                                                       "cause": move.cause})
         return settled
 
-    def clawback_reason(self, move: Clawback) -> str:
-        """The ledger reason of a clawback movement, in the deployment's language."""
+    def clawback_reason(self, move: Clawback) -> reasons.Reason:
+        """The ledger reason of a clawback movement (its text in the deployment's language)."""
+        money = {"amount": move.amount, "currency": move.currency}
         if move.cause == "dispute":
-            return catalogue().text(self.lang, "reason.dispute",
-                amount=self.money(move.amount, move.currency), dispute=move.dispute_id, payment=move.payment_intent)
+            params = {**money, "dispute": move.dispute_id, "payment": move.payment_intent}
+            return reasons.coded(reasons.DISPUTE, params, self.lang)
         if move.cause == "refund":
-            return catalogue().text(self.lang, "reason.refund",
-                refunded=self.money(move.refunded, move.currency), amount=self.money(move.amount, move.currency),
-                payment=move.payment_intent)
-        return catalogue().text(self.lang, "reason.dispute_released",
-            status=move.status, dispute=move.dispute_id, payment=move.payment_intent)
+            params = {**money, "refunded": move.refunded, "payment": move.payment_intent}
+            return reasons.coded(reasons.REFUND, params, self.lang)
+        params = {"status": move.status, "dispute": move.dispute_id, "payment": move.payment_intent}
+        return reasons.coded(reasons.DISPUTE_RELEASED, params, self.lang)

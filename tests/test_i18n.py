@@ -1,13 +1,22 @@
-"""Language: the one message catalogue and the formatters (Babel)."""
+"""Language: the one message catalogue, the formatters (Babel), and ledger reasons stored as
+codes and shown in the reader's language (pages, CSV, API), old free-text rows as written."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import string
+import uuid
 from datetime import UTC, date, datetime, timedelta, timezone
+from typing import Any
 
+import aiohttp
+import asyncpg
 import pytest
 
+from extproc import reasons
+from extproc.app import Service
 from extproc.errors import MESSAGES, REFUSALS, Messages, translate_identity
 from extproc.formats import (
     fmt_date,
@@ -22,6 +31,13 @@ from extproc.formats import (
     format_price,
 )
 from extproc.i18n import CATALOGUE_FILE, LANGUAGES, Catalogue, catalogue
+from extproc.identity import mint_token
+from extproc.ledger import Ledger
+from extproc.migrate import dbmate
+from extproc.settings import Settings
+from extproc.web.kit import WebContext
+
+MIGRATION = "20261129000002"
 
 
 def placeholders(text: str) -> set[str]:
@@ -89,3 +105,134 @@ def test_formatters_in_both_languages():
     assert format_price(500, "jpy", "pt-BR") == "JPY 500"  # zero-decimal at Stripe
     assert fmt_int(None, "en") == fmt_pct(None, "en") == fmt_dt(None, "en") == fmt_value(None, "en") == "—"
     assert fmt_value(True, "pt-BR") == "true" and fmt_value(5000, "pt-BR") == "5.000"
+
+
+# ---------------------------------------------------------------- reasons
+
+
+def test_reasons_render_in_the_readers_language_and_fall_back_to_their_text():
+    opened = reasons.account_opened()
+    assert (opened.code, opened.text) == ("account_opened", "account opened")
+    start, end = datetime(2026, 2, 28, tzinfo=UTC), datetime(2026, 3, 31, tzinfo=UTC)
+    cycle = reasons.new_cycle(start, end, 1400)
+    assert cycle.params == {"start": "2026-02-28", "end": "2026-03-31", "expired": 1400}
+    assert cycle.text == "new cycle 2026-02-28 to 2026-03-31; 1,400 unused tokens expired"
+    text, code, params = reasons.columns(cycle)
+    assert (text, code, json.loads(params or "")) == (cycle.text, "new_cycle_expired", cycle.params)
+    assert reasons.display(text, code, params, "pt-BR") == \
+        "novo ciclo de 28/02/2026 a 31/03/2026; 1.400 tokens não usados expiraram"
+    assert reasons.new_cycle(start, end, 0).code == "new_cycle"
+
+    purchase = reasons.coded(reasons.PURCHASE, {"pack": "small", "amount": 2990, "currency": "brl",
+                                                "session": "cs_1"}, "pt-BR")
+    assert purchase.text == "Compra de créditos: pacote small, R$ 29,90 (Stripe cs_1)"
+    assert reasons.display(purchase.text, purchase.code, purchase.params, "en") == \
+        "Credit purchase: pack small, R$ 29.90 (Stripe cs_1)"
+    refund = reasons.coded(reasons.REFUND, {"refunded": None, "amount": 2990, "currency": None,
+                                            "payment": "pi_1"}, "en")
+    assert refund.text == "Refund of ? of 2990 (Stripe pi_1)"  # what Stripe did not say stays visible
+
+    # Admin-typed reasons, rows written before codes, codes this version does not know and
+    # parameters that do not fit: the text as written.
+    assert reasons.columns("bônus") == ("bônus", None, None)
+    assert reasons.display("bônus", None, None, "en") == "bônus"
+    assert reasons.display("account opened", None, None, "pt-BR") == "account opened"
+    assert reasons.display("from the future", "refund_v9", "{}", "pt-BR") == "from the future"
+    assert reasons.display("as written", "new_cycle", '{"start": "garbage"}', "pt-BR") == "as written"
+    assert reasons.display(None, None, None, "en") == ""
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def entry_rows(pool: asyncpg.Pool, user: str) -> list[asyncpg.Record]:
+    return await pool.fetch("SELECT kind, reason, reason_code, reason_params FROM ledger_entries"
+                            " WHERE user_id = $1 ORDER BY id", user)
+
+
+async def test_the_ledger_stores_codes_and_pages_csv_and_api_show_them_translated(
+        service: Service, settings: Settings, http: aiohttp.ClientSession, user: str):
+    assert service.pool is not None
+    # A cycle that rolls over in the past, so the account has an opening and a new-cycle entry.
+    clock = Clock(datetime(2025, 1, 10, 12, tzinfo=UTC))
+    ledger = Ledger(service.pool, settings, clock)
+    assert (await ledger.admit(user, 0, f"x-{uuid.uuid4().hex}")).outcome == "ok"
+    clock.now = datetime(2025, 2, 10, 12, tzinfo=UTC)
+    assert (await ledger.admit(user, 0, f"x-{uuid.uuid4().hex}")).outcome == "ok"
+    await ledger.grant(user, 500, actor="ana", reason="bônus de boas-vindas")
+    rows = await entry_rows(service.pool, user)
+    assert [(r["kind"], r["reason"], r["reason_code"]) for r in rows] == [
+        ("cycle_reset", "account opened", "account_opened"),
+        ("cycle_reset", "new cycle 2025-02-10 to 2025-03-10; 100,000 unused tokens expired", "new_cycle_expired"),
+        ("grant", "bônus de boas-vindas", None)]
+    assert json.loads(rows[1]["reason_params"]) == {"start": "2025-02-10", "end": "2025-03-10", "expired": 100_000}
+    assert rows[2]["reason_params"] is None
+    audit = await service.pool.fetchrow("SELECT reason, reason_code FROM audit_log WHERE target = $1", user)
+    assert tuple(audit) == ("bônus de boas-vindas", None)
+
+    # The deployment reads pt-BR: the API, the CSV and the /me page show Portuguese.
+    headers = {"authorization": f"Bearer {mint_token(settings, user)}"}
+    base = f"http://127.0.0.1:{service.http_port}"
+    async with http.get(base + "/api/me/entries", headers=headers) as resp:
+        shown = [e["reason"] for e in (await resp.json())["entries"]]
+    expected = ["bônus de boas-vindas",
+                "novo ciclo de 10/02/2025 a 10/03/2025; 100.000 tokens não usados expiraram", "conta aberta"]
+    assert shown == expected
+    async with http.get(base + "/api/me/statement.csv", headers=headers) as resp:
+        table = list(csv.DictReader(io.StringIO(await resp.text())))
+    assert [r["reason"] for r in table] == expected and "reason_code" not in table[0]
+    async with http.get(f"{base}/api/admin/users/{user}/entries",
+                        headers={"authorization": f"Bearer {settings.admin_token}"}) as resp:
+        assert [e["reason"] for e in (await resp.json())["entries"]] == expected
+
+    # A reader in English sees English; an old row without a code is shown as written.
+    english = WebContext.build(settings.replace(language="en"))
+    found: list[dict[str, Any]] = [dict(r) for r in rows]
+    assert [e["reason"] for e in english.readable(found)] == [
+        "account opened", "new cycle 2025-02-10 to 2025-03-10; 100,000 unused tokens expired",
+        "bônus de boas-vindas"]
+    assert "reason_code" not in found[0]
+    legacy = [{"reason": "account opened", "reason_code": None, "reason_params": None}]
+    assert WebContext.build(settings).readable(legacy) == [{"reason": "account opened"}]
+
+
+async def test_the_migration_codes_old_ledger_rows_and_rolls_back(make_database: Any):
+    url = make_database()
+    conn = await asyncpg.connect(url)
+    try:
+        dbmate(url, "rollback")  # this migration only: rows written as before codes existed
+        assert not await conn.fetchval("SELECT count(*) FROM information_schema.columns"
+                                       " WHERE table_name = 'ledger_entries' AND column_name = 'reason_code'")
+        start = datetime(2025, 1, 10, tzinfo=UTC)
+        await conn.execute(
+            "INSERT INTO accounts (user_id, cycle_anchor_day, cycle_start, cycle_end) VALUES ('u', 10, $1, $2)",
+            start, start + timedelta(days=31))
+        for reason, actor in (("account opened", "system"), ("new cycle 2025-02-10 to 2025-03-10", "system"),
+                              ("new cycle 2025-03-10 to 2025-04-10; 400 unused tokens expired", "system"),
+                              ("new cycle by hand", "system"), ("account opened", "ana")):
+            await conn.execute(
+                "INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta, credits_delta, balance_after,"
+                " actor, reason, cycle_start) VALUES ('u', 'cycle_reset', 0, 0, 0, 0, $1, $2, $3)",
+                actor, reason, start)
+        dbmate(url, "up")
+        rows = await conn.fetch("SELECT reason, reason_code, reason_params FROM ledger_entries ORDER BY id")
+        assert [(r["reason_code"], json.loads(r["reason_params"]) if r["reason_params"] else None)
+                for r in rows] == [
+            ("account_opened", {}),
+            ("new_cycle", {"start": "2025-02-10", "end": "2025-03-10"}),
+            ("new_cycle_expired", {"start": "2025-03-10", "end": "2025-04-10", "expired": 400}),
+            (None, None), (None, None)]
+        assert rows[1]["reason"] == "new cycle 2025-02-10 to 2025-03-10"  # the text is kept
+        assert reasons.display(rows[2]["reason"], rows[2]["reason_code"], rows[2]["reason_params"], "pt-BR") == \
+            "novo ciclo de 10/03/2025 a 10/04/2025; 400 tokens não usados expiraram"
+        with pytest.raises(asyncpg.CheckViolationError):  # a code never goes without its parameters
+            await conn.execute("UPDATE ledger_entries SET reason_code = 'x' WHERE reason_code IS NULL")
+        assert dbmate(url, "rollback").returncode == 0
+        assert await conn.fetchval("SELECT count(*) FROM ledger_entries") == 5
+    finally:
+        await conn.close()

@@ -363,7 +363,9 @@ async def user_context(request: web.Request, session: WebSession, account: Accou
     before_id = parse_int(request.query.get("before_id"), "before_id", low=1, high=MAX_ID)
     after_id = parse_int(request.query.get("after_id"), "after_id", low=1, high=MAX_ID)
     entries = await q.entries_page(pool, account.user_id, limit=25, before_id=before_id, after_id=after_id)
+    ctx.readable(entries.entries)
     audit_rows, _ = await q.audit_page(pool, q.AuditFilter(target=account.user_id, limit=10))
+    ctx.readable(audit_rows)
     return {
         "title": account.user_id, "nav": nav(ctx, session, "users"), "a": account,
         "plans": await ledger_of(request).plans(), "entries": entries,
@@ -510,7 +512,7 @@ async def audit_html(request: web.Request, session: WebSession) -> web.StreamRes
         return ctx.render("admin/audit.html", {**base, "audit": [], "older": None,
                                                "errors": field_messages(ctx, exc.fields)}, status=400)
     rows, older = await q.audit_page(pool, f)
-    return ctx.render("admin/audit.html", {**base, "audit": rows, "older": older, "errors": {}})
+    return ctx.render("admin/audit.html", {**base, "audit": ctx.readable(rows), "older": older, "errors": {}})
 
 
 # ---------------------------------------------------------------- JSON API
@@ -662,7 +664,7 @@ async def api_plans(request: web.Request, actor: str) -> web.StreamResponse:
 @api
 async def api_audit(request: web.Request, actor: str) -> web.StreamResponse:
     rows, older = await q.audit_page(request.app[SERVICES].pool, audit_filter(request.query))
-    return json_response({"entries": rows, "next_before_id": older})
+    return json_response({"entries": request.app[WEB].readable(rows), "next_before_id": older})
 
 
 @dataclass(frozen=True)

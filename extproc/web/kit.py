@@ -28,6 +28,7 @@ from urllib.parse import quote
 from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from .. import reasons
 from ..formats import fmt_date, fmt_day_month, fmt_dt, fmt_int, fmt_pct, fmt_signed, fmt_value
 from ..i18n import catalogue, supported
 from ..identity import Authenticator, IdentityError, bearer
@@ -156,6 +157,14 @@ class WebContext:
 
     def t_or(self, key: str, default: str) -> str:
         return self.messages.get(key, default)
+
+    def readable(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Statement or audit rows with ``reason`` in the reader's language (coded reasons
+        rendered, see ``extproc.reasons``; the code columns dropped). Changes the rows in place."""
+        for row in rows:
+            row["reason"] = reasons.display(row.get("reason"), row.pop("reason_code", None),
+                                            row.pop("reason_params", None), self.lang)
+        return rows
 
     def render(self, name: str, context: dict[str, Any], *, status: int = 200,
                headers: dict[str, str] | None = None) -> web.Response:
@@ -378,11 +387,11 @@ def statement_row(e: Mapping[str, Any], *, include_actor: bool) -> list[Any]:
 
 async def statement_csv_response(request: web.Request, user_id: str, *, include_actor: bool) -> web.StreamResponse:
     """The whole statement of ``user_id`` as CSV (``include_actor``: the admin's view)."""
-    pool = request.app[SERVICES].pool
+    pool, ctx = request.app[SERVICES].pool, request.app[WEB]
 
     async def rows() -> AsyncIterator[list[Any]]:
         async for e in q.iter_entries(pool, user_id):
-            yield statement_row(e, include_actor=include_actor)
+            yield statement_row(ctx.readable([e])[0], include_actor=include_actor)
 
     header = [*STATEMENT_HEADER, "actor"] if include_actor else STATEMENT_HEADER
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64] or "user"
@@ -397,5 +406,6 @@ async def entries_json(request: web.Request, user_id: str, *, include_actor: boo
         limit=parse_int(query.get("limit"), "limit", low=1, high=q.MAX_PAGE) or 50,
         before_id=parse_int(query.get("before_id"), "before_id", low=1, high=MAX_ID),
         after_id=parse_int(query.get("after_id"), "after_id", low=1, high=MAX_ID))
-    entries = [e if include_actor else {k: v for k, v in e.items() if k != "actor"} for e in page.entries]
+    entries = [e if include_actor else {k: v for k, v in e.items() if k != "actor"}
+               for e in request.app[WEB].readable(page.entries)]
     return {"entries": entries, "next_before_id": page.older, "prev_after_id": page.newer}

@@ -83,6 +83,7 @@ async def me_page(request: web.Request) -> web.StreamResponse:
     except Invalid:
         before_id = after_id = None
     entries = await q.entries_page(pool, account.user_id, limit=25, before_id=before_id, after_id=after_id)
+    ctx.readable(entries.entries)
     source = request.app.get(OFFER)  # absent when billing is off: no "buy credits" section at all
     offer = source(request) if source is not None else None
     return ctx.render("me/statement.html", {

@@ -291,7 +291,7 @@ async def accounts_by_email(pool: asyncpg.Pool, address: str, limit: int = 5) ->
 ENTRY_COLUMNS = (
     "id, kind, tokens, allowance_delta, credits_delta, balance_after, exchange_id, request_id,"
     " model, prompt_tokens, completion_tokens, estimate, real_tokens, flags, actor, reason,"
-    " cycle_start, created_at"
+    " reason_code, reason_params, cycle_start, created_at"
 )
 
 
@@ -385,7 +385,8 @@ async def audit_page(pool: asyncpg.Pool, f: AuditFilter) -> tuple[list[dict[str,
     if f.before_id is not None:
         where.append(f"id < {arg(f.before_id)}")
     rows = list(await pool.fetch(
-        "SELECT id, actor, action, target, before, after, reason, source_ip, created_at"
+        "SELECT id, actor, action, target, before, after, reason, reason_code, reason_params, source_ip,"
+        " created_at"
         f" FROM audit_log{' WHERE ' + ' AND '.join(where) if where else ''}"
         f" ORDER BY id DESC LIMIT {arg(f.limit + 1)}", *args))
     more = len(rows) > f.limit
