@@ -16,12 +16,12 @@ from typing import Any
 
 from babel import Locale
 from babel.dates import format_date, format_datetime
-from babel.numbers import format_decimal, format_percent
+from babel.numbers import format_decimal, format_percent, get_group_symbol
 
 from .i18n import LANGUAGES, supported
 
 __all__ = ["MISSING", "fmt_date", "fmt_date_text", "fmt_day_month", "fmt_dt", "fmt_int", "fmt_number", "fmt_pct",
-           "fmt_signed", "fmt_value", "format_price", "minor_unit_digits"]
+           "fmt_signed", "fmt_value", "format_price", "group_separator", "minor_unit_digits"]
 
 MISSING = "—"  # what an absent value reads as
 LOCALES = {lang: Locale.parse(lang, sep="-") for lang in LANGUAGES}
@@ -53,6 +53,11 @@ def fmt_int(value: int | Decimal | None, lang: str) -> str:
     if value is None:
         return MISSING
     return format_decimal(int(value), format="#,##0", locale=_locale(lang))
+
+
+def group_separator(lang: str) -> str:
+    """What groups thousands in ``lang``: "." (pt-BR), "," (en); for reading typed numbers."""
+    return get_group_symbol(_locale(lang))
 
 
 def fmt_signed(value: int | None, lang: str) -> str:

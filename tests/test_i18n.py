@@ -29,6 +29,7 @@ from extproc.formats import (
     fmt_signed,
     fmt_value,
     format_price,
+    group_separator,
 )
 from extproc.i18n import CATALOGUE_FILE, LANGUAGES, Catalogue, catalogue
 from extproc.identity import mint_token
@@ -89,6 +90,7 @@ def test_formatters_in_both_languages():
     moment = datetime(2026, 1, 5, 13, 4, tzinfo=UTC)
     assert [fmt_int(1_234_567, lang) for lang in LANGUAGES] == ["1.234.567", "1,234,567"]
     assert [fmt_signed(1000, lang) for lang in LANGUAGES] == ["+1.000", "+1,000"]
+    assert [group_separator(lang) for lang in LANGUAGES] == [".", ","]  # how typed amounts are read
     assert fmt_signed(-5, "en") == "-5" and fmt_signed(0, "en") == "0"
     assert [fmt_pct(85.5, lang) for lang in LANGUAGES] == ["85,5%", "85.5%"]
     assert [fmt_number(12.5, lang) for lang in LANGUAGES] == ["12,5", "12.5"]

@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from .. import accounting
+from ..formats import group_separator
 from ..ledger import Account, Ledger, UnknownPlan, UnknownUser
 from . import queries as q
 from .kit import (
@@ -74,7 +75,7 @@ def parse_amount(raw: Any, lang: str, *, from_form: bool) -> int:
         text = str(raw or "").strip().replace(" ", "").replace("\u00a0", "")
         if not text:
             raise Invalid({"tokens": "required"})
-        sep = "." if lang == "pt-BR" else ","
+        sep = group_separator(lang)
         negative = text.startswith("-")
         body = text[1:] if negative else text
         groups = body.split(sep)
