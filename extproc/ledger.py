@@ -401,6 +401,8 @@ class Ledger:
                     now, expires,
                 )
         except UNAVAILABLE_ERRORS as exc:
+            raise LedgerUnavailable(str(exc)) from exc
+
     async def _admit_batch(self, requests: list[AdmitRequest]) -> list[Admission]:
         """Many admissions in one statement: the fast path's conditional reservation for the
         first request of each user (the condition is per row, so two of one user's requests
@@ -431,8 +433,6 @@ class Ledger:
             if results[i] is None:
                 results[i] = await self.admit_one(r)
         return [a for a in results if a is not None]
-
-            raise LedgerUnavailable(str(exc)) from exc
 
     async def _admit_slow(
         self, conn: asyncpg.Connection, user_id: str, estimate: int, exchange_id: str,
