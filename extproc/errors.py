@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import date
 
-from .formats import fmt_int
+from .formats import fmt_date_text, fmt_int
 from .i18n import FALLBACK_LANGUAGE, LANGUAGES, catalogue, supported
 
 
@@ -66,10 +67,12 @@ class Messages:
                              detail=translate_identity(detail, self.language)),
                          (("www-authenticate", "Bearer"),))
 
-    def quota_exceeded(self, available: int, estimate: int, cycle_end: str) -> GateError:
+    def quota_exceeded(self, available: int, estimate: int, cycle_end: date | str) -> GateError:
+        """``cycle_end``: the renewal day, written the reader's way (a text is used as is)."""
+        renews = cycle_end if isinstance(cycle_end, str) else fmt_date_text(cycle_end, self.language)
         message = self.text["quota_exceeded"].format(
             available=fmt_int(max(available, 0), self.language),
-            estimate=fmt_int(estimate, self.language), cycle_end=cycle_end)
+            estimate=fmt_int(estimate, self.language), cycle_end=renews)
         if self.purchase_url:
             message += self.text["quota_exceeded_buy"].format(url=self.purchase_url)
         else:

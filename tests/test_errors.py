@@ -36,3 +36,11 @@ def test_refusal_and_internal_error_bodies() -> None:
     internal = json.loads(Messages("pt-BR").internal().body())["error"]
     assert internal["code"] == "internal_error" and "Nada foi cobrado" in internal["message"]
     assert "Nothing was charged" in Messages("en").internal().message
+
+
+def test_the_renewal_day_is_written_the_readers_way() -> None:
+    from datetime import UTC, datetime
+
+    end = datetime(2026, 2, 1, tzinfo=UTC)
+    assert "O saldo renova em 01/02/2026." in Messages("pt-BR").quota_exceeded(0, 10, end).message
+    assert "renews on February 1, 2026." in Messages("en").quota_exceeded(0, 10, end).message

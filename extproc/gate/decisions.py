@@ -280,7 +280,7 @@ class Gate:
         if admission is not None and admission.outcome == "insufficient":
             acc = admission.account
             return self.reject(ex, self.messages.quota_exceeded(
-                acc.available, ex.reserve, acc.cycle_end.date().isoformat()))
+                acc.available, ex.reserve, acc.cycle_end))
         ex.admitted = True
         ex.account = admission.account if admission is not None else None
         ex.reserved = admission.reserved if admission is not None else 0
