@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The gate's benchmark: the same load against three stacks, on this machine, in one go.
 
-  (a) direct  Envoy straight to the fast upstream (tests/fake_upstream.py), no ext_proc filter
+  (a) direct  Envoy straight to the fast upstream (tests/support/upstream.py), no ext_proc filter
   (b) noop    Envoy + `extproc serve --noop` (answers every phase, touches nothing)
   (c) gate    Envoy + `extproc serve` (JWT, Redis rate limit, Postgres reserve and settle)
 
@@ -59,7 +59,7 @@ from extproc_dev import devstack
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 LUA = BENCH / "chat.lua"
-UPSTREAM = ROOT / "tests" / "fake_upstream.py"
+UPSTREAM = ROOT / "tests" / "support" / "upstream.py"
 PATH = "/v1/chat/completions"
 PROMPT = "Say hello to the Solaris benchmark in one short sentence, please."
 SCENARIOS = ("direct", "noop", "gate")

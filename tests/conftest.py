@@ -19,15 +19,13 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from support.upstream import Upstream
 
 from extproc.app import Service
 from extproc.identity import mint_token
 from extproc.migrate import dbmate
 from extproc.settings import Settings
 from extproc_dev import devstack
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fake_upstream import Upstream
 
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
 GATE_KEY = "test-gate-key-0123456789"

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from fake_stripe import SECRET_KEY, WEBHOOK_SECRET, FakeStripe, checkout_session, event, refunded_charge, signed
+from support.stripe_api import SECRET_KEY, WEBHOOK_SECRET, FakeStripe, checkout_session, event, refunded_charge, signed
 from test_admin_api import admin_browser, api, base, csrf_of, open_account, spend
 from yarl import URL
 
