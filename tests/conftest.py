@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from support.stack import ADMIN_TOKEN, GATE_KEY, JWT_SECRET, UPSTREAM_KEY
 from support.upstream import Upstream
 
 from extproc.app import Service
@@ -26,11 +26,6 @@ from extproc.identity import mint_token
 from extproc.migrate import dbmate
 from extproc.settings import Settings
 from extproc_dev import devstack
-
-JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
-GATE_KEY = "test-gate-key-0123456789"
-ADMIN_TOKEN = "test-admin-token-0123456789"
-UPSTREAM_KEY = "sk-litellm-test-master-key-0123456789"  # what LiteLLM accepts; clients never hold it
 
 
 @pytest.fixture(scope="session")
@@ -50,20 +45,13 @@ def pg_server_url(workdir: Path) -> Iterator[str]:
     server.cleanup()
 
 
-def _with_database(url: str, name: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-
 @pytest.fixture(scope="session")
 def make_database(pg_server_url: str) -> Iterator[Any]:
     """Creates migrated databases named for this run; drops them all at the end."""
     created: list[str] = []
 
     async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(_with_database(pg_server_url, "postgres"))
+        conn = await asyncpg.connect(devstack.with_database(pg_server_url, "postgres"))
         try:
             await conn.execute(sql)
         finally:
@@ -78,7 +66,7 @@ def make_database(pg_server_url: str) -> Iterator[Any]:
         name = f"solaris_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         run(f'CREATE DATABASE "{name}"')
         created.append(name)
-        url = _with_database(pg_server_url, name)
+        url = devstack.with_database(pg_server_url, name)
         if migrate:
             dbmate(url, "up")
         return url
@@ -175,10 +163,6 @@ def user() -> str:
     return f"user-{uuid.uuid4().hex[:12]}"
 
 
-def token_for(settings: Settings, user_id: str, **kwargs: Any) -> str:
-    return mint_token(settings, user_id, **kwargs)
-
-
 @pytest.fixture
 def auth(settings: Settings) -> Any:
     """Headers for a user: a JWT by default, LibreChat's trusted headers with via='headers'."""
@@ -192,19 +176,3 @@ def auth(settings: Settings) -> Any:
         return headers
 
     return make
-
-
-def start_serve(database: str, redis_url: str, logdir: Path, ports: tuple[int, int] | None = None,
-                **env: str) -> tuple[Any, int, int]:
-    """`extproc serve` as a real child process; returns (process, grpc port, http port) once
-    /readyz answers. Blocking: call it with asyncio.to_thread from async tests."""
-    import subprocess
-
-    grpc_port, http_port = ports or (devstack.free_port(), devstack.free_port())
-    full = {**os.environ, "DATABASE_URL": database, "REDIS_URL": redis_url, "GATE_GRPC_PORT": str(grpc_port),
-            "GATE_HTTP_PORT": str(http_port), "GATE_JWT_SECRET": JWT_SECRET, "GATE_KEY": GATE_KEY,
-            "GATE_SPOOL_DIR": str(logdir / f"spool-{grpc_port}"), **env}
-    proc = subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve"], env=full,
-                            stdout=(logdir / f"serve-{grpc_port}.log").open("ab"), stderr=subprocess.STDOUT)
-    devstack.wait_until(lambda: devstack.http_ok(f"http://127.0.0.1:{http_port}/readyz"), 30, "extproc serve", proc)
-    return proc, grpc_port, http_port

@@ -16,81 +16,16 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from support.gate import open_account, spend
+from support.web import HOSTILE, admin_browser, api, base, bearer, csrf_of
 from yarl import URL
 
 from extproc import accounting
-from extproc.app import Service
 from extproc.formats import fmt_int, fmt_pct
 from extproc.identity import mint_token
-from extproc.ledger import Usage
-from extproc.settings import Settings
 from extproc.web import queries as q
 from extproc.web.admin import parse_amount
 from extproc.web.kit import WebContext, csv_cell
-
-HOSTILE = '<script>window.pwned=1</script>"\'&'
-
-
-# ---------------------------------------------------------------- helpers (also used by test_me)
-
-
-async def open_account(service: Service, user_id: str, *, email: str | None = None,
-                       name: str | None = None) -> None:
-    """Create an account the way the gate does on a first request (a zero reservation)."""
-    assert service.ledger is not None
-    exchange = f"open-{uuid.uuid4().hex}"
-    admission = await service.ledger.admit(user_id, 0, exchange, email=email, name=name)
-    assert admission.outcome == "ok"
-    await service.ledger.release(exchange)
-
-
-async def spend(service: Service, user_id: str, prompt: int, completion: int, model: str = "gpt-4o-mini") -> None:
-    assert service.ledger is not None
-    exchange = f"ex-{uuid.uuid4().hex}"
-    await service.ledger.admit(user_id, prompt + completion, exchange, model=model)
-    await service.ledger.settle(Usage(exchange_id=exchange, user_id=user_id, model=model,
-                                      prompt_tokens=prompt, completion_tokens=completion,
-                                      request_id=f"req-{exchange[-6:]}"))
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}"}
-
-
-def base(service: Service) -> str:
-    return f"http://127.0.0.1:{service.http_port}"
-
-
-def csrf_of(html: str) -> str:
-    found = re.search(r'name="csrf" value="([^"]+)"', html)
-    assert found, "no CSRF token in the page"
-    return found.group(1)
-
-
-async def admin_browser(service: Service, settings: Settings) -> aiohttp.ClientSession:
-    """An HTTP client signed in to /admin with the admin token (cookie + CSRF like a browser)."""
-    session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
-    async with session.get(base(service) + "/admin/login") as resp:
-        page = await resp.text()
-    async with session.post(base(service) + "/admin/login", allow_redirects=False,
-                            data={"csrf": csrf_of(page), "token": settings.admin_token, "next": "/admin"}) as resp:
-        assert resp.status == 303, await resp.text()
-    return session
-
-
-async def api(http: aiohttp.ClientSession, url: str, method: str = "GET", token: str | None = None,
-              body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
-    headers = bearer(token) if token else {}
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    if data is not None:
-        headers["content-type"] = "application/json"
-    async with http.request(method, url, headers=headers, data=data) as resp:
-        text = await resp.text()
-        try:
-            return resp.status, json.loads(text)
-        except ValueError:
-            return resp.status, text
-
 
 # ---------------------------------------------------------------- authentication
 

@@ -17,7 +17,8 @@ from urllib.parse import quote
 
 import pytest
 from aiosmtpd.controller import Controller
-from test_admin_api import HOSTILE, open_account, spend
+from support.gate import open_account, spend
+from support.web import HOSTILE
 from test_me import Inbox, link_in, start_mail_service
 
 from extproc.app import Service

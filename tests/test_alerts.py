@@ -27,6 +27,7 @@ import pytest
 from aiohttp import web
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from support.clock import Clock
 
 from extproc.alerts.render import Alert, AlertTemplates
 from extproc.alerts.webhook import sign, verify_signature
@@ -40,17 +41,6 @@ from extproc.settings import Settings
 SECRET = "whsec-test-0123456789"
 ADMINS = "boss@solaris.test, ops@solaris.test"
 MIGRATION = "20261125000002"
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 def free_port() -> int:

@@ -16,8 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from support.gate import CHAT, open_account, spend
 from support.stripe_api import SECRET_KEY, WEBHOOK_SECRET, FakeStripe, checkout_session, event, refunded_charge, signed
-from test_admin_api import admin_browser, api, base, csrf_of, open_account, spend
+from support.web import admin_browser, api, base, csrf_of
 from yarl import URL
 
 from extproc.app import Service
@@ -32,7 +33,6 @@ from extproc.web.sessions import ME_COOKIE, Signer, new_session, session_cookie
 from extproc_dev import devstack
 
 WEBHOOK = "/api/billing/stripe/webhook"
-CHAT = "/v1/chat/completions"
 
 
 # ---------------------------------------------------------------- fixtures and helpers

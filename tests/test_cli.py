@@ -11,7 +11,7 @@ import uuid
 
 import jwt
 import pytest
-from conftest import JWT_SECRET
+from support.stack import JWT_SECRET
 
 from extproc import cli
 

@@ -12,13 +12,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from test_gate_e2e import settled
+from support.gate import CHAT, settled
 
 from extproc.app import Service
 from extproc.settings import Settings
 from extproc_dev import devstack
-
-CHAT = "/v1/chat/completions"
 
 
 class TcpProxy:

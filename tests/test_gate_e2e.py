@@ -5,74 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
 
 import aiohttp
 import jwt
 import pytest
-from conftest import UPSTREAM_KEY
-from multidict import CIMultiDict
-
-from extproc.app import Service
-from extproc.gate.usage import encoder
-from extproc_dev.devstack import Envoy
-
-CHAT = "/v1/chat/completions"
-
-
-def tokens(text: str) -> int:
-    enc = encoder()
-    assert enc is not None, "tiktoken's encodings must load offline"
-    return len(enc.encode(text))
-
-
-def chat(content: str = "Olá, tudo bem?", **extra: Any) -> dict[str, Any]:
-    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], **extra}
-
-
-async def post(http: aiohttp.ClientSession, envoy: Envoy, headers: dict[str, str],
-               body: Any, path: str = CHAT, service: Service | None = None) -> tuple[int, CIMultiDict[str], bytes]:
-    """POST through Envoy; with ``service``, also wait for the settle that follows the reply."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with http.post(envoy.url + path, data=data,
-                         headers={"content-type": "application/json", **headers}) as resp:
-        result = resp.status, CIMultiDict(resp.headers), await resp.read()
-    if service is not None:
-        await settled(service)
-    return result
-
-
-async def balance(service: Service, user_id: str) -> Any:
-    assert service.ledger is not None
-    await settled(service)
-    return await service.ledger.account(user_id)
-
-
-async def ledger_sums(service: Service, user_id: str) -> tuple[int, int, int]:
-    assert service.pool is not None
-    await settled(service)
-    row = await service.pool.fetchrow(
-        "SELECT a.allowance + a.credits AS balance, a.reserved,"
-        " (SELECT COALESCE(SUM(tokens), 0) FROM ledger_entries e WHERE e.user_id = a.user_id) AS s"
-        " FROM accounts a WHERE user_id = $1", user_id)
-    return row["balance"], row["reserved"], row["s"]
-
-
-async def usage_entries(service: Service, user_id: str) -> list[Any]:
-    assert service.pool is not None
-    await settled(service)
-    return await service.pool.fetch(
-        "SELECT * FROM ledger_entries WHERE user_id = $1 AND kind = 'usage' ORDER BY id", user_id)
-
-
-async def settled(service: Service) -> None:
-    """Settles run right after the reply (the last chunk, the buffered body): wait for them."""
-    assert service.gate is not None
-    for _ in range(200):
-        if not service.gate.tasks:
-            return
-        await asyncio.sleep(0.01)
-
+from support.gate import CHAT, balance, chat, ledger_sums, post, settled, usage_entries
+from support.stack import GATE_KEY, JWT_SECRET, UPSTREAM_KEY
 
 # ---------------------------------------------------------------- happy paths
 
@@ -250,8 +188,6 @@ def _now() -> int:
     "placeholder", "no_id_claim", "garbage",
 ])
 async def test_401_matrix(http, envoy, upstream, settings, user, case):
-    from conftest import GATE_KEY, JWT_SECRET
-
     claims = {"id": user, "exp": _now() + 60}
     headers: dict[str, str] = {
         "none": {},

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from test_gate_e2e import settled
+from support.gate import settled
 
 from extproc.ledger import Ledger, Usage, create_pool
 from extproc.settings import Settings

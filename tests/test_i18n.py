@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from support.clock import Clock
 
 from extproc import reasons
 from extproc.app import Service
@@ -142,14 +143,6 @@ def test_reasons_render_in_the_readers_language_and_fall_back_to_their_text():
     assert reasons.display("from the future", "refund_v9", "{}", "pt-BR") == "from the future"
     assert reasons.display("as written", "new_cycle", '{"start": "garbage"}', "pt-BR") == "as written"
     assert reasons.display(None, None, None, "en") == ""
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 async def entry_rows(pool: asyncpg.Pool, user: str) -> list[asyncpg.Record]:

@@ -24,8 +24,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import GATE_KEY
-from test_gate_e2e import CHAT, balance, chat, ledger_sums, post, settled, usage_entries
+from support.gate import CHAT, balance, chat, ledger_sums, post, settled, usage_entries
+from support.stack import GATE_KEY
 
 from extproc.errors import MESSAGES
 from extproc.ledger import Usage

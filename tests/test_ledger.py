@@ -9,18 +9,11 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+from support.clock import Clock
 
 from extproc.ledger import Ledger, UnknownPlan, UnknownUser, Usage
 from extproc.settings import Settings
 from extproc.spool import Spool
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def d(y: int, m: int, day: int, h: int = 12) -> datetime:

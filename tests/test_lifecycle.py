@@ -10,14 +10,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import JWT_SECRET, start_serve
+from support.gate import CHAT
+from support.stack import JWT_SECRET, start_serve
 
 from extproc.identity import mint_token
 from extproc.ledger import Ledger
 from extproc.settings import Settings
 from extproc_dev import devstack
-
-CHAT = "/v1/chat/completions"
 
 
 async def _start(database: str, redis_url: str, tmp_path: Path, upstream_port: int, **env: str):

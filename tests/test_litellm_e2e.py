@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import UPSTREAM_KEY
-from test_gate_e2e import settled, usage_entries
+from support.gate import CHAT, settled, usage_entries
+from support.stack import UPSTREAM_KEY
 
 from extproc.app import Service
 from extproc_dev import devstack
 
-CHAT = "/v1/chat/completions"
 MASTER_KEY = UPSTREAM_KEY
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
-from conftest import ADMIN_TOKEN, GATE_KEY, JWT_SECRET
-from test_gate_e2e import settled
+from support.gate import settled
+from support.stack import ADMIN_TOKEN, GATE_KEY, JWT_SECRET
 
 from extproc.identity import mint_token
 from extproc.logs import JsonFormatter

@@ -19,7 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiosmtpd.controller import Controller
-from test_admin_api import HOSTILE, api, base, csrf_of, open_account, spend
+from support.gate import open_account, spend
+from support.web import HOSTILE, api, base, csrf_of
 from yarl import URL
 
 from extproc.app import Service

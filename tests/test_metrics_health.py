@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from test_gate_e2e import settled
+from support.gate import settled
 
 
 async def scrape(http, service) -> dict[tuple[str, tuple], float]:

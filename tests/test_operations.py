@@ -13,6 +13,7 @@ from extproc import cli
 from extproc.ledger import Ledger, Usage, create_pool
 from extproc.migrate import dbmate, expected_versions
 from extproc.settings import Settings
+from extproc_dev import devstack
 
 
 def in_thread(coro):  # callable from sync tests while the session loop is idle
@@ -113,11 +114,7 @@ def test_concurrent_migrate_runs_are_serialized(make_database, monkeypatch, caps
 
 
 def test_migrate_creates_a_missing_database(pg_server_url, monkeypatch):
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(pg_server_url)
-    name = f"solaris_test_new_{uuid.uuid4().hex[:8]}"
-    url = urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
+    url = devstack.with_database(pg_server_url, f"solaris_test_new_{uuid.uuid4().hex[:8]}")
     monkeypatch.setenv("DATABASE_URL", url)
     try:
         assert cli.main(["migrate"]) == 0

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import JWT_SECRET, start_serve
+from support.gate import CHAT
+from support.stack import JWT_SECRET, start_serve
 
 from extproc.identity import mint_token
 from extproc_dev import devstack
 
-CHAT = "/v1/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "oi"}], "max_tokens": 5}
 
 

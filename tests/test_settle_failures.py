@@ -9,7 +9,7 @@ import logging
 
 import asyncpg
 import pytest
-from test_gate_e2e import balance, chat, post, settled, usage_entries
+from support.gate import balance, chat, post, settled, usage_entries
 
 from extproc.gate.decisions import path_is_under, upstream_credentials
 from extproc.ledger import LedgerUnavailable, Usage
