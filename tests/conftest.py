@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from support.mail import SmtpServer
 from support.stack import ADMIN_TOKEN, GATE_KEY, JWT_SECRET, UPSTREAM_KEY
 from support.upstream import Upstream
 
@@ -148,14 +149,13 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-@pytest.fixture(scope="module")
-def smtp() -> Iterator[tuple[Any, Any]]:
-    """A real SMTP server (aiosmtpd) collecting messages, one per test module."""
-    from test_me import start_smtp
-
-    controller, inbox = start_smtp()
-    yield controller, inbox
-    controller.stop()
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    """A real SMTP server (aiosmtpd), fresh for each test: ``smtp.url`` to send to,
+    ``smtp.mailbox`` for what arrived."""
+    server = SmtpServer().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -16,10 +16,9 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from aiosmtpd.controller import Controller
 from support.gate import open_account, spend
+from support.mail import SmtpServer, link_in, start_mail_service
 from support.web import HOSTILE
-from test_me import Inbox, link_in, start_mail_service
 
 from extproc.app import Service
 from extproc.identity import mint_token
@@ -59,9 +58,9 @@ async def page(browser: Any) -> AsyncIterator[Any]:
     assert not violations, violations
 
 
-@pytest.fixture(scope="module")
-async def mail_service(settings: Settings, smtp: tuple[Controller, Inbox]) -> AsyncIterator[Service]:
-    svc = await start_mail_service(settings, smtp[0].port, "pt-BR")
+@pytest.fixture
+async def mail_service(settings: Settings, smtp: SmtpServer) -> AsyncIterator[Service]:
+    svc = await start_mail_service(settings, smtp, "pt-BR")
     yield svc
     await svc.stop(grace=1)
 
@@ -216,7 +215,7 @@ async def test_non_admin_gets_403(page, envoy, settings):
 
 async def test_user_signs_in_by_emailed_link_and_sees_only_own_statement(page, mail_service, smtp, settings,
                                                                           tmp_path):
-    _, inbox = smtp
+    inbox = smtp.mailbox
     tag = uuid.uuid4().hex[:6]
     user, other = f"bia-{tag}", f"caio-{tag}"
     email = f"bia.{tag}@example.com"

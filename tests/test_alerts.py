@@ -6,28 +6,22 @@ backoff matters, so an hour of SMTP outage takes milliseconds."""
 from __future__ import annotations
 
 import asyncio
-import email
 import hashlib
 import hmac
 import json
-import socket
 import ssl
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from email import policy
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from aiohttp import web
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
 from support.clock import Clock
+from support.mail import SmtpServer, html_of, text_of
 
 from extproc.alerts.render import Alert, AlertTemplates
 from extproc.alerts.webhook import sign, verify_signature
@@ -37,97 +31,11 @@ from extproc.mail import parse_smtp_url
 from extproc.metrics import Metrics
 from extproc.migrate import dbmate, migrations_dir
 from extproc.settings import Settings
+from extproc_dev.devstack import free_port
 
 SECRET = "whsec-test-0123456789"
 ADMINS = "boss@solaris.test, ops@solaris.test"
 MIGRATION = "20261125000002"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# ---------------------------------------------------------------- a real SMTP server
-
-
-class Mailbox:
-    """aiosmtpd handler: keeps every accepted message; answers 550 to addresses in ``refuse``."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[list[str], EmailMessage]] = []
-        self.refuse: set[str] = set()
-        self.logins: list[tuple[bytes, bytes]] = []
-        self.ciphers: list[Any] = []  # the TLS cipher of each message's connection (None: clear text)
-        self._lock = threading.Lock()  # the server runs in its own thread
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          rcpt_options: list[str]) -> str:
-        if address in self.refuse:
-            return "550 5.1.1 No such mailbox here"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        msg = email.message_from_bytes(envelope.original_content or envelope.content, policy=policy.default)
-        with self._lock:
-            self.messages.append((list(envelope.rcpt_tos), msg))  # type: ignore[arg-type]
-            self.ciphers.append(server.transport.get_extra_info("cipher"))
-        return "250 Message accepted"
-
-    def authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str,
-                     auth_data: Any) -> AuthResult:
-        assert isinstance(auth_data, LoginPassword)
-        self.logins.append((auth_data.login, auth_data.password))
-        return AuthResult(success=auth_data.login == b"gate" and auth_data.password == b"p@ss:w/rd")
-
-    def to(self, address: str) -> list[EmailMessage]:
-        with self._lock:
-            return [m for rcpts, m in self.messages if address in rcpts]
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.messages)
-
-
-class SmtpServer:
-    def __init__(self, port: int | None = None, **kwargs: Any) -> None:
-        self.mailbox = Mailbox()
-        self.port = port or free_port()
-        self.kwargs = kwargs
-        self.controller: Controller | None = None
-
-    @property
-    def url(self) -> str:
-        return f"smtp://127.0.0.1:{self.port}"
-
-    def start(self) -> SmtpServer:
-        if "authenticator" in self.kwargs:
-            self.kwargs["authenticator"] = self.mailbox.authenticate
-        self.controller = Controller(self.mailbox, hostname="127.0.0.1", port=self.port, **self.kwargs)
-        self.controller.start()
-        return self
-
-    def stop(self) -> None:
-        if self.controller is not None:
-            self.controller.stop()
-            self.controller = None
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpServer]:
-    server = SmtpServer().start()
-    yield server
-    server.stop()
-
-
-def text_of(msg: EmailMessage) -> str:
-    return msg.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
-
-
-def html_of(msg: EmailMessage) -> str:
-    return msg.get_body(preferencelist=("html",)).get_content()  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------- a real webhook receiver

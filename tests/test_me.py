@@ -12,14 +12,11 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from email import message_from_bytes, policy
-from email.message import EmailMessage
-from typing import Any
 
 import aiohttp
 import pytest
-from aiosmtpd.controller import Controller
 from support.gate import open_account, spend
+from support.mail import SmtpServer, link_in, start_mail_service
 from support.web import HOSTILE, api, base, csrf_of
 from yarl import URL
 
@@ -27,61 +24,11 @@ from extproc.app import Service
 from extproc.identity import mint_token
 from extproc.settings import Settings
 from extproc.web.sessions import MagicLinks, Signer
-from extproc_dev.devstack import free_port
 
 
-class Inbox:
-    """aiosmtpd handler: keeps every message it receives."""
-
-    def __init__(self) -> None:
-        self.messages: list[EmailMessage] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        message = message_from_bytes(envelope.content, policy=policy.default)
-        assert isinstance(message, EmailMessage)
-        self.messages.append(message)
-        return "250 OK"
-
-    def to(self, address: str) -> list[EmailMessage]:
-        return [m for m in self.messages if m["To"] == address]
-
-    async def wait_for(self, address: str, count: int = 1, within: float = 10.0) -> EmailMessage:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            found = self.to(address)
-            if len(found) >= count:
-                return found[count - 1]
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no e-mail #{count} to {address}")
-
-
-def link_in(message: EmailMessage) -> str:
-    body = message.get_body(("plain",))
-    assert body is not None
-    found = re.search(r"(https?://\S+/me/login\?token=\S+)", body.get_content())
-    assert found, body.get_content()
-    return found.group(1)
-
-
-def start_smtp() -> tuple[Controller, Inbox]:
-    inbox = Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    return controller, inbox
-
-
-async def start_mail_service(settings: Settings, smtp_port: int, language: str) -> Service:
-    """A second processor whose links point at itself and whose mail goes to the test's SMTP."""
-    port = free_port()
-    svc = Service(settings.replace(smtp_url=f"smtp://127.0.0.1:{smtp_port}", http_port=port,
-                                   public_url=f"http://127.0.0.1:{port}", language=language))
-    await svc.start()
-    return svc
-
-
-@pytest.fixture(scope="module")
-async def mail_service(settings: Settings, smtp: tuple[Controller, Inbox]) -> AsyncIterator[Service]:
-    svc = await start_mail_service(settings, smtp[0].port, "en")
+@pytest.fixture
+async def mail_service(settings: Settings, smtp: SmtpServer) -> AsyncIterator[Service]:
+    svc = await start_mail_service(settings, smtp, "en")
     yield svc
     await svc.stop(grace=1)
 
@@ -146,7 +93,7 @@ async def test_api_me_shows_only_the_callers_account(http, envoy, service, setti
 
 
 async def test_magic_link_sign_in_is_single_use_and_never_reveals_addresses(mail_service, smtp, settings):
-    _, inbox = smtp
+    inbox = smtp.mailbox
     user = f"mia-{uuid.uuid4().hex[:8]}"
     email = f"{user}@example.com"
     await open_account(mail_service, user, email=email, name=HOSTILE)
