@@ -4,7 +4,9 @@
 --     wrk -t1 -c16 -d12s --latency -s bench/chat.lua http://127.0.0.1:PORT/v1/chat/completions
 --
 -- BENCH_TOKENS_FILE has one JWT per line (one per user); requests rotate over the users.
--- A deterministic share BENCH_STREAM_RATIO (0..1) of requests asks for `"stream": true`.
+-- A deterministic share BENCH_STREAM_RATIO (0..1) of requests asks for `"stream": true`;
+-- BENCH_STREAM_CHUNKS asks the fast upstream for that many SSE chunks per streamed answer
+-- (realistic answers are hundreds of chunks; each one crosses the processor).
 -- BENCH_THINK_MS > 0 paces each connection: it waits an exponentially distributed think
 -- time with that mean before each request (a "moderate load" instead of flat out).
 -- Configuration comes from the environment because wrk decides whether a script paces
@@ -30,8 +32,7 @@ end
 
 local BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":'
   .. '"Say hello to the Solaris benchmark in one short sentence, please."}]}'
-local STREAM_BODY = '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":'
-  .. '"Say hello to the Solaris benchmark in one short sentence, please."}]}'
+local STREAM_BODY = nil  -- made in init(): the chunk count comes from the environment
 
 function setup(thread)
   thread:set("thread_id", thread_count)
@@ -41,6 +42,10 @@ end
 function init(args)
   local path = os.getenv("BENCH_TOKENS_FILE")
   ratio = tonumber(os.getenv("BENCH_STREAM_RATIO") or "0") or 0
+  local chunks = tonumber(os.getenv("BENCH_STREAM_CHUNKS") or "3") or 3
+  STREAM_BODY = '{"model":"gpt-4o-mini","stream":true,"x_test":{"chunks":' .. chunks .. '},'
+    .. '"messages":[{"role":"user","content":'
+    .. '"Say hello to the Solaris benchmark in one short sentence, please."}]}'
   math.randomseed(os.time() + (thread_id or 0))
   for line in io.lines(path) do
     if #line > 0 then

@@ -59,6 +59,8 @@ from extproc_dev import devstack
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 LUA = BENCH / "chat.lua"
+# SSE chunks per streamed answer (--stream-chunks), read by both load generators.
+STREAM_CHUNKS = [3]
 UPSTREAM = ROOT / "tests" / "support" / "upstream.py"
 PATH = "/v1/chat/completions"
 PROMPT = "Say hello to the Solaris benchmark in one short sentence, please."
@@ -168,7 +170,8 @@ class Wrk:
         cmd = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(duration))}s",
                "--timeout", "10s", "--latency", "-s", str(LUA), url + PATH]
         env = child_env(BENCH_TOKENS_FILE=str(self.tokens_file),
-                                 BENCH_STREAM_RATIO=str(stream_ratio), BENCH_THINK_MS=str(think_ms))
+                        BENCH_STREAM_RATIO=str(stream_ratio), BENCH_THINK_MS=str(think_ms),
+                        BENCH_STREAM_CHUNKS=str(STREAM_CHUNKS[0]))
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -207,7 +210,8 @@ class PythonLoad:
                    think_ms: float) -> Load:
         import aiohttp
 
-        bodies = [json.dumps({"model": "gpt-4o-mini", **({"stream": True} if s else {}),
+        bodies = [json.dumps({"model": "gpt-4o-mini",
+                              **({"stream": True, "x_test": {"chunks": STREAM_CHUNKS[0]}} if s else {}),
                               "messages": [{"role": "user", "content": PROMPT}]}).encode()
                   for s in (False, True)]
         headers = [{"Content-Type": "application/json", "Authorization": f"Bearer {t}"}
@@ -773,7 +777,8 @@ class Bench:
         gen = self.loadgen.name if self.loadgen else "?"
         print()
         print(f"Solaris gate benchmark — {os.cpu_count()} CPUs shared by everything; load generator {gen}; "
-              f"{args.users} users; {args.processors} processor process(es); stream ratio {args.stream_ratio}; "
+              f"{args.users} users; {args.processors} processor process(es); "
+              f"stream ratio {args.stream_ratio} x {args.stream_chunks} chunks; "
               f"Envoy --concurrency {args.envoy_concurrency}")
         if args.rounds > 1 and args.pick == "quietest":
             picked = next(iter(self.stacks.values())).picked
@@ -1031,6 +1036,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pick", choices=["median", "quietest"], default="median",
                    help="with --rounds: report the median round, or the round least disturbed by other processes")
     p.add_argument("--stream-ratio", type=float, default=0.0, help="share of requests with stream: true (0..1)")
+    p.add_argument("--stream-chunks", type=int, default=3,
+                   help="SSE chunks per streamed answer (realistic answers: 200 and more)")
     p.add_argument("--paced-fraction", type=float, default=0.5,
                    help="the paced pass offers this share of the gate's throughput (0: skip)")
     p.add_argument("--rate", type=float, default=0, help="offered req/s of the paced pass (overrides the fraction)")
@@ -1058,6 +1065,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.modes = [m for m in SCENARIOS if m in modes]  # always a, b, c order
     if not 0 <= args.stream_ratio <= 1:
         p.error("--stream-ratio must be in [0, 1]")
+    if args.stream_chunks < 1:
+        p.error("--stream-chunks must be >= 1")
+    STREAM_CHUNKS[0] = args.stream_chunks
     if min(args.processors, args.users, args.concurrency, args.rounds) < 1:
         p.error("--processors, --users, --concurrency and --rounds must be >= 1")
     return args

@@ -62,7 +62,7 @@ def test_stream_tap_reads_final_usage_chunk() -> None:
     tap.feed(b"")
     observed, text = tap.result(Chat())
     assert (observed.prompt_tokens, observed.completion_tokens, observed.flags) == (7, 8, ())
-    assert text == "a"
+    assert text == ""  # with usage, the text is not needed (nor decoded)
 
 
 def test_stream_tap_responses_api_completed_event() -> None:
@@ -70,7 +70,10 @@ def test_stream_tap_responses_api_completed_event() -> None:
     tap.feed(sse({"type": "response.output_text.delta", "delta": "Olá"},
                  {"type": "response.completed", "response": {"usage": {"input_tokens": 3, "output_tokens": 2}}}))
     observed, text = tap.result(Responses())
-    assert (observed.prompt_tokens, observed.completion_tokens, text) == (3, 2, "Olá")
+    assert (observed.prompt_tokens, observed.completion_tokens, text) == (3, 2, "")
+    without = u.StreamTap(cap=10**6)
+    without.feed(sse({"type": "response.output_text.delta", "delta": "Olá"}))
+    assert without.result(Responses()) == (None, "Olá")
 
 
 def test_stream_without_usage_gives_the_visible_text() -> None:
@@ -96,3 +99,14 @@ def test_huge_stream_keeps_the_tail_and_counts_the_rest(monkeypatch) -> None:
 def test_count_tokens_falls_back_to_characters(monkeypatch) -> None:
     monkeypatch.setattr(u, "encoder", lambda: None)
     assert u.count_tokens("x" * 100, 0.376) == (38, "chars")
+
+
+def test_a_long_stream_decodes_only_its_usage_event(monkeypatch) -> None:
+    tap = u.StreamTap(cap=10**6)
+    tap.feed(sse(*[{"choices": [{"delta": {"content": f"w{i} "}}]} for i in range(200)],
+                 {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 200}}, b"[DONE]"))
+    decoded = []
+    real = u.parse_object
+    monkeypatch.setattr(u, "parse_object", lambda raw: decoded.append(raw) or real(raw))
+    assert tap.result(Chat())[0].completion_tokens == 200
+    assert len(decoded) == 1

@@ -178,19 +178,31 @@ class StreamTap:
 
     def result(self, reader: Reader) -> tuple[Observed | None, str]:
         """The usage of the stream's last usage event (None if it never came or could not be
-        read) and the visible text seen, for the processor's fallback rules."""
-        usage: Observed | None = None
+        read) and, only when there is no usage, the visible text seen, for the fallback rules.
+
+        The usage event is last: the lines are searched from the end and only those that
+        mention usage are decoded, so a 200-chunk answer costs one JSON parse, not 200."""
+        lines = b"".join(self.chunks).split(b"\n")
+        for line in reversed(lines):
+            if b"usage" in line:
+                event = _event(line)
+                usage = reader.usage_of(event, self.cap) if event is not None else None
+                if usage is not None:
+                    return usage, ""
         text: list[str] = []
-        for line in b"".join(self.chunks).split(b"\n"):
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]" or not payload:
-                continue
-            event = parse_object(payload)
-            if event is None:
-                continue
-            usage = reader.usage_of(event, self.cap) or usage
-            text.append(reader.text_of(event))
-        return usage, "".join(text)
+        for line in lines:
+            event = _event(line)
+            if event is not None:
+                text.append(reader.text_of(event))
+        return None, "".join(text)
+
+
+def _event(line: bytes) -> dict[str, Any] | None:
+    """The JSON object of one SSE ``data:`` line, or None."""
+    line = line.strip()
+    if not line.startswith(b"data:"):
+        return None
+    payload = line[5:].strip()
+    if payload == b"[DONE]" or not payload:
+        return None
+    return parse_object(payload)
