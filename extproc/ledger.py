@@ -272,8 +272,10 @@ class Ledger:
         self.clock = clock
         self._weights = settings.weights()
         self._thresholds = settings.thresholds()
+        # One settle transaction in flight per process: settles are off the reply's path, so
+        # while one commits the next ones queue and go out as one batch (group commit).
         self._settles: Batcher[Usage, Settled | None] | None = Batcher(
-            self._settle_batch, self.settle_one, fatal=(LedgerUnavailable,)) if batch else None
+            self._settle_batch, self.settle_one, max_in_flight=1, fatal=(LedgerUnavailable,)) if batch else None
         self._admits: Batcher[AdmitRequest, Admission] | None = Batcher(
             self._admit_batch, self.admit_one, fatal=(LedgerUnavailable,)) if batch else None
 

@@ -40,6 +40,9 @@ class Metrics:
             registry=r)
         self.spooled = Counter(
             "solaris_spooled_settles_total", "Settles written to the local spool.", registry=r)
+        self.stream_chunks = Counter(
+            "solaris_stream_chunks_total", "SSE chunks of admitted answers passed through.",
+            registry=r)
         self.settle_backlog = Gauge(
             "solaris_settle_backlog",
             "Settles handed over and not yet committed (bounded: past the limit, replies wait).",

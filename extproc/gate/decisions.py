@@ -320,10 +320,7 @@ class Gate:
         if not ex.admitted or ex.closed:
             return CONTINUE
         if ex.tap is not None:
-            ex.tap.feed(chunk)
-            if end_of_stream:
-                # Answer the last chunk first; the settle must not delay the user's stream.
-                self._finish(ex)
+            self.stream_chunk(ex, chunk, end_of_stream)
             return CONTINUE
         ex.body += chunk
         if not end_of_stream:
@@ -343,6 +340,16 @@ class Gate:
             cost=cost)
         return Continue(set_headers=(("x-solaris-tokens-remaining", str(remaining)),
                                      ("x-solaris-quota-used-pct", f"{pct:.2f}")))
+
+    def stream_chunk(self, ex: Exchange, chunk: bytes, end_of_stream: bool) -> None:
+        """A chunk of an admitted SSE answer: kept for the settle, passed on unchanged (the
+        reply is always "continue", so the adapter answers it without waiting on anything)."""
+        if ex.closed or ex.tap is None:
+            return
+        ex.tap.feed(chunk)
+        if end_of_stream:
+            # Answer the last chunk first; the settle must not delay the user's stream.
+            self._finish(ex)
 
     def _observed(self, ex: Exchange, abandoned: bool) -> Observed | None:
         """What the exchange cost; None for "release without debit".
