@@ -616,6 +616,14 @@ def dispute_of(payment_intent: str | None, *, status: str = "needs_response", di
             "status": status, "reason": "fraudulent", "is_charge_refundable": False, "metadata": {}}
 
 
+async def disputable_purchase(service, user: str, **pack: object) -> tuple[str, dict, str, str]:
+    """An account and a checkout session for it (not yet delivered): the webhook URL, the
+    session, its payment intent and a fresh dispute id."""
+    await open_account(service, user)
+    session = checkout_session(user, **pack)
+    return base(service), session, session["payment_intent"], f"dp_{uuid.uuid4().hex[:24]}"
+
+
 def dispute_event(kind: str, payment_intent: str | None, dispute_id: str, status: str,
                   created: int | None = None, **kwargs: Any) -> dict[str, Any]:
     body = event(f"charge.dispute.{kind}", dispute_of(payment_intent, status=status, dispute_id=dispute_id, **kwargs))
@@ -648,10 +656,7 @@ def test_dispute_texts_exist_in_both_languages():
 async def test_dispute_claws_back_the_pack_blocks_and_402(http, billing_envoy, billing_service, settings, auth, user):
     """Buy, spend, dispute the card charge: the whole pack is taken back once (balance
     negative -> blocked -> 402), however many events Stripe sends about the dispute."""
-    url = base(billing_service)
-    await open_account(billing_service, user)
-    session = checkout_session(user)
-    pi, dp = session["payment_intent"], f"dp_{uuid.uuid4().hex[:24]}"
+    url, session, pi, dp = await disputable_purchase(billing_service, user)
     assert await outcome(http, billing_service, event("checkout.session.completed", session)) == "fulfilled"
     await spend(billing_service, user, 100_000, 50_000)  # the allowance and half of the purchase
     assert await balance(billing_service, user) == (50_000, 50_000, "active")
@@ -687,10 +692,7 @@ async def test_dispute_claws_back_the_pack_blocks_and_402(http, billing_envoy, b
 
 
 async def test_dispute_won_gives_the_credits_back_once(http, billing_service, settings, user):
-    url = base(billing_service)
-    await open_account(billing_service, user)
-    session = checkout_session(user, pack="medium", tokens=500_000, amount=12990)
-    pi, dp = session["payment_intent"], f"dp_{uuid.uuid4().hex[:24]}"
+    url, session, pi, dp = await disputable_purchase(billing_service, user, pack="medium", tokens=500_000, amount=12990)
     await deliver(http, url, event("checkout.session.completed", session))
     now = int(time.time())
     opened = dispute_event("created", pi, dp, "needs_response", created=now - 100, amount=12990)
@@ -760,10 +762,7 @@ async def test_dispute_statuses(http, billing_service, user):
 
 @pytest.mark.parametrize("order", ["dispute first", "closed before created", "concurrent"])
 async def test_dispute_before_purchase_is_applied_on_fulfilment(http, billing_service, user, order):
-    url = base(billing_service)
-    await open_account(billing_service, user)
-    session = checkout_session(user)
-    pi, dp = session["payment_intent"], f"dp_{uuid.uuid4().hex[:24]}"
+    url, session, pi, dp = await disputable_purchase(billing_service, user)
     completed = event("checkout.session.completed", session)
     now = int(time.time())
     opened = dispute_event("created", pi, dp, "needs_response", created=now)
@@ -796,10 +795,7 @@ async def test_dispute_before_purchase_is_applied_on_fulfilment(http, billing_se
 @pytest.mark.parametrize("scenario", ["partial refund, dispute, won, full refund", "dispute, full refund, won",
                                       "dispute, partial refund, won"])
 async def test_refunds_and_disputes_never_take_more_than_the_pack(http, billing_service, user, scenario):
-    url = base(billing_service)
-    await open_account(billing_service, user)
-    session = checkout_session(user, tokens=100_000, amount=2990)
-    pi, dp = session["payment_intent"], f"dp_{uuid.uuid4().hex[:24]}"
+    url, session, pi, dp = await disputable_purchase(billing_service, user, tokens=100_000, amount=2990)
     charge = f"ch_{uuid.uuid4().hex[:20]}"
     await deliver(http, url, event("checkout.session.completed", session))
     now = int(time.time())
@@ -842,10 +838,7 @@ async def test_refunds_and_disputes_never_take_more_than_the_pack(http, billing_
 
 
 async def test_concurrent_deliveries_of_a_dispute_apply_once(http, billing_service, user):
-    url = base(billing_service)
-    await open_account(billing_service, user)
-    session = checkout_session(user, pack="medium", tokens=500_000, amount=12990)
-    pi, dp = session["payment_intent"], f"dp_{uuid.uuid4().hex[:24]}"
+    url, session, pi, dp = await disputable_purchase(billing_service, user, pack="medium", tokens=500_000, amount=12990)
     await deliver(http, url, event("checkout.session.completed", session))
     now = int(time.time())
     opened = dispute_event("created", pi, dp, "needs_response", created=now, amount=12990)
