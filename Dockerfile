@@ -58,19 +58,15 @@ RUN groupadd --system --gid 10001 solaris \
     && mkdir -p /var/lib/solaris/spool \
     && chown -R solaris:solaris /var/lib/solaris
 
+# The venv holds the package with its data: the dbmate migrations (extproc/migrations) and the
+# Envoy template are package data, found next to the installed code.
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/tiktoken /opt/tiktoken
-# Outside a source checkout the package cannot find these next to itself: the GATE_* paths
-# below point at them (extproc/migrate.py, extproc/envoy_config.py).
-COPY migrations/ /opt/solaris/migrations/
-COPY envoy.yaml /opt/solaris/envoy.yaml
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TIKTOKEN_CACHE_DIR=/opt/tiktoken \
-    GATE_MIGRATIONS_DIR=/opt/solaris/migrations \
-    GATE_ENVOY_TEMPLATE=/opt/solaris/envoy.yaml \
     GATE_SPOOL_DIR=/var/lib/solaris/spool
 
 USER solaris

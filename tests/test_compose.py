@@ -26,7 +26,6 @@ import json
 import os
 import re
 import secrets
-import shlex
 import shutil
 import signal
 import socket
@@ -61,7 +60,10 @@ PROJECT = "solaris-compose-test"
 STATE = Path(tempfile.gettempdir()) / PROJECT
 SOCKET = STATE / "podman.sock"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
-TOOLS = {"podman": "podman", "runc": "runc", "debootstrap": "debootstrap", "docker-compose": "docker-compose"}
+# command -> Debian packages. Podman only recommends netavark (its networks), aardvark-dns (the
+# service names) and iptables (which netavark runs): without them no container has a network.
+TOOLS = {"podman": ["podman", "netavark", "aardvark-dns", "iptables"], "runc": ["runc"],
+         "debootstrap": ["debootstrap"], "docker-compose": ["docker-compose"], "docker": ["podman-docker"]}
 SERVICES = {"envoy", "extproc", "litellm", "postgres", "redis", "prometheus", "grafana"}
 MONTHLY_TOKENS = 1_000_000
 CHAT = "/v1/chat/completions"
@@ -146,8 +148,12 @@ class EngineUnavailable(Exception):
 
 
 def engine_env() -> dict[str, str]:
+    # docker-compose v1 runs `exec` and `run` through a `docker` CLI (Debian's podman-docker, or
+    # Docker's own client on DOCKER_HOST): its built-in fallback on Podman's API merges stderr
+    # into stdout, never closes stdin and waits 60 s for `run` to end.
     env = dict(os.environ, CONTAINERS_CONF=str(CONTAINERS_CONF), DOCKER_HOST=f"unix://{SOCKET}",
-               COMPOSE_HTTP_TIMEOUT="300", COMPOSE_INTERACTIVE_NO_CLI="1")
+               COMPOSE_HTTP_TIMEOUT="300")
+    env.pop("COMPOSE_INTERACTIVE_NO_CLI", None)
     # The compose secrets come from the env file only, never from the caller's environment.
     for name in ("POSTGRES_PASSWORD", "LITELLM_MASTER_KEY", "GATE_KEY", "GRAFANA_ADMIN_PASSWORD"):
         env.pop(name, None)
@@ -156,16 +162,16 @@ def engine_env() -> dict[str, str]:
 
 def ensure_tools() -> None:
     """Podman, runc, debootstrap and docker-compose from Debian, installed when missing."""
-    missing = [pkg for cmd, pkg in TOOLS.items() if shutil.which(cmd) is None]
+    if os.geteuid() != 0:
+        raise EngineUnavailable("not root: the test runs rootful Podman")
+    missing = [pkg for cmd, pkgs in TOOLS.items() if shutil.which(cmd) is None for pkg in pkgs]
     if not missing:
         return
-    if os.geteuid() != 0:
-        raise EngineUnavailable(f"not root: cannot run rootful Podman nor install {' '.join(missing)}")
     if shutil.which("apt-get") is None:
         raise EngineUnavailable(f"no apt-get to install {' '.join(missing)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     run(["apt-get", "update", "-qq"], env=env)
-    run(["apt-get", "install", "-y", "-qq", *missing], env=env)
+    run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env)
 
 
 def stop_pid(pid: int, grace: float = 10) -> None:
@@ -456,11 +462,15 @@ def write_env_file(port: int) -> tuple[Path, dict[str, str]]:
     return path, values
 
 
-def bring_up(engine: Engine, *, port: int | None = None) -> Stack:
-    """Bases, images, stale state removed, `up`, and every service healthy."""
-    port = port or free_port()
+def new_stack(engine: Engine) -> Stack:
+    port = free_port()
     env_file, values = write_env_file(port)
-    stack = Stack(engine, env_file, values, port)
+    return Stack(engine, env_file, values, port)
+
+
+def bring_up(stack: Stack) -> None:
+    """Stale state removed, bases, images, `up`, and every service healthy."""
+    engine = stack.engine
     started = time.monotonic()
     stack.remove_stale()
     engine.timings["stale removal"] = time.monotonic() - started
@@ -477,7 +487,6 @@ def bring_up(engine: Engine, *, port: int | None = None) -> Stack:
     stack.wait_healthy(SERVICES, 180)
     wait_for(lambda: stack.chat("warmup")[0] == 200, 60, "a first answer through Envoy")
     engine.timings["up to healthy"] = time.monotonic() - started
-    return stack
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -501,19 +510,18 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
         engine.stop()
         say(f"skipped: container engine unavailable: {exc}")
         pytest.skip(f"container engine unavailable: {exc}")
-    built: Stack | None = None
+    built = new_stack(engine)
     try:
-        built = bring_up(engine)
+        bring_up(built)
         engine.timings["total to first answer"] = time.monotonic() - started
         say("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in engine.timings.items()))
         yield built
     finally:
-        try:
-            if built is not None:
-                logs = built.compose("logs", "--no-color", "--timestamps", check=False, timeout=120)
-                (STATE / "compose.log").write_text(logs.stdout + logs.stderr)
-                say(f"container logs: {STATE / 'compose.log'}")
-                built.remove_stale()
+        try:  # whatever happened: the containers' logs kept, the stack removed
+            logs = built.compose("logs", "--no-color", "--timestamps", check=False, timeout=120)
+            (STATE / "compose.log").write_text(logs.stdout + logs.stderr)
+            say(f"container logs: {STATE / 'compose.log'}")
+            built.remove_stale()
         finally:
             engine.stop()
 
@@ -732,16 +740,14 @@ def test_grafana_dashboard_queries_run_through_its_datasource(stack: Stack) -> N
         urllib.request.urlopen("http://127.0.0.1:3000/api/search", timeout=5)
 
 
-def readme_backup_commands(backups: Path, dump: str) -> tuple[str, list[str]]:
-    """deploy/README.md's backup (its `sh -c` script) and restore (the compose arguments), as
-    documented, with the shell's substitutions done for ``backups`` and the file ``dump``."""
+def readme_backup_scripts() -> tuple[str, str]:
+    """The `sh -c` scripts of deploy/README.md's backup and restore commands, as documented."""
     readme = (ROOT / "deploy" / "README.md").read_text()
     backup = re.search(r"^docker compose exec -T extproc sh -c '([^']+)' \\\n\s+> backups/", readme, re.M)
-    restore = re.search(r"^docker compose (run .*) \\\n\s+(extproc restore) /backups/ledger-YYYY-MM-DD-HHMM.dump$",
+    restore = re.search(r"^docker compose run --rm --no-deps -T extproc sh -c '([^']+)' \\\n\s+< backups/",
                         readme, re.M)
     assert backup and restore, "deploy/README.md's backup/restore commands changed: update this test"
-    command = restore.group(1).replace("$(id -u)", str(os.getuid())).replace("$PWD/backups", str(backups))
-    return backup.group(1), [*shlex.split(command), *restore.group(2).split(), f"/backups/{dump}"]
+    return backup.group(1), restore.group(1)
 
 
 def test_backup_lost_volume_restore_equal_balances(stack: Stack, tmp_path: Path) -> None:
@@ -751,10 +757,8 @@ def test_backup_lost_volume_restore_equal_balances(stack: Stack, tmp_path: Path)
         for _ in range(i + 1):
             assert stack.chat(user)[0] == 200
     before = {user: stack.settled(user) for user in users}
-    backups = tmp_path / "backups"
-    backups.mkdir(mode=0o700)
-    dump = backups / "ledger.dump"
-    backup_script, restore_args = readme_backup_commands(backups, dump.name)
+    backup_script, restore_script = readme_backup_scripts()
+    dump = tmp_path / "ledger.dump"
     dump.write_bytes(stack.compose_bytes("exec", "-T", "extproc", "sh", "-c", backup_script))
     assert dump.read_bytes().startswith(b"PGDMP"), dump.read_bytes()[:40]
 
@@ -766,8 +770,8 @@ def test_backup_lost_volume_restore_equal_balances(stack: Stack, tmp_path: Path)
     stack.wait_healthy({"postgres"}, 90)
 
     # The restore, as deploy/README.md writes it.
-    dump.chmod(0o600)
-    stack.compose(*restore_args, timeout=300)
+    stack.compose_bytes("run", "--rm", "--no-deps", "-T", "extproc", "sh", "-c", restore_script,
+                        stdin=dump.read_bytes())
     stack.compose("start", "extproc", "envoy")
     stack.wait_healthy({"extproc", "envoy"}, 120)
     after = {user: stack.balance(user) for user in users}
@@ -874,7 +878,8 @@ def main(argv: list[str]) -> int:
             engine.stop()
         return 0
     engine.start()
-    stack = bring_up(engine)
+    stack = new_stack(engine)
+    bring_up(stack)
     print("timings:", ", ".join(f"{k} {v:.0f} s" for k, v in engine.timings.items()))
     print(f"Envoy: {stack.url}  (GATE_KEY={stack.secrets['GATE_KEY']}); env file: {stack.env_file}")
     print(f"podman socket (pid {engine.socket.proc.pid if engine.socket.proc else '?'}): DOCKER_HOST=unix://{SOCKET}")
