@@ -769,6 +769,11 @@ def test_backup_lost_volume_restore_equal_balances(stack: Stack, tmp_path: Path)
     stack.compose("up", "-d", "--no-deps", "postgres")
     stack.wait_healthy({"postgres"}, 90)
 
+    # A one-off container must find the new database by name first: Podman's DNS (aardvark-dns)
+    # reloads as containers come and go, and a lookup at that moment fails (seen once in ~10 runs).
+    wait_for(lambda: stack.compose("run", "--rm", "--no-deps", "-T", "extproc", "python", "-c",
+                                   "import socket; socket.getaddrinfo('postgres', 5432)",
+                                   check=False, timeout=120).returncode == 0, 120, "postgres resolvable")
     # The restore, as deploy/README.md writes it.
     stack.compose_bytes("run", "--rm", "--no-deps", "-T", "extproc", "sh", "-c", restore_script,
                         stdin=dump.read_bytes())
