@@ -38,7 +38,8 @@ tools:
 	fi
 
 test: $(STAMP) tools
-	$(VENV)/bin/ruff check extproc tests bench
+	$(VENV)/bin/ruff check extproc extproc_dev tests bench
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -p no:cacheprovider --cov=extproc --cov-report=term --cov-fail-under=85 tests
 
 # The container deployment alone: builds every image and runs docker-compose.yml (~2 min with
@@ -47,7 +48,8 @@ test-compose: $(STAMP) tools
 	$(VENV)/bin/pytest -p no:cacheprovider tests/test_compose.py tests/test_deploy.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check extproc tests bench
+	$(VENV)/bin/ruff check extproc extproc_dev tests bench
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) bench/run.py
