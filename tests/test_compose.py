@@ -356,9 +356,15 @@ class Stack:
                 stdin: Any = None) -> subprocess.CompletedProcess[str]:
         cmd = ["docker-compose", "--project-name", PROJECT, "--project-directory", str(ROOT),
                "--env-file", str(self.env_file), "-f", str(COMPOSE), "-f", str(OVERRIDE), *args]
-        if stdin is not None:
-            return run(cmd, env=self.engine.env, timeout=timeout, check=check, input=stdin, cwd=ROOT)
-        return run(cmd, env=self.engine.env, timeout=timeout, check=check, cwd=ROOT, stdin=subprocess.DEVNULL)
+        io: dict[str, Any] = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+        result = run(cmd, env=self.engine.env, timeout=timeout, check=False, cwd=ROOT, **io)
+        if result.returncode != 0 and "docker/api/daemon.py" in result.stderr and "requests" in result.stderr:
+            # docker-compose's first call (GET /version) lost on the Podman socket: it did nothing yet.
+            result = run(cmd, env=self.engine.env, timeout=timeout, check=False, cwd=ROOT, **io)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"docker-compose {' '.join(args[:4])}... exited {result.returncode}:\n"
+                               f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        return result
 
     def compose_bytes(self, *args: str, stdin: bytes | None = None, timeout: float = 300) -> bytes:
         """A compose command whose standard input/output are bytes (a dump): its stdout."""
@@ -371,9 +377,9 @@ class Stack:
                                f"{result.stderr.decode(errors='replace')[-3000:]}")
         return result.stdout
 
-    def exec(self, service: str, *cmd: str, check: bool = True,
-             timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return self.compose("exec", "-T", service, *cmd, check=check, timeout=timeout)
+    def exec(self, service: str, *cmd: str, check: bool = True, timeout: float = 120,
+             index: int = 1) -> subprocess.CompletedProcess[str]:
+        return self.compose("exec", "-T", "--index", str(index), service, *cmd, check=check, timeout=timeout)
 
     def extproc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.exec("extproc", "extproc", *args, check=check)
@@ -391,14 +397,17 @@ class Stack:
         return json.loads(out or "[]")
 
     def health(self) -> dict[str, str]:
-        """service -> State.Health.Status ('' without a healthcheck) for every running container."""
+        """service -> State.Health.Status ('' without a healthcheck) of its running containers."""
         ids = [c["Id"] for c in self.containers("--filter", "status=running")]
         if not ids:
             return {}
-        inspected = json.loads(self.engine.podman("inspect", *ids).stdout)
-        return {c["Config"]["Labels"]["com.docker.compose.service"]:
-                ((c["State"].get("Health") or c["State"].get("Healthcheck") or {}).get("Status") or "")
-                for c in inspected}
+        state: dict[str, str] = {}
+        for c in json.loads(self.engine.podman("inspect", *ids).stdout):
+            service = c["Config"]["Labels"]["com.docker.compose.service"]
+            status = (c["State"].get("Health") or c["State"].get("Healthcheck") or {}).get("Status") or ""
+            # A scaled service is healthy when every one of its containers is.
+            state[service] = status if state.get(service, "healthy") == "healthy" else state[service]
+        return state
 
     def wait_healthy(self, services: set[str], timeout: float) -> None:
         def healthy() -> bool:
@@ -678,15 +687,18 @@ def test_health_endpoints(stack: Stack) -> None:
                         "import urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8081/readyz', timeout=3); "
                         "print(r.status, r.read().decode())")
     assert readyz.stdout.startswith("200"), readyz.stdout
-    ready = stack.exec("envoy", "bash", "-c",
-                       "exec 3<>/dev/tcp/127.0.0.1/9901 && printf 'GET /ready HTTP/1.1\\r\\nHost: x\\r\\n"
-                       "Connection: close\\r\\n\\r\\n' >&3 && cat <&3")
-    assert ready.stdout.startswith("HTTP/1.1 200") and "LIVE" in ready.stdout, ready.stdout
+    ready = envoy_admin(stack, "/ready")
+    assert ready.startswith("HTTP/1.1 200") and "LIVE" in ready, ready
     # The processor's health through Envoy's own view: one healthy extproc host.
-    clusters = stack.exec("envoy", "bash", "-c",
-                          "exec 3<>/dev/tcp/127.0.0.1/9901 && printf 'GET /clusters HTTP/1.1\\r\\nHost: x\\r\\n"
-                          "Connection: close\\r\\n\\r\\n' >&3 && cat <&3").stdout
+    clusters = envoy_admin(stack, "/clusters")
     assert re.search(r"^extproc::[\d.]+:50051::health_flags::healthy$", clusters, re.M), clusters[-2000:]
+
+
+def envoy_admin(stack: Stack, path: str) -> str:
+    """GET on Envoy's admin (not published) from inside its container: the healthcheck's way."""
+    return stack.exec("envoy", "bash", "-c",
+                      f"exec 3<>/dev/tcp/127.0.0.1/9901 && printf 'GET {path} HTTP/1.1\\r\\nHost: x\\r\\n"
+                      "Connection: close\\r\\n\\r\\n' >&3 && cat <&3").stdout
 
 
 def prometheus(path: str, **params: str) -> Any:
@@ -784,6 +796,73 @@ def test_backup_lost_volume_restore_equal_balances(stack: Stack, tmp_path: Path)
     result = stack.extproc("reconcile", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     wait_for(lambda: stack.chat(users[0])[0] == 200, 60, "answers after the restore")
+
+
+def readme_spool_check() -> str:
+    """The python one-liner deploy/README.md gives to check a replica's spool before scaling down."""
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    found = re.search(r'^docker compose exec --index N extproc python -c "(.+)"$', readme, re.M)
+    assert found, "deploy/README.md's spool check changed: update this test"
+    return found.group(1)
+
+
+def replica_metric(stack: Stack, index: int, name: str) -> float:
+    """A replica's own /metrics sample (the sum over its label sets)."""
+    code = ("import urllib.request as u; print(u.urlopen('http://127.0.0.1:8081/metrics', timeout=5)"
+            ".read().decode())")
+    text = stack.exec("extproc", "python", "-c", code, index=index).stdout
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_scaled_processors_share_traffic_are_each_scraped_and_scale_down_cleanly(stack: Stack) -> None:
+    """deploy/README.md's scaling: a second replica joins Envoy's pool and Prometheus' targets,
+    both serve, every debit is exact; it leaves after the README's spool check."""
+    spools_before = stack.anonymous_volumes()
+    spools_scaled: set[str] = set()
+    try:
+        stack.compose("up", "-d", "--no-recreate", "--scale", "extproc=2", timeout=300)
+        spools_scaled = stack.anonymous_volumes()
+        assert len(spools_scaled - spools_before) == 1  # the new replica's own spool
+        wait_for(lambda: sum(1 for c in stack.containers("--filter", "status=running")
+                             if c["Labels"]["com.docker.compose.service"] == "extproc") == 2, 60, "two processors")
+        stack.wait_healthy({"extproc"}, 120)
+        healthy_host = re.compile(r"^extproc::[\d.]+:50051::health_flags::healthy$", re.M)
+        wait_for(lambda: len(healthy_host.findall(envoy_admin(stack, "/clusters"))) == 2, 60,
+                 "two healthy extproc hosts in Envoy")
+
+        def targets() -> list[str] | None:
+            active = prometheus("/api/v1/targets")["activeTargets"]
+            up = [t["labels"]["instance"] for t in active if t["labels"]["job"] == "solaris-extproc"
+                  and t["health"] == "up"]
+            return up if len(up) == 2 else None
+
+        wait_for(targets, 90, "Prometheus scraping both processors", interval=2)
+        before = [replica_metric(stack, i, "solaris_decisions_total") for i in (1, 2)]
+        user = "scaled-" + secrets.token_hex(4)
+        debited = 0
+        for _ in range(10):
+            status, _, body = stack.chat(user)
+            assert status == 200, body
+            debited += json.loads(body)["usage"]["total_tokens"]
+        after = [replica_metric(stack, i, "solaris_decisions_total") for i in (1, 2)]
+        assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)  # both served
+        assert stack.settled(user)["available"] == MONTHLY_TOKENS - debited
+        # Scale down as deploy/README.md says: no replica's spool holds a debit.
+        check = readme_spool_check()
+        for index in (1, 2):
+            assert stack.exec("extproc", "python", "-c", check, index=index).stdout.strip() == \
+                "solaris_spool_pending 0.0"
+    finally:
+        stack.compose("up", "-d", "--no-recreate", "--scale", "extproc=1", timeout=300)
+        # The removed replica's spool volume outlives it, without a label: nothing else finds it.
+        orphans = (spools_before | spools_scaled) - stack.anonymous_volumes()
+        if orphans:
+            stack.engine.podman("volume", "rm", "-f", *orphans, check=False)
+    assert sum(1 for c in stack.containers() if c["Labels"]["com.docker.compose.service"] == "extproc") == 1
+    stack.wait_healthy({"extproc", "envoy"}, 60)
+    # Until Envoy's DNS refresh drops the removed replica, requests sent to it are refused (503).
+    wait_for(lambda: len(re.findall(r"^extproc::[\d.]+:50051::health_flags::", envoy_admin(stack, "/clusters"),
+                                    re.M)) == 1, 60, "one extproc host left in Envoy")
 
 
 def test_processor_restart_under_a_trickle_loses_and_double_debits_nothing(stack: Stack) -> None:
