@@ -142,6 +142,35 @@ def split_trueup(allowance: int, delta: int, *, swept_from_credits: int, same_cy
     return Split(0, to_credits + rest)
 
 
+@dataclass(frozen=True)
+class Debited:
+    """An account's columns after one settle's split, and what that settle crossed."""
+
+    allowance: int
+    credits: int
+    used: int
+    state: str
+    used_pct: float
+    crossed: tuple[int, ...]
+
+    @property
+    def balance(self) -> int:
+        return self.allowance + self.credits
+
+
+def apply_split(*, allowance: int, credits: int, used: int, budget: int, state: str, split: Split,
+                thresholds: Iterable[int], this_cycle: bool = True) -> Debited:
+    """The account after ``split``: this cycle's usage moves by what the balance moved (not
+    when ``this_cycle`` is False: a give-back for a sweep of an ended cycle), then the state
+    and the alert thresholds crossed follow from the new usage %."""
+    new_used = max(used - split.tokens, 0) if this_cycle else used
+    before, after = usage_pct(used, budget), usage_pct(new_used, budget)
+    new_allowance, new_credits = allowance + split.allowance_delta, credits + split.credits_delta
+    return Debited(new_allowance, new_credits, new_used,
+                   state_for(state, new_allowance + new_credits, after), after,
+                   tuple(crossings(before, after, thresholds)))
+
+
 # ---------------------------------------------------------------- cycles
 
 

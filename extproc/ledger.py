@@ -491,13 +491,17 @@ class Ledger:
             return await self._settles.submit(usage)
         return await self.settle_one(usage, reservation_state=reservation_state)
 
+    def _cost(self, usage: Usage) -> int:
+        """The debit of an exchange: its explicit cost (a sweep's hold), else real x weight."""
+        if usage.cost is not None:
+            return usage.cost
+        return accounting.weighted_cost(usage.real_tokens, usage.model, self._weights)
+
     async def settle_one(self, usage: Usage, *, reservation_state: str = "settled") -> Settled | None:
         """``settle`` for one exchange in its own transaction."""
         now = self.clock()
-        cost = usage.cost if usage.cost is not None else accounting.weighted_cost(
-            usage.real_tokens, usage.model, self._weights)
         try:
-            return await self._settle(usage, cost, reservation_state, now)
+            return await self._settle(usage, self._cost(usage), reservation_state, now)
         except asyncpg.UniqueViolationError:
             # Two settles of one unreserved exchange (spool replays) raced past the check:
             # the UNIQUE exchange_id let exactly one commit (I1).
@@ -539,15 +543,10 @@ class Ledger:
             if trueup_key is None:
                 split = accounting.split_debit(row["allowance"], debit)
             held = row["held"]
-            allowance = row["allowance"] + split.allowance_delta
-            credits = row["credits"] + split.credits_delta
-            # This cycle's usage moves by what this cycle's balance moved (a give-back for a
-            # sweep of an earlier cycle leaves the current cycle's usage alone).
-            used = max(row["used_cycle"] - split.tokens, 0) if this_cycle else row["used_cycle"]
-            before = accounting.usage_pct(row["used_cycle"], row["cycle_budget"])
-            after = accounting.usage_pct(used, row["cycle_budget"])
-            state = accounting.state_for(row["state"], allowance + credits, after)
-            alerts = accounting.crossings(before, after, self._thresholds)
+            new = accounting.apply_split(
+                allowance=row["allowance"], credits=row["credits"], used=row["used_cycle"],
+                budget=row["cycle_budget"], state=row["state"], split=split,
+                thresholds=self._thresholds, this_cycle=this_cycle)
             await conn.execute(
                 "WITH e AS (INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta,"
                 "   credits_delta, balance_after, exchange_id, request_id, model, prompt_tokens,"
@@ -561,13 +560,13 @@ class Ledger:
                 "   ON CONFLICT (user_id, cycle_start, threshold) DO NOTHING)"
                 " UPDATE accounts SET allowance = $2, credits = $3, used_cycle = $4,"
                 "   reserved = reserved - $6, state = $7, updated_at = $5 WHERE user_id = $1",
-                usage.user_id, allowance, credits, used, now, held, state, exchange_key,
+                usage.user_id, new.allowance, new.credits, new.used, now, held, new.state, exchange_key,
                 split.tokens, split.allowance_delta, split.credits_delta, usage.request_id,
                 usage.model, usage.prompt_tokens, usage.completion_tokens, usage.estimate,
-                usage.real_tokens, flags, row["cycle_start"], row["cycle_end"], after,
-                row["cycle_budget"], alerts, usage.prompt_chars, trueup_key,
+                usage.real_tokens, flags, row["cycle_start"], row["cycle_end"], new.used_pct,
+                row["cycle_budget"], list(new.crossed), usage.prompt_chars, trueup_key,
             )
-            return Settled(debit, tuple(alerts))
+            return Settled(debit, new.crossed)
 
     async def _settle_batch(self, items: list[Usage]) -> list[Settled | None]:
         """Settle many exchanges in one transaction: close their held reservations in one
@@ -599,26 +598,23 @@ class Ledger:
                     if hold is None or hold["user_id"] != usage.user_id or acc is None:
                         alone.append(i)
                         continue
-                    cost = usage.cost if usage.cost is not None else accounting.weighted_cost(
-                        usage.real_tokens, usage.model, self._weights)
+                    cost = self._cost(usage)
                     split = accounting.split_debit(acc["allowance"], cost)
-                    before = accounting.usage_pct(acc["used_cycle"], acc["cycle_budget"])
-                    acc["allowance"] += split.allowance_delta
-                    acc["credits"] += split.credits_delta
-                    acc["used_cycle"] = max(acc["used_cycle"] - split.tokens, 0)
-                    after = accounting.usage_pct(acc["used_cycle"], acc["cycle_budget"])
-                    balance = acc["allowance"] + acc["credits"]
-                    acc["state"] = accounting.state_for(acc["state"], balance, after)
+                    new = accounting.apply_split(
+                        allowance=acc["allowance"], credits=acc["credits"], used=acc["used_cycle"],
+                        budget=acc["cycle_budget"], state=acc["state"], split=split,
+                        thresholds=self._thresholds)
+                    acc.update(allowance=new.allowance, credits=new.credits, used_cycle=new.used,
+                               state=new.state)
                     released[usage.user_id] = released.get(usage.user_id, 0) + hold["tokens"]
-                    crossed = accounting.crossings(before, after, self._thresholds)
                     entries.append((
                         usage.user_id, split.tokens, split.allowance_delta, split.credits_delta,
-                        balance, usage.exchange_id, usage.request_id, usage.model, usage.prompt_tokens,
+                        new.balance, usage.exchange_id, usage.request_id, usage.model, usage.prompt_tokens,
                         usage.completion_tokens, usage.estimate, usage.real_tokens,
                         ",".join(usage.flags), acc["cycle_start"], usage.prompt_chars))
-                    alerts.extend((usage.user_id, acc["cycle_start"], acc["cycle_end"], t, after,
-                                   acc["used_cycle"], acc["cycle_budget"], balance) for t in crossed)
-                    results[i] = Settled(cost, tuple(crossed))
+                    alerts.extend((usage.user_id, acc["cycle_start"], acc["cycle_end"], t, new.used_pct,
+                                   new.used, acc["cycle_budget"], new.balance) for t in new.crossed)
+                    results[i] = Settled(cost, new.crossed)
                 if entries:
                     await conn.execute(
                         _BATCH_SETTLE_SQL, now,
