@@ -226,10 +226,11 @@ class Gate:
             self.spawn(self._void(ex))
 
     async def _void(self, ex: Exchange) -> None:
-        """Close any hold this exchange's admission may have made although it will never be
-        answered: the client left during admission, or admission failed on our side of the
-        wire (a commit whose reply was lost leaves a hold the sweep would charge). Release is
-        a no-op when nothing is held; when it cannot run, a zero-cost settle is spooled."""
+        """Release this exchange's hold, if any, without a debit: an upstream error with no
+        output, or an admission whose exchange will never be answered (the client left during
+        admission, or a commit whose reply was lost leaves a hold the sweep would charge).
+        Release is a no-op when nothing is held; a release that cannot run now is spooled as
+        a zero-cost settle (after a sweep, its true-up gives the charge back)."""
         try:
             await self.ledger.release(ex.exchange_id)
         except Exception as exc:  # every failure must end in the spool
@@ -425,7 +426,7 @@ class Gate:
         self.metrics.settle_backlog.set(self.pending_settles)
         try:
             if usage is None:
-                await self.ledger.release(ex.exchange_id)
+                await self._void(ex)  # release, or spool it as a zero-cost settle
             elif (settled := await self.ledger.settle(usage)) is not None:
                 cost = settled.cost
                 self.metrics.tokens.labels(usage.model or "", "prompt").inc(usage.prompt_tokens)
@@ -436,9 +437,7 @@ class Gate:
                     self.metrics.alerts.labels(str(threshold), "queued").inc()
         except Exception as exc:  # every failure must end in the spool
             self.metrics.db_errors.inc()
-            # A release that did not happen would let the sweep charge the hold: spool it as
-            # a zero-cost settle (after a sweep, its true-up gives the charge back).
-            usage = usage or self._zero_cost(ex)
+            assert usage is not None  # (_void spools a failed release itself)
             await self._spool(ex, usage, exc)
         finally:
             self.pending_settles -= 1
