@@ -69,26 +69,32 @@ class Batcher(Generic[T, R]):
         try:
             try:
                 results = await self.run_batch(items) if len(items) > 1 else [await self.run_one(items[0])]
-            except self.fatal as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                return
             except Exception as exc:
-                if len(items) == 1:
-                    batch[0][1].done() or batch[0][1].set_exception(exc)
+                if isinstance(exc, self.fatal) or len(batch) == 1:
+                    for _, future in batch:
+                        _resolve(future, error=exc)
                     return
                 log.warning("batch of %d failed (%s): running its items one by one", len(items), exc)
-                results = []
                 for item, future in batch:
                     try:
-                        results.append(await self.run_one(item))
+                        result = await self.run_one(item)
                     except Exception as one:  # this item's own failure, for its caller
-                        future.done() or future.set_exception(one)
-                        results.append(None)  # type: ignore[arg-type]
+                        _resolve(future, error=one)
+                    else:
+                        _resolve(future, result)
+                return
             for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+                _resolve(future, result)
         finally:
             self.in_flight -= 1
             self._kick()
+
+
+def _resolve(future: asyncio.Future[R], result: R | None = None, *, error: BaseException | None = None) -> None:
+    """Give a waiting caller its result or its error (not if it stopped waiting)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
