@@ -105,6 +105,13 @@ class Account:
     credits: int
     reserved: int
     created_at: datetime | None = None
+    personal_cap: int | None = None
+    allowance_override: int | None = None
+    notify_80: bool = True
+    notify_90: bool = True
+    language: str | None = None
+    inline_notice: int = 0
+    erased_at: datetime | None = None
 
     @property
     def balance(self) -> int:
@@ -136,12 +143,18 @@ class Account:
             "used_pct": self.used_pct,
             "cycle_start": self.cycle_start.isoformat(),
             "cycle_end": self.cycle_end.isoformat(),
+            "personal_cap": self.personal_cap,
+            "allowance_override": self.allowance_override,
+            "preferences": {"alerts": {"80": self.notify_80, "90": self.notify_90},
+                            "language": self.language},
+            "erased_at": None if self.erased_at is None else self.erased_at.isoformat(),
         }
 
 
 _ACCOUNT_FIELDS = (
     "user_id, email, name, plan, state, state_reason, cycle_start, cycle_end, cycle_budget, "
-    "used_cycle, allowance, credits, reserved, created_at"
+    "used_cycle, allowance, credits, reserved, created_at, personal_cap, allowance_override, "
+    "notify_80, notify_90, language, inline_notice, erased_at"
 )
 
 

@@ -111,6 +111,14 @@ FIELDS: list[tuple[str, str, str]] = [
      "(`previous_response_id`, `conversation`, file ids, stored prompts), each."),
     ("GATE_ALLOWED_MODELS", "allowed_models",
      "Optional comma-separated allow-list of models; other models get a 400 (empty: any)."),
+    ("GATE_INLINE_NOTICES", "inline_notices",
+     "Show the 80 % and 90 % notices inside the chat (one short `[Solaris]` line appended to a "
+     "plain-text answer, once per threshold and cycle); off by default."),
+    ("GATE_SIGNIN_ATTEMPTS_PER_ADDRESS", "signin_attempts_per_address",
+     "Sign-in attempts (admin password, /me link requests) per client address per 15 minutes; "
+     "429 above it."),
+    ("GATE_SIGNIN_ATTEMPTS_PER_ACCOUNT", "signin_attempts_per_account",
+     "Sign-in attempts per admin name or e-mail address per 15 minutes; 429 above it."),
     ("TIKTOKEN_CACHE_DIR", "tiktoken_cache_dir",
      "tiktoken's encodings directory, so nothing is downloaded (empty: the files the LiteLLM "
      "wheel ships, when installed, else tiktoken's own download; counted by characters when "
@@ -187,6 +195,9 @@ class Settings:
     credit_packs: str = "small:100000:2990:brl,medium:500000:12990:brl"
     server_context_tokens: int = 32768
     allowed_models: str = ""
+    inline_notices: bool = False
+    signin_attempts_per_address: int = 20
+    signin_attempts_per_account: int = 5
     # Not an env var: a key prefix so test runs sharing one Redis never collide.
     redis_prefix: str = field(default="solaris:")
     tiktoken_cache_dir: str = ""
