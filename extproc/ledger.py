@@ -361,7 +361,7 @@ class Ledger:
         )
         return await conn.fetchrow(
             "UPDATE accounts a SET cycle_start = $2, cycle_end = $3, allowance = $4,"
-            " cycle_budget = $5, used_cycle = 0, state = $6, updated_at = $7"
+            " cycle_budget = $5, used_cycle = 0, state = $6, inline_notice = 0, updated_at = $7"
             " FROM plans p WHERE a.user_id = $1 AND p.name = a.plan"
             " RETURNING a.*, p.monthly_tokens, p.rollover",
             row["user_id"], reset.start, reset.end, reset.allowance, reset.budget, state, now,
@@ -891,6 +891,18 @@ class Ledger:
 
     async def plans(self) -> list[Plan]:
         return [self._plan(r) for r in await self.pool.fetch("SELECT * FROM plans ORDER BY name")]
+
+    async def claim_inline_notice(self, user_id: str, threshold: int, cycle_start: datetime) -> bool:
+        """True for exactly one caller per (user, cycle, threshold): the one whose conditional
+        UPDATE raised the account's ``inline_notice`` to ``threshold``. A later cycle starts
+        at 0 again (``_roll_if_due``); a notice for a lower threshold after a higher one was
+        shown is never due. Not money: no ledger entry, no audit row."""
+        try:
+            return bool(await self.pool.fetchval(
+                "UPDATE accounts SET inline_notice = $2 WHERE user_id = $1 AND cycle_start = $3"
+                " AND inline_notice < $2 RETURNING true", user_id, threshold, cycle_start))
+        except UNAVAILABLE_ERRORS as exc:
+            raise LedgerUnavailable(str(exc)) from exc
 
     # ------------------------------------------------------------ reads
 

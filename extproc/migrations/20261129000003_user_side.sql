@@ -25,6 +25,11 @@
 -- solaris.erasure = 'on' (SET LOCAL; only Ledger.erase does) and only if the row's id, action
 -- and time stay as they were.
 
+--
+-- web_sessions: console and /me sessions kept on the server, so an admin can list them (with
+-- their last use) and revoke them ("sign out everywhere"). The cookie carries a random session
+-- id; the table keeps only its SHA-256, so a copy of the table signs nobody in.
+
 -- migrate:up
 ALTER TABLE accounts
     ADD COLUMN personal_cap bigint CHECK (personal_cap >= 0),
@@ -40,6 +45,20 @@ CREATE TABLE erased_users (
     pseudonym   text NOT NULL UNIQUE REFERENCES accounts (user_id) ON UPDATE CASCADE,
     erased_at   timestamptz NOT NULL
 );
+
+CREATE TABLE web_sessions (
+    sid_sha256   text PRIMARY KEY,
+    kind         text NOT NULL CHECK (kind IN ('admin', 'me')),
+    subject      text NOT NULL,            -- the admin's name, or the account's user_id
+    created_at   timestamptz NOT NULL,
+    last_used_at timestamptz NOT NULL,
+    expires_at   timestamptz NOT NULL,
+    revoked_at   timestamptz,
+    source_ip    text,
+    user_agent   text
+);
+CREATE INDEX web_sessions_subject ON web_sessions (kind, subject, last_used_at DESC);
+CREATE INDEX web_sessions_expires ON web_sessions (expires_at);
 
 ALTER TABLE ledger_entries DROP CONSTRAINT ledger_entries_user_id_fkey,
     ADD CONSTRAINT ledger_entries_user_id_fkey FOREIGN KEY (user_id) REFERENCES accounts (user_id) ON UPDATE CASCADE;
@@ -78,6 +97,7 @@ ALTER TABLE reservations DROP CONSTRAINT reservations_user_id_fkey,
     ADD CONSTRAINT reservations_user_id_fkey FOREIGN KEY (user_id) REFERENCES accounts (user_id);
 ALTER TABLE ledger_entries DROP CONSTRAINT ledger_entries_user_id_fkey,
     ADD CONSTRAINT ledger_entries_user_id_fkey FOREIGN KEY (user_id) REFERENCES accounts (user_id);
+DROP TABLE web_sessions;
 DROP TABLE erased_users;
 ALTER TABLE accounts
     DROP COLUMN erased_at, DROP COLUMN inline_notice, DROP COLUMN language, DROP COLUMN notify_90,
