@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
 
-.PHONY: run test test-compose lint bench install tools clean
+.PHONY: run test test-compose lint bench install tools js clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +38,16 @@ tools:
 	  else echo "warning: missing$$missing (not root or no apt); the tests that need them will skip"; fi; \
 	fi
 
-test: $(STAMP) tools
+# Test-only JavaScript (package.json, pinned by package-lock.json): axe-core, which
+# tests/test_accessibility.py injects into Chromium. Without npm the step warns and that test
+# skips, saying why; the stamp is then not written, so the next run tries again.
+$(NODE_STAMP): package.json package-lock.json
+	@if command -v npm >/dev/null 2>&1; then npm ci --no-audit --no-fund --loglevel=error && touch $(NODE_STAMP); \
+	else echo "warning: npm is missing; tests/test_accessibility.py will skip (install Node.js and npm)"; fi
+
+js: $(NODE_STAMP)
+
+test: $(STAMP) tools $(NODE_STAMP)
 	$(VENV)/bin/ruff check extproc extproc_dev tests bench
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -p no:cacheprovider --cov=extproc --cov-report=term --cov-fail-under=85 tests
@@ -55,4 +65,4 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) .devstack .coverage .coverage.* spool
+	rm -rf $(VENV) .devstack .coverage .coverage.* spool node_modules
