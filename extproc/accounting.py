@@ -61,11 +61,19 @@ def unreported_charge(*, status: int, abandoned: bool, prompt_estimate: int,
 # ---------------------------------------------------------------- usage and states
 
 
+def effective_limit(budget: int, personal_cap: int | None) -> int:
+    """What the user may spend this cycle: the cycle budget, or the user's own monthly cap when
+    one is set and lower. Usage %, states and alert thresholds are measured against it, so a
+    user who capped themselves at 10 000 tokens is warned at 8 000, not at 80 % of the plan."""
+    return budget if personal_cap is None else min(budget, personal_cap)
+
+
 def usage_pct(used: int, budget: int) -> float:
     """The cycle's usage percentage: the one definition used by headers, alerts and views.
 
-    Measured against the cycle budget (allowance at cycle start + credits available in the
-    cycle). A cycle with nothing to spend reads 100 %.
+    ``budget`` is the effective limit (``effective_limit``: the cycle budget, i.e. allowance at
+    cycle start + credits available in the cycle, or the user's lower personal cap). A cycle
+    with nothing to spend reads 100 %.
     """
     if budget <= 0:
         return 100.0
@@ -77,6 +85,14 @@ def balance_after(*, available: int, reserved: int, used: int, budget: int, cost
     from the account as its admission left it: informational (the ``x-solaris-*`` headers);
     concurrent exchanges of the same user are not reflected."""
     return max(available + reserved - cost, 0), usage_pct(used + cost, budget)
+
+
+def spendable(balance: int, used: int, personal_cap: int | None) -> int:
+    """Tokens the user can still spend this cycle (an alert's "remaining"): the balance, or
+    less when the personal cap leaves less room."""
+    if personal_cap is None:
+        return balance
+    return max(min(balance, personal_cap - used), 0)
 
 
 def state_for(current: str, balance: int, pct: float) -> str:
@@ -152,6 +168,7 @@ class Debited:
     state: str
     used_pct: float
     crossed: tuple[int, ...]
+    limit: int  # the effective limit the usage % was measured against
 
     @property
     def balance(self) -> int:
@@ -159,16 +176,19 @@ class Debited:
 
 
 def apply_split(*, allowance: int, credits: int, used: int, budget: int, state: str, split: Split,
-                thresholds: Iterable[int], this_cycle: bool = True) -> Debited:
+                thresholds: Iterable[int], this_cycle: bool = True,
+                personal_cap: int | None = None) -> Debited:
     """The account after ``split``: this cycle's usage moves by what the balance moved (not
     when ``this_cycle`` is False: a give-back for a sweep of an ended cycle), then the state
-    and the alert thresholds crossed follow from the new usage %."""
+    and the alert thresholds crossed follow from the new usage %, measured against the
+    effective limit (``budget``, or ``personal_cap`` when lower)."""
+    limit = effective_limit(budget, personal_cap)
     new_used = max(used - split.tokens, 0) if this_cycle else used
-    before, after = usage_pct(used, budget), usage_pct(new_used, budget)
+    before, after = usage_pct(used, limit), usage_pct(new_used, limit)
     new_allowance, new_credits = allowance + split.allowance_delta, credits + split.credits_delta
     return Debited(new_allowance, new_credits, new_used,
                    state_for(state, new_allowance + new_credits, after), after,
-                   tuple(crossings(before, after, thresholds)))
+                   tuple(crossings(before, after, thresholds)), limit)
 
 
 # ---------------------------------------------------------------- cycles

@@ -122,8 +122,13 @@ class Account:
         return self.balance - self.reserved
 
     @property
+    def effective_limit(self) -> int:
+        """The cycle budget, or the user's own cap when lower (``accounting.effective_limit``)."""
+        return accounting.effective_limit(self.cycle_budget, self.personal_cap)
+
+    @property
     def used_pct(self) -> float:
-        return accounting.usage_pct(self.used_cycle, self.cycle_budget)
+        return accounting.usage_pct(self.used_cycle, self.effective_limit)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -140,6 +145,7 @@ class Account:
             "reserved": self.reserved,
             "used": self.used_cycle,
             "budget": self.cycle_budget,
+            "effective_limit": self.effective_limit,
             "used_pct": self.used_pct,
             "cycle_start": self.cycle_start.isoformat(),
             "cycle_end": self.cycle_end.isoformat(),
@@ -559,7 +565,7 @@ class Ledger:
             new = accounting.apply_split(
                 allowance=row["allowance"], credits=row["credits"], used=row["used_cycle"],
                 budget=row["cycle_budget"], state=row["state"], split=split,
-                thresholds=self._thresholds, this_cycle=this_cycle)
+                thresholds=self._thresholds, this_cycle=this_cycle, personal_cap=row["personal_cap"])
             await conn.execute(
                 "WITH e AS (INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta,"
                 "   credits_delta, balance_after, exchange_id, request_id, model, prompt_tokens,"
@@ -569,7 +575,7 @@ class Ledger:
                 "   $17, $18, 'gateway', $19, $5, $24, $25)),"
                 " o AS (INSERT INTO alert_outbox (user_id, cycle_start, cycle_end, threshold,"
                 "   used_pct, used, budget, remaining, created_at, next_attempt_at)"
-                "   SELECT $1, $19, $20, t, $21, $4, $22, $2::bigint + $3::bigint, $5, $5 FROM unnest($23::int[]) t"
+                "   SELECT $1, $19, $20, t, $21, $4, $22, $26, $5, $5 FROM unnest($23::int[]) t"
                 "   ON CONFLICT (user_id, cycle_start, threshold) DO NOTHING)"
                 " UPDATE accounts SET allowance = $2, credits = $3, used_cycle = $4,"
                 "   reserved = reserved - $6, state = $7, updated_at = $5 WHERE user_id = $1",
@@ -577,7 +583,8 @@ class Ledger:
                 split.tokens, split.allowance_delta, split.credits_delta, usage.request_id,
                 usage.model, usage.prompt_tokens, usage.completion_tokens, usage.estimate,
                 usage.real_tokens, flags, row["cycle_start"], row["cycle_end"], new.used_pct,
-                row["cycle_budget"], list(new.crossed), usage.prompt_chars, trueup_key,
+                new.limit, list(new.crossed), usage.prompt_chars, trueup_key,
+                accounting.spendable(new.balance, new.used, row["personal_cap"]),
             )
             return Settled(debit, new.crossed)
 
@@ -616,7 +623,7 @@ class Ledger:
                     new = accounting.apply_split(
                         allowance=acc["allowance"], credits=acc["credits"], used=acc["used_cycle"],
                         budget=acc["cycle_budget"], state=acc["state"], split=split,
-                        thresholds=self._thresholds)
+                        thresholds=self._thresholds, personal_cap=acc["personal_cap"])
                     acc.update(allowance=new.allowance, credits=new.credits, used_cycle=new.used,
                                state=new.state)
                     released[usage.user_id] = released.get(usage.user_id, 0) + hold["tokens"]
@@ -625,8 +632,9 @@ class Ledger:
                         new.balance, usage.exchange_id, usage.request_id, usage.model, usage.prompt_tokens,
                         usage.completion_tokens, usage.estimate, usage.real_tokens,
                         ",".join(usage.flags), acc["cycle_start"], usage.prompt_chars))
+                    remaining = accounting.spendable(new.balance, new.used, acc["personal_cap"])
                     alerts.extend((usage.user_id, acc["cycle_start"], acc["cycle_end"], t, new.used_pct,
-                                   new.used, acc["cycle_budget"], new.balance) for t in new.crossed)
+                                   new.used, new.limit, remaining) for t in new.crossed)
                     results[i] = Settled(cost, new.crossed)
                 if entries:
                     await conn.execute(
@@ -728,7 +736,7 @@ class Ledger:
             before = _account(row)
             credits = row["credits"] + tokens
             budget = max(row["cycle_budget"] + tokens, 0)
-            pct = accounting.usage_pct(row["used_cycle"], budget)
+            pct = accounting.usage_pct(row["used_cycle"], accounting.effective_limit(budget, row["personal_cap"]))
             state = accounting.state_for(row["state"], row["allowance"] + credits, pct)
             await conn.execute(
                 "INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta, credits_delta,"

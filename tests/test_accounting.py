@@ -60,6 +60,31 @@ def test_usage_pct_is_against_cycle_budget() -> None:
     assert acc.usage_pct(1500, 1000) == 150.0
 
 
+def test_effective_limit_is_the_lower_of_budget_and_personal_cap() -> None:
+    assert acc.effective_limit(10_000, None) == 10_000
+    assert acc.effective_limit(10_000, 4_000) == 4_000
+    assert acc.effective_limit(3_000, 4_000) == 3_000
+    assert acc.effective_limit(10_000, 0) == 0
+    assert acc.usage_pct(800, acc.effective_limit(10_000, 1_000)) == 80.0
+
+
+def test_spendable_is_the_room_left_under_the_cap() -> None:
+    assert acc.spendable(5_000, 800, None) == 5_000
+    assert acc.spendable(5_000, 800, 1_000) == 200
+    assert acc.spendable(100, 800, 1_000) == 100
+    assert acc.spendable(5_000, 1_200, 1_000) == 0
+
+
+def test_apply_split_measures_thresholds_against_the_personal_cap() -> None:
+    """Budget 10 000, cap 1 000: 700 -> 850 used crosses 80 % of the cap (8.5 % of the budget)."""
+    new = acc.apply_split(allowance=9_300, credits=0, used=700, budget=10_000, state="active",
+                          split=acc.split_debit(9_300, 150), thresholds=(80, 90, 100), personal_cap=1_000)
+    assert (new.used, new.used_pct, new.crossed, new.limit, new.state) == (850, 85.0, (80,), 1_000, "warned_80")
+    uncapped = acc.apply_split(allowance=9_300, credits=0, used=700, budget=10_000, state="active",
+                               split=acc.split_debit(9_300, 150), thresholds=(80, 90, 100))
+    assert (uncapped.used_pct, uncapped.crossed, uncapped.limit, uncapped.state) == (8.5, (), 10_000, "active")
+
+
 @pytest.mark.parametrize("current,balance,pct,expected", [
     ("active", 100, 10.0, "active"), ("active", 100, 80.0, "warned_80"),
     ("warned_80", 100, 90.0, "warned_90"), ("warned_90", 0, 100.0, "blocked"),

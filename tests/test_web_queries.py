@@ -34,9 +34,9 @@ async def test_sql_usage_pct_agrees_with_accounting(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
         rows = await conn.fetch(
-            f"SELECT {q.USED_PCT} AS pct FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY"
-            " AS a(used_cycle, cycle_budget, n) ORDER BY n",
-            [u for u, _ in data], [b for _, b in data])
+            f"SELECT {q.USED_PCT} AS pct FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) WITH ORDINALITY"
+            " AS a(used_cycle, cycle_budget, personal_cap, n) ORDER BY n",
+            [u for u, _ in data], [b for _, b in data], [None] * len(data))
     finally:
         await conn.close()
     assert len(rows) == len(data)
@@ -50,3 +50,20 @@ async def test_sql_usage_pct_agrees_with_accounting(database_url: str) -> None:
             differ.append((used, budget))
     # The documented difference is real (0.125 is exact in binary: Python rounds half to even).
     assert (1, 800) in differ
+
+
+async def test_sql_usage_pct_counts_against_the_personal_cap(database_url: str) -> None:
+    """A personal cap below the budget is the denominator (accounting.effective_limit); one
+    above it changes nothing; a cap of 0 reads 100 %."""
+    data = [(800, 10_000, 1_000), (800, 1_000, 10_000), (5, 1_000, 0), (250, 1_000, None), (1, 3, 2)]
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            f"SELECT {q.USED_PCT} AS pct FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) WITH ORDINALITY"
+            " AS a(used_cycle, cycle_budget, personal_cap, n) ORDER BY n",
+            [u for u, _, _ in data], [b for _, b, _ in data], [c for _, _, c in data])
+    finally:
+        await conn.close()
+    assert [float(r["pct"]) for r in rows] == [80.0, 80.0, 100.0, 25.0, 50.0]
+    assert [accounting.usage_pct(u, accounting.effective_limit(b, c)) for u, b, c in data] == [
+        80.0, 80.0, 100.0, 25.0, 50.0]

@@ -28,9 +28,11 @@ from ..ledger import ACCOUNT_COLUMNS, Account, account_from_row
 # computed after the rows are read. Python rounds the binary float, SQL the exact decimal,
 # so the two differ, by 0.01, only when the exact value ends in 5 at the third decimal
 # (tests/test_web_queries.py checks that this is the only difference).
+# The denominator is the effective limit (accounting.effective_limit): the cycle budget, or the
+# user's personal cap when lower; LEAST ignores a NULL cap.
 USED_PCT = (
-    "(CASE WHEN a.cycle_budget <= 0 THEN 100.0"
-    " ELSE round(100.0 * a.used_cycle / a.cycle_budget, 2) END)"
+    "(CASE WHEN LEAST(a.cycle_budget, a.personal_cap) <= 0 THEN 100.0"
+    " ELSE round(100.0 * a.used_cycle / LEAST(a.cycle_budget, a.personal_cap), 2) END)"
 )
 
 USAGE_BANDS: dict[str, str] = {
