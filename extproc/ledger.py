@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +46,8 @@ from .batching import Batcher
 from .settings import Settings
 
 Clock = Callable[[], datetime]
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -191,8 +195,9 @@ _BATCH_SETTLE_SQL = (
 
 
 # One statement for a batch of admissions (``Ledger._admit_batch``): lock the accounts in
-# user order, then reserve for each request whose account is current, funded, unsuspended
-# and whose e-mail and name did not change (the fast path's condition, row by row).
+# user order, then reserve for each request whose account is current, funded, unsuspended,
+# under its personal cap, not erased, and whose e-mail and name did not change (the fast
+# path's condition, row by row).
 _BATCH_ADMIT_SQL = (
     "WITH i AS (SELECT * FROM unnest($3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[],"
     "   $8::text[], $9::text[]) AS i(uid, est, xid, rid, email, name, model)),"
@@ -201,6 +206,9 @@ _BATCH_ADMIT_SQL = (
     "  WHERE accounts.user_id = i.uid AND accounts.user_id IN (SELECT user_id FROM l)"
     "   AND accounts.state <> 'suspended' AND accounts.cycle_end > $1"
     "   AND accounts.allowance + accounts.credits - accounts.reserved >= i.est"
+    "   AND (accounts.personal_cap IS NULL"
+    "    OR accounts.used_cycle + accounts.reserved + i.est <= accounts.personal_cap)"
+    "   AND accounts.erased_at IS NULL"
     "   AND (i.email IS NULL OR accounts.email IS NOT DISTINCT FROM i.email)"
     "   AND (i.name IS NULL OR accounts.name IS NOT DISTINCT FROM i.name)"
     f"  RETURNING {', '.join('accounts.' + f for f in _ACCOUNT_FIELDS.split(', '))}, i.xid),"
@@ -225,13 +233,22 @@ class AdmitRequest:
     model: str | None = None
 
 
+ADMISSION_STATUSES = ("ok", "insufficient", "suspended", "personal_cap", "erased")
+
+
 @dataclass(frozen=True)
 class Admission:
-    """Outcome of admit(): ``ok``, ``insufficient`` (402) or ``suspended`` (403)."""
+    """Outcome of admit(): ``ok``, ``insufficient`` (the balance), ``suspended`` (an admin),
+    ``personal_cap`` (used_cycle + reserved + estimate would pass the user's own cap) or
+    ``erased`` (the id was erased under LGPD: ``account`` is None, nothing was opened)."""
 
     outcome: str
-    account: Account
+    account: Account | None
     reserved: int = 0
+
+    @property
+    def status(self) -> str:
+        return self.outcome
 
 
 @dataclass(frozen=True)
@@ -401,11 +418,14 @@ class Ledger:
         expires = accounting.reservation_expiry(now, self.settings.reservation_ttl_seconds)
         try:
             async with self.admit_pool.acquire() as conn:
-                # Fast path, one round trip: a known, current, funded, unsuspended account.
+                # Fast path, one round trip: a known, current, funded, unsuspended account
+                # under its personal cap (the slow path says which condition refused).
                 row = await conn.fetchrow(
                     "WITH a AS (UPDATE accounts SET reserved = reserved + $2"
                     "  WHERE user_id = $1 AND state <> 'suspended' AND cycle_end > $3"
                     "    AND allowance + credits - reserved >= $2"
+                    "    AND (personal_cap IS NULL OR used_cycle + reserved + $2 <= personal_cap)"
+                    "    AND erased_at IS NULL"
                     "    AND ($6::text IS NULL OR email IS NOT DISTINCT FROM $6)"
                     "    AND ($9::text IS NULL OR name IS NOT DISTINCT FROM $9)"
                     f"  RETURNING {_ACCOUNT_FIELDS}),"
@@ -463,8 +483,14 @@ class Ledger:
         async with conn.transaction():
             row = await self._locked_account(conn, user_id)
             if row is None:
+                # An erased id is refused, never opened again: its ledger lives on under the
+                # pseudonym and a new account would hand the person a fresh allowance.
+                if await erased_pseudonym(conn, user_id) is not None:
+                    return Admission("erased", None)
                 await self._open_account(conn, user_id, email, name, now)
                 row = await self._locked_account(conn, user_id)
+            if row["erased_at"] is not None:
+                return Admission("erased", None)  # someone presenting the pseudonym itself
             if (email and email != row["email"]) or (name and name != row["name"]):
                 row = await conn.fetchrow(
                     # Qualified: plans has a ``name`` column too, and an unqualified one in
@@ -486,6 +512,9 @@ class Ledger:
                         user_id, state,
                     )
                 return Admission("insufficient", _account(row))
+            if account.personal_cap is not None and (
+                    account.used_cycle + account.reserved + estimate > account.personal_cap):
+                return Admission("personal_cap", account)
             row = await conn.fetchrow(
                 "WITH r AS (INSERT INTO reservations"
                 " (exchange_id, user_id, tokens, request_id, model, created_at, expires_at)"
@@ -520,7 +549,14 @@ class Ledger:
         """``settle`` for one exchange in its own transaction."""
         now = self.clock()
         try:
+            for _ in range(SETTLE_ATTEMPTS - 1):
+                try:
+                    return await self._settle(usage, self._cost(usage), reservation_state, now)
+                except _AccountMoved:
+                    continue  # rolled back: the next statement's snapshot sees the new id
             return await self._settle(usage, self._cost(usage), reservation_state, now)
+        except _AccountMoved as exc:
+            raise LedgerUnavailable("the account kept moving during the settle") from exc
         except asyncpg.UniqueViolationError:
             # Two settles of one unreserved exchange (spool replays) raced past the check:
             # the UNIQUE exchange_id let exactly one commit (I1).
@@ -534,12 +570,19 @@ class Ledger:
         async with self.pool.acquire() as conn, conn.transaction():
             # Common case, one statement: close this exchange's held reservation and lock the
             # account. Owning the held reservation proves no settle of it committed before.
+            # The account is the reservation's, not the id the settle names: an erasure moves
+            # the reservation to the pseudonym (ON UPDATE CASCADE) and the debit follows it.
             row = await conn.fetchrow(
-                "WITH r AS (UPDATE reservations SET state = $3, closed_at = $4"
-                "   WHERE exchange_id = $2 AND state = 'held' RETURNING tokens)"
-                " SELECT a.*, r.tokens AS held FROM accounts a, r WHERE a.user_id = $1 FOR UPDATE OF a",
-                usage.user_id, usage.exchange_id, reservation_state, now,
+                "WITH r AS (UPDATE reservations SET state = $2, closed_at = $3"
+                "   WHERE exchange_id = $1 AND state = 'held' RETURNING user_id, tokens)"
+                " SELECT a.*, r.tokens AS held FROM r LEFT JOIN LATERAL"
+                "  (SELECT * FROM accounts WHERE user_id = r.user_id FOR UPDATE) a ON true",
+                usage.exchange_id, reservation_state, now,
             )
+            if row is not None and row["user_id"] is None:
+                # The hold was renamed by an erasure that committed while this statement
+                # waited for its lock; the statement's snapshot still has the old id.
+                raise _AccountMoved(usage.exchange_id)
             flags = list(usage.flags)
             exchange_key, trueup_key, debit = usage.exchange_id, None, cost
             split, this_cycle = accounting.split_debit(0, 0), True
@@ -579,7 +622,7 @@ class Ledger:
                 "   ON CONFLICT (user_id, cycle_start, threshold) DO NOTHING)"
                 " UPDATE accounts SET allowance = $2, credits = $3, used_cycle = $4,"
                 "   reserved = reserved - $6, state = $7, updated_at = $5 WHERE user_id = $1",
-                usage.user_id, new.allowance, new.credits, new.used, now, held, new.state, exchange_key,
+                row["user_id"], new.allowance, new.credits, new.used, now, held, new.state, exchange_key,
                 split.tokens, split.allowance_delta, split.credits_delta, usage.request_id,
                 usage.model, usage.prompt_tokens, usage.completion_tokens, usage.estimate,
                 usage.real_tokens, flags, row["cycle_start"], row["cycle_end"], new.used_pct,
@@ -614,10 +657,14 @@ class Ledger:
                 released: dict[str, int] = {}
                 for i, usage in enumerate(items):
                     hold = held.pop(usage.exchange_id, None)
-                    acc = accounts.get(usage.user_id)
-                    if hold is None or hold["user_id"] != usage.user_id or acc is None:
+                    if hold is None:
                         alone.append(i)
                         continue
+                    # The reservation's account (after an erasure: the pseudonym's), as _settle.
+                    user = hold["user_id"]
+                    acc = accounts.get(user)
+                    if acc is None:  # a closed hold without its account: let _settle decide
+                        raise _AccountMoved(usage.exchange_id)
                     cost = self._cost(usage)
                     split = accounting.split_debit(acc["allowance"], cost)
                     new = accounting.apply_split(
@@ -626,14 +673,14 @@ class Ledger:
                         thresholds=self._thresholds, personal_cap=acc["personal_cap"])
                     acc.update(allowance=new.allowance, credits=new.credits, used_cycle=new.used,
                                state=new.state)
-                    released[usage.user_id] = released.get(usage.user_id, 0) + hold["tokens"]
+                    released[user] = released.get(user, 0) + hold["tokens"]
                     entries.append((
-                        usage.user_id, split.tokens, split.allowance_delta, split.credits_delta,
+                        user, split.tokens, split.allowance_delta, split.credits_delta,
                         new.balance, usage.exchange_id, usage.request_id, usage.model, usage.prompt_tokens,
                         usage.completion_tokens, usage.estimate, usage.real_tokens,
                         ",".join(usage.flags), acc["cycle_start"], usage.prompt_chars))
                     remaining = accounting.spendable(new.balance, new.used, acc["personal_cap"])
-                    alerts.extend((usage.user_id, acc["cycle_start"], acc["cycle_end"], t, new.used_pct,
+                    alerts.extend((user, acc["cycle_start"], acc["cycle_end"], t, new.used_pct,
                                    new.used, new.limit, remaining) for t in new.crossed)
                     results[i] = Settled(cost, new.crossed)
                 if entries:
@@ -661,10 +708,20 @@ class Ledger:
         release = "released" in usage.flags  # a spooled release: undoes, never creates
         row = await self._locked_account(conn, usage.user_id)
         if row is None:
-            if release:
+            pseudonym = await erased_pseudonym(conn, usage.user_id)
+            if pseudonym is not None:
+                # Erased since: the exchange happened before (or while) the erasure, so it is
+                # charged (or trued up) under the pseudonym, where the rest of the ledger is;
+                # an erased id is never opened again.
+                log.info("settle of an erased id, kept under its pseudonym (exchange %s)", usage.exchange_id)
+                row = await self._locked_account(conn, pseudonym)
+            elif release:
                 return None, None
-            await self._open_account(conn, usage.user_id, usage.email, None, now)
-            row = await self._locked_account(conn, usage.user_id)
+            else:
+                await self._open_account(conn, usage.user_id, usage.email, None, now)
+                row = await self._locked_account(conn, usage.user_id)
+            if row is None:
+                raise _AccountMoved(usage.exchange_id)
         # Separate statements on purpose: under READ COMMITTED they take a snapshot after the
         # lock was granted, so they see a settle that committed while we waited (a subquery in
         # the locking SELECT would not).
@@ -991,6 +1048,23 @@ class Ledger:
             "   OR a.reserved <> COALESCE(r.held, 0)"
         )
         return [dict(r) for r in rows]
+
+
+SETTLE_ATTEMPTS = 3  # _settle runs again when an erasure renamed the account under it
+
+
+class _AccountMoved(Exception):
+    """An erasure renamed the account while a settle waited for it: roll back and run again."""
+
+
+def id_sha256(user_id: str) -> str:
+    """How erased_users remembers an erased id: hex SHA-256 of its UTF-8 bytes."""
+    return hashlib.sha256(user_id.encode()).hexdigest()
+
+
+async def erased_pseudonym(conn: asyncpg.Connection, user_id: str) -> str | None:
+    """The pseudonym an erased id's ledger lives under now, or None if it was never erased."""
+    return await conn.fetchval("SELECT pseudonym FROM erased_users WHERE id_sha256 = $1", id_sha256(user_id))
 
 
 def trueup_key_for(exchange_id: str) -> str:
