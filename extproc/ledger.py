@@ -11,7 +11,8 @@ I2  allowance = SUM(allowance_delta), credits = SUM(credits_delta) for every acc
     a ledger entry.
 I3  reserved = SUM(held reservations): reservations are created and closed in the same
     statement/transaction that moves ``reserved``.
-I4  Admin changes (grant, plan, suspend) write their audit row in the same transaction.
+I4  Admin and user changes (grant, plan, suspend, settings, allowance, erase) write their
+    audit row in the same transaction.
 I5  The final debit of an exchange equals its real cost: a settle that arrives after the
     sweep charged the hold adds one true-up entry (idempotency key ``trueup:<exchange id>``)
     for the difference, exactly once.
@@ -35,7 +36,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,6 +79,18 @@ class Plan:
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "monthly_tokens": self.monthly_tokens,
                 "requests_per_minute": self.requests_per_minute, "rollover": self.rollover}
+
+
+class Unset:
+    """The value of an argument left out (``set_settings``), apart from None (which clears)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = Unset()
+LANGUAGES = ("pt-BR", "en", None)  # accounts.language (None: the deployment's GATE_LANGUAGE)
+MAX_TOKENS_SETTING = 10**15  # a personal cap or an allowance above this is a typo, not a limit
 
 
 # Errors that mean "the database is not there", as opposed to a bug in a statement.
@@ -332,6 +345,12 @@ class Ledger:
         )
 
     def _plan_tokens(self, row: asyncpg.Record) -> int:
+        """A cycle's allowance: the account's own (``set_allowance``) when an admin set one, else
+        its plan's, else the deployment's default. ``row`` is an account joined with its plan,
+        or a plan alone (an account being opened has no override yet)."""
+        override = row.get("allowance_override")
+        if override is not None:
+            return int(override)
         tokens = row["monthly_tokens"]
         return self.settings.default_monthly_tokens if tokens is None else tokens
 
@@ -945,6 +964,71 @@ class Ledger:
                         None if before is None else self._plan(before).as_json(), plan.as_json(),
                         None, source_ip, self.clock())
             return plan
+
+    async def set_settings(
+        self, user_id: str, *, personal_cap: int | Unset | None = UNSET, notify_80: bool | Unset = UNSET,
+        notify_90: bool | Unset = UNSET, language: str | Unset | None = UNSET, actor: str,
+        reason: str | None = None, source_ip: str | None = None,
+    ) -> Account:
+        """The user's own settings (or an admin's change of them), one audited transaction
+        (action ``settings``); arguments left UNSET keep their value. ``personal_cap`` None
+        removes the cap, ``language`` None follows the deployment. A new cap moves the state
+        band at once (warned_80...) but queues no alert: alerts are for usage that crosses a
+        threshold, not for a limit the user just chose. ``reason``: an admin's (required by the
+        console), None for the user's own change. Raises ValueError before any write."""
+        changes: dict[str, Any] = {}
+        if not isinstance(personal_cap, Unset):
+            if personal_cap is not None and (
+                    isinstance(personal_cap, bool) or not isinstance(personal_cap, int)
+                    or not 0 <= personal_cap <= MAX_TOKENS_SETTING):
+                raise ValueError(f"personal_cap must be an integer in [0, {MAX_TOKENS_SETTING}] or None")
+            changes["personal_cap"] = personal_cap
+        for key, flag in (("notify_80", notify_80), ("notify_90", notify_90)):
+            if not isinstance(flag, Unset):
+                if not isinstance(flag, bool):
+                    raise ValueError(f"{key} must be true or false")
+                changes[key] = flag
+        if not isinstance(language, Unset):
+            if language not in LANGUAGES:
+                raise ValueError("language must be 'pt-BR', 'en' or None")
+            changes["language"] = language
+        now = self.clock()
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await self._locked_account(conn, user_id)
+            if row is None:
+                raise UnknownUser(user_id)
+            before = _account(row)
+            moved = replace(before, **changes)
+            state = moved.state if moved.state == "suspended" else accounting.state_for(
+                moved.state, moved.balance, moved.used_pct)
+            columns = [*changes, "state"]
+            assignments = ", ".join(f"{c} = ${i + 3}" for i, c in enumerate(columns))
+            updated = _account(await conn.fetchrow(
+                f"UPDATE accounts SET {assignments}, updated_at = $2 WHERE user_id = $1 RETURNING {_ACCOUNT_FIELDS}",
+                user_id, now, *changes.values(), state))
+            await audit(conn, actor, "settings", user_id, before, updated, reason, source_ip, now)
+            return updated
+
+    async def set_allowance(
+        self, user_id: str, tokens: int | None, *, actor: str, reason: str, source_ip: str | None = None,
+    ) -> Account:
+        """This user's monthly allowance instead of the plan's (None: the plan's again). Like a
+        plan change it applies from the next cycle (``_plan_tokens`` at the roll): the current
+        budget is what the user was told; grant credits to top up now. Audited (``allowance``)."""
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)
+                                   or not 0 <= tokens <= MAX_TOKENS_SETTING):
+            raise ValueError(f"the allowance must be an integer in [0, {MAX_TOKENS_SETTING}] or None")
+        now = self.clock()
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await self._locked_account(conn, user_id)
+            if row is None:
+                raise UnknownUser(user_id)
+            before = _account(row)
+            updated = _account(await conn.fetchrow(
+                "UPDATE accounts SET allowance_override = $2, updated_at = $3 WHERE user_id = $1"
+                f" RETURNING {_ACCOUNT_FIELDS}", user_id, tokens, now))
+            await audit(conn, actor, "allowance", user_id, before, updated, reason, source_ip, now)
+            return updated
 
     def _plan(self, row: asyncpg.Record) -> Plan:
         return Plan(

@@ -5,6 +5,8 @@ alerts), settings and allowance writes, LGPD erasure and export. Every scenario 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -13,7 +15,7 @@ import asyncpg
 import pytest
 from support.clock import Clock
 
-from extproc.ledger import AdmitRequest, Ledger, Usage, create_pool, id_sha256
+from extproc.ledger import AdmitRequest, Ledger, UnknownUser, Usage, create_pool, id_sha256
 from extproc.settings import Settings
 
 
@@ -181,4 +183,98 @@ async def test_erased_id_is_refused_not_opened(ledger: Ledger, pool: asyncpg.Poo
     assert (await ledger.admit(pseudonym, 10, xid())).status == "erased"
     batched = await ledger._admit_batch([AdmitRequest(gone, 1, xid()), AdmitRequest(pseudonym, 1, xid())])
     assert [r.status for r in batched] == ["erased", "erased"]
+    await clean(ledger)
+
+
+# ---------------------------------------------------------------- settings and allowance
+
+
+async def audit_rows(pool: asyncpg.Pool, user: str, action: str) -> list[asyncpg.Record]:
+    return await pool.fetch("SELECT * FROM audit_log WHERE target = $1 AND action = $2 ORDER BY id", user, action)
+
+
+async def test_set_settings_changes_only_what_is_given_and_audits(ledger: Ledger, pool: asyncpg.Pool) -> None:
+    user = uid()
+    await opened(ledger, user)
+    await spend(ledger, user, 850)
+    acc = await ledger.set_settings(user, personal_cap=1_000, actor=f"user:{user}", source_ip="10.0.0.9")
+    assert (acc.personal_cap, acc.notify_80, acc.notify_90, acc.language) == (1_000, True, True, None)
+    assert (acc.used_pct, acc.state) == (85.0, "warned_80")  # the band moves with the cap at once
+    acc = await ledger.set_settings(user, notify_80=False, language="en", actor=f"user:{user}")
+    assert (acc.personal_cap, acc.notify_80, acc.notify_90, acc.language) == (1_000, False, True, "en")
+    assert acc.as_json()["preferences"] == {"alerts": {"80": False, "90": True}, "language": "en"}
+    acc = await ledger.set_settings(user, personal_cap=None, language=None, actor="ana")
+    assert (acc.personal_cap, acc.language, acc.state, acc.used_pct) == (None, None, "active", 8.5)
+    rows = await audit_rows(pool, user, "settings")
+    assert [(r["actor"], r["source_ip"]) for r in rows] == [
+        (f"user:{user}", "10.0.0.9"), (f"user:{user}", None), ("ana", None)]
+    first = (json.loads(rows[0]["before"]), json.loads(rows[0]["after"]))
+    assert (first[0]["personal_cap"], first[1]["personal_cap"]) == (None, 1_000)
+    # No alert for a threshold the change itself passed: alerts are for usage crossing one.
+    assert await pool.fetchval("SELECT count(*) FROM alert_outbox WHERE user_id = $1", user) == 0
+    assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE user_id = $1 AND kind <> 'usage'"
+                               " AND kind <> 'cycle_reset'", user) == 0
+    await clean(ledger)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"personal_cap": -1}, {"personal_cap": 10**15 + 1}, {"personal_cap": True}, {"personal_cap": "100"},
+    {"language": "fr"}, {"language": ""}, {"notify_80": "yes"}, {"notify_90": 1},
+])
+async def test_set_settings_refuses_bad_values_before_writing(ledger: Ledger, pool: asyncpg.Pool, kwargs) -> None:
+    user = uid()
+    await opened(ledger, user)
+    with pytest.raises(ValueError):
+        await ledger.set_settings(user, actor="x", **kwargs)
+    assert await audit_rows(pool, user, "settings") == []
+
+
+async def test_set_settings_and_allowance_of_unknown_user(ledger: Ledger) -> None:
+    with pytest.raises(UnknownUser):
+        await ledger.set_settings(uid(), personal_cap=5, actor="x")
+    with pytest.raises(UnknownUser):
+        await ledger.set_allowance(uid(), 5, actor="x", reason="r")
+    with pytest.raises(ValueError):
+        await ledger.set_allowance(uid(), -5, actor="x", reason="r")
+
+
+async def test_concurrent_set_settings_each_audited(ledger: Ledger, pool: asyncpg.Pool) -> None:
+    """Ten concurrent changes serialize on the account's lock: ten audit rows, each one's
+    before is the previous one's after, and the last after is the account."""
+    user = uid()
+    await opened(ledger, user)
+    await asyncio.gather(*(ledger.set_settings(user, personal_cap=100 * (i + 1), actor=f"user:{user}")
+                           for i in range(10)))
+    rows = await audit_rows(pool, user, "settings")
+    assert len(rows) == 10
+    chain = [(json.loads(r["before"])["personal_cap"], json.loads(r["after"])["personal_cap"]) for r in rows]
+    assert chain[0][0] is None
+    assert all(chain[i][1] == chain[i + 1][0] for i in range(9))
+    assert sorted(after for _, after in chain) == [100 * (i + 1) for i in range(10)]
+    assert (await ledger.account(user)).personal_cap == chain[-1][1]  # type: ignore[union-attr]
+
+
+async def test_allowance_override_applies_at_the_next_roll_only(
+        ledger: Ledger, clock: Clock, pool: asyncpg.Pool) -> None:
+    user = uid()
+    await opened(ledger, user)
+    await spend(ledger, user, 1_000)
+    acc = await ledger.set_allowance(user, 25_000, actor="ana", reason="team lead", source_ip="10.1.1.1")
+    assert (acc.allowance_override, acc.allowance, acc.cycle_budget) == (25_000, 9_000, 10_000)
+    assert acc.as_json()["allowance_override"] == 25_000
+    rows = await audit_rows(pool, user, "allowance")
+    assert [(r["actor"], r["reason"], r["source_ip"]) for r in rows] == [("ana", "team lead", "10.1.1.1")]
+    clock.now = d(2026, 4, 10, 1)
+    assert (await ledger.admit(user, 1, xid())).status == "ok"
+    acc = await ledger.account(user)
+    assert acc is not None and (acc.allowance, acc.cycle_budget, acc.used_cycle) == (25_000, 25_000, 0)
+    reset = await pool.fetchrow("SELECT * FROM ledger_entries WHERE user_id = $1 AND kind = 'cycle_reset'"
+                                " ORDER BY id DESC LIMIT 1", user)
+    assert (reset["allowance_delta"], reset["balance_after"]) == (16_000, 25_000)
+    # Back to the plan's (10 000) from the following cycle, by the periodic roll too.
+    await ledger.set_allowance(user, None, actor="ana", reason="back to plan")
+    clock.now = d(2026, 5, 10, 1)
+    assert await ledger.roll_idle_cycles() >= 1
+    acc = await ledger.account(user)
+    assert acc is not None and (acc.allowance, acc.cycle_budget, acc.allowance_override) == (10_000, 10_000, None)
     await clean(ledger)
