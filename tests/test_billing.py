@@ -29,7 +29,7 @@ from extproc.ledger import Ledger, utcnow
 from extproc.metrics import Metrics
 from extproc.purchases import checkout_idempotency_key, parse_packs
 from extproc.settings import Settings
-from extproc.web.sessions import ME_COOKIE, Signer, new_session, session_cookie
+from extproc.web.sessions import ME_COOKIE, Signer, new_session, open_session, session_cookie
 from extproc_dev import devstack
 
 WEBHOOK = "/api/billing/stripe/webhook"
@@ -104,10 +104,13 @@ async def metric(http: aiohttp.ClientSession, svc: Service, sample: str) -> floa
     return 0.0
 
 
-def me_client(svc: Service, user: str) -> aiohttp.ClientSession:
-    """A browser signed in to /me as ``user`` (the cookie the e-mailed link would set)."""
+async def me_client(svc: Service, user: str) -> aiohttp.ClientSession:
+    """A browser signed in to /me as ``user`` (the cookie and session row the e-mailed link
+    would give)."""
     client = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
-    cookie = session_cookie(Signer(svc.settings), "me", new_session(user, 3600, "test"))
+    session = new_session(user, 3600, "test")
+    await open_session(svc.pool, "me", session, source_ip=None, user_agent=None, now=svc.clock())
+    cookie = session_cookie(Signer(svc.settings), "me", session)
     client.cookie_jar.update_cookies({ME_COOKIE: cookie}, response_url=URL(base(svc) + "/me"))
     return client
 
@@ -166,7 +169,7 @@ async def test_billing_off_nothing_shows(http, envoy, service, settings, auth, u
     raw, headers = signed(event("checkout.session.completed", checkout_session(user)))
     assert (await post_raw(http, envoy.url + WEBHOOK, raw, headers))[0] == 404
     assert await balance(service, user) == (100_000, 0, "active")
-    async with me_client(service, user) as browser, browser.get(base(service) + "/me") as resp:
+    async with await me_client(service, user) as browser, browser.get(base(service) + "/me") as resp:
         page = await resp.text()
         assert resp.status == 200 and user in page
         assert "billing/checkout" not in page and "Comprar créditos" not in page
@@ -273,7 +276,7 @@ async def test_checkout_refusals(http, billing_service, fake_stripe, settings, u
 
 async def test_me_buy_button_posts_with_csrf_and_redirects_to_stripe(billing_service, fake_stripe, user):
     await open_account(billing_service, user)
-    async with me_client(billing_service, user) as browser:
+    async with await me_client(billing_service, user) as browser:
         async with browser.get(base(billing_service) + "/me") as resp:
             page = await resp.text()
             csp = resp.headers["Content-Security-Policy"]
@@ -352,7 +355,7 @@ async def test_paid_checkout_credits_once_through_envoy(http, billing_envoy, bil
     async with admin, admin.get(base(billing_service) + f"/admin/users/{user}") as resp:
         page = await resp.text()
     assert "Compra" in page and "stripe" in page and "+100.000" in page
-    async with me_client(billing_service, user) as browser, browser.get(base(billing_service) + "/me") as resp:
+    async with await me_client(billing_service, user) as browser, browser.get(base(billing_service) + "/me") as resp:
         page = await resp.text()
     assert "Compra" in page and "+100.000" in page
     assert await billing_service.ledger.reconcile() == []

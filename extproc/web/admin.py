@@ -49,7 +49,9 @@ from .sessions import (
     WebSession,
     admin_from_credential,
     clear_cookie,
+    end_session,
     new_session,
+    open_session,
     read_session,
     session_cookie,
     set_cookie,
@@ -290,6 +292,8 @@ async def login_post(request: web.Request) -> web.StreamResponse:
     except AuthFailure as exc:
         return login_response(request, status=exc.status, error=ctx.t(f"login.{exc.code}"), next_url=next_url)
     session = new_session(admin.actor, ADMIN_SESSION_SECONDS, admin.via, not_after=admin.expires)
+    await open_session(request.app[SERVICES].pool, "admin", session, source_ip=client_ip(request),
+                       user_agent=request.headers.get("user-agent"), now=request.app[SERVICES].clock())
     response = web.HTTPSeeOther(next_url)
     set_cookie(response, ADMIN_COOKIE, session_cookie(ctx.signer, "admin", session), path="/admin",
                max_age=session.expires - int(time.time()), secure=ctx.secure_cookies)
@@ -299,6 +303,7 @@ async def login_post(request: web.Request) -> web.StreamResponse:
 @page
 async def logout_post(request: web.Request, session: WebSession) -> web.StreamResponse:
     ctx = request.app[WEB]
+    await end_session(request.app[SERVICES].pool, "admin", session, request.app[SERVICES].clock())
     response = web.HTTPSeeOther("/admin/login")
     clear_cookie(response, ADMIN_COOKIE, path="/admin", secure=ctx.secure_cookies)
     raise response

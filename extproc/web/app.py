@@ -1,9 +1,10 @@
 """The web application (port 8081): assembly of the surfaces, their security headers and
 failure pages, and the service's own endpoints: health, readiness and Prometheus metrics.
 
-Layers: this module mounts ``admin``, ``me`` and ``billing`` (each ``setup(app)``); those
-import only ``kit`` and ``sessions`` (and ``queries``, ``purchases`` and the core below them),
-never one another nor this module."""
+Layers: this module mounts ``admin``, ``me``, ``billing`` and ``security`` (each
+``setup(app)``; ``security`` also brings the session check and the sign-in limits as
+middleware); those import only ``kit`` and ``sessions`` (and ``queries``, ``purchases`` and the
+core below them), never one another nor this module."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..ledger import UNAVAILABLE_ERRORS, LedgerUnavailable
 from ..migrate import expected_versions
-from . import admin, billing, me
+from . import admin, billing, me, security
 from .kit import CSP, SERVICES, STATIC, WEB, Services, WebContext, json_error
 
 __all__ = ["build_app"]
@@ -119,7 +120,8 @@ def _failure(request: web.Request, status: int, code: str) -> web.StreamResponse
 
 
 def build_app(service: Services) -> web.Application:
-    app = web.Application(client_max_size=1024 * 1024, middlewares=[ui_middleware])
+    # ui_middleware first: a database failure inside the session check still gets its page.
+    app = web.Application(client_max_size=1024 * 1024, middlewares=[ui_middleware, *security.MIDDLEWARES])
     app[SERVICES] = service
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -130,6 +132,7 @@ def build_app(service: Services) -> web.Application:
     admin.setup(app)
     me.setup(app)
     billing.setup(app)  # mounts nothing when billing is off (no Stripe keys)
+    security.setup(app)
     # Served under both prefixes because Envoy routes only /admin, /me and /api here.
     app.router.add_static("/admin/static/", STATIC, name="admin_static")
     app.router.add_static("/me/static/", STATIC, name="me_static")

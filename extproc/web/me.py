@@ -26,6 +26,7 @@ from .kit import (
     Invalid,
     WebContext,
     api_identity,
+    client_ip,
     current_session,
     entries_json,
     field_messages,
@@ -43,7 +44,9 @@ from .sessions import (
     PRE_COOKIE,
     MagicLinks,
     clear_cookie,
+    end_session,
     new_session,
+    open_session,
     session_cookie,
     set_cookie,
 )
@@ -163,6 +166,8 @@ async def confirm_post(request: web.Request) -> web.StreamResponse:
     if user_id is None:
         return ctx.render("me/link_invalid.html", {"title": ctx.t("me.link_invalid_title")}, status=400)
     session = new_session(user_id, ME_SESSION_SECONDS, "link")
+    await open_session(service.pool, "me", session, source_ip=client_ip(request),
+                       user_agent=request.headers.get("user-agent"), now=service.clock())
     response = web.HTTPSeeOther("/me")
     set_cookie(response, ME_COOKIE, session_cookie(ctx.signer, "me", session), path="/me",
                max_age=session.expires - int(time.time()), secure=ctx.secure_cookies)
@@ -175,6 +180,8 @@ async def logout(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     if session is not None and not ctx.csrf_ok(form, session.sid):
         return ctx.error_page(ctx.t("error.csrf"), status=403)
+    if session is not None:
+        await end_session(request.app[SERVICES].pool, "me", session, request.app[SERVICES].clock())
     response = web.HTTPSeeOther("/me")
     clear_cookie(response, ME_COOKIE, path="/me", secure=ctx.secure_cookies)
     raise response

@@ -410,3 +410,21 @@ async def audit_actions(pool: asyncpg.Pool) -> list[str]:
         " FROM t WHERE t.action IS NOT NULL)"
         " SELECT action FROM t WHERE action IS NOT NULL")
     return [r["action"] for r in rows]
+
+
+# ---------------------------------------------------------------- web sessions
+
+
+SESSION_COLUMNS = "sid_sha256 AS id, kind, subject, created_at, last_used_at, expires_at, source_ip, user_agent"
+MAX_SESSIONS = 500  # a page lists live sessions only; more than this means something is wrong
+
+
+async def live_sessions(pool: asyncpg.Pool, kind: str, subject: str | None, now: datetime,
+                        limit: int = MAX_SESSIONS) -> list[dict[str, Any]]:
+    """Sessions of ``kind`` (of one ``subject`` when given) neither revoked nor expired, by
+    subject then most recent use (served by the web_sessions_subject index)."""
+    rows = await pool.fetch(
+        f"SELECT {SESSION_COLUMNS} FROM web_sessions WHERE kind = $1 AND ($2::text IS NULL OR subject = $2)"
+        " AND revoked_at IS NULL AND expires_at > $3 ORDER BY subject, last_used_at DESC LIMIT $4",
+        kind, subject, now, limit)
+    return [dict(r) for r in rows]

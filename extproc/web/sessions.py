@@ -1,10 +1,17 @@
-"""Web sign-in: signed session cookies, CSRF tokens, single-use magic links, admin credentials.
+"""Web sign-in: server-side sessions behind signed cookies, CSRF tokens, single-use magic
+links, admin credentials.
 
 Every secret here is derived from GATE_JWT_SECRET and GATE_ADMIN_TOKEN with HMAC-SHA256 and
 a purpose label, so one key never serves two purposes (a /me session cookie is not an admin
 cookie, a magic link is not a cookie) and rotating either secret signs everyone out.
-Signatures and credentials are compared in constant time. Sessions are stateless (the cookie
-carries who and until when); logout clears the cookie.
+Signatures and credentials are compared in constant time.
+
+A session is a random id (``secrets.token_urlsafe(32)``) carried by the signed cookie and a
+``web_sessions`` row that keeps only the id's SHA-256: a request is signed in only when the
+signature verifies AND the row exists, is not revoked and not expired. The row is what lets
+an admin list sessions with their last use and revoke them (the cookie alone could not be
+taken back before it expires). The check runs once per request in the console's middleware
+(``extproc.web.security``), which leaves its verdict on the request for ``read_session``.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -24,6 +31,7 @@ import jwt
 from aiohttp import web
 
 from ..identity import Authenticator, IdentityError
+from ..ledger import audit
 from ..settings import Settings
 
 ADMIN_COOKIE = "solaris_admin"
@@ -34,6 +42,13 @@ ME_SESSION_SECONDS = 24 * 3600
 PRE_SESSION_SECONDS = 3600
 MAGIC_LINK_SECONDS = 15 * 60
 MAGIC_LINK_INTERVAL = timedelta(seconds=60)  # at most one link per user per minute
+# last_used_at is written at most once a minute per session: the list shows "last use" to
+# the minute, and a page view does not cost a write.
+TOUCH_INTERVAL = timedelta(seconds=60)
+# Rows expired (or revoked and expired) this long ago are deleted when a session opens: the
+# audit log keeps every revocation, the table only what is still worth listing.
+SESSION_RETENTION = timedelta(days=7)
+MAX_USER_AGENT = 300
 
 
 def _b64(data: bytes) -> str:
@@ -96,11 +111,21 @@ class WebSession:
     via: str = ""
 
 
+# Where the middleware leaves its verdict on a request: audience -> the session, or None.
+VERIFIED = web.RequestKey("solaris_sessions", dict[str, WebSession | None])
+
+
 def new_session(subject: str, ttl: int, via: str = "", *, not_after: int | None = None) -> WebSession:
+    """A fresh session (not yet usable: ``open_session`` writes its row)."""
     expires = int(time.time()) + ttl
     if not_after is not None:
         expires = min(expires, not_after)
-    return WebSession(subject, secrets.token_urlsafe(18), expires, via)
+    return WebSession(subject, secrets.token_urlsafe(32), expires, via)
+
+
+def sid_hash(sid: str) -> str:
+    """What the table keeps of a session id (and what the console shows as its id)."""
+    return hashlib.sha256(sid.encode()).hexdigest()
 
 
 def session_cookie(signer: Signer, audience: str, session: WebSession) -> str:
@@ -108,11 +133,64 @@ def session_cookie(signer: Signer, audience: str, session: WebSession) -> str:
         "sub": session.subject, "sid": session.sid, "exp": session.expires, "via": session.via})
 
 
-def read_session(signer: Signer, audience: str, request: web.Request, cookie: str) -> WebSession | None:
+def signed_session(signer: Signer, audience: str, request: web.Request, cookie: str) -> WebSession | None:
+    """The session named by a well-signed, unexpired cookie (its row not yet checked)."""
     payload = signer.verify(f"session:{audience}", request.cookies.get(cookie))
     if payload is None or not isinstance(payload.get("sub"), str) or not isinstance(payload.get("sid"), str):
         return None
     return WebSession(payload["sub"], payload["sid"], int(payload["exp"]), str(payload.get("via", "")))
+
+
+def read_session(signer: Signer, audience: str, request: web.Request, cookie: str) -> WebSession | None:
+    """The request's session of ``audience`` as the middleware found it: signed, and its row
+    alive. None when signed out, revoked, expired, or when no check ran (fail closed: a route
+    the middleware did not see is never signed in). ``signer`` and ``cookie`` name what the
+    middleware checked; kept so callers read as before."""
+    verified = request.get(VERIFIED)
+    return None if verified is None else verified.get(audience)
+
+
+def _printable(text: str | None, limit: int) -> str | None:
+    if not text:
+        return None
+    return "".join(c for c in text if c.isprintable())[:limit] or None
+
+
+async def open_session(pool: asyncpg.Pool, kind: str, session: WebSession, *, source_ip: str | None,
+                       user_agent: str | None, now: datetime) -> None:
+    """Write the row that makes ``session`` usable (at sign-in, before its cookie is set)."""
+    assert kind in ("admin", "me"), kind
+    expires = datetime.fromtimestamp(session.expires, UTC)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("DELETE FROM web_sessions WHERE expires_at < $1", now - SESSION_RETENTION)
+        await conn.execute(
+            "INSERT INTO web_sessions (sid_sha256, kind, subject, created_at, last_used_at, expires_at,"
+            " source_ip, user_agent) VALUES ($1, $2, $3, $4, $4, $5, $6, $7)",
+            sid_hash(session.sid), kind, session.subject, now, expires, _printable(source_ip, 300),
+            _printable(user_agent, MAX_USER_AGENT))
+
+
+async def session_alive(pool: asyncpg.Pool, kind: str, session: WebSession, now: datetime) -> bool:
+    """Whether the row of a signed session exists, is not revoked and not expired, for the
+    same kind and subject as the cookie; notes its use (at most once per TOUCH_INTERVAL)."""
+    last = await pool.fetchval(
+        "SELECT last_used_at FROM web_sessions WHERE sid_sha256 = $1 AND kind = $2 AND subject = $3"
+        " AND revoked_at IS NULL AND expires_at > $4", sid_hash(session.sid), kind, session.subject, now)
+    if last is None:
+        return False
+    if last <= now - TOUCH_INTERVAL:
+        # Conditional: of concurrent requests (any process) one writes, the others match nothing.
+        await pool.execute(
+            "UPDATE web_sessions SET last_used_at = $2 WHERE sid_sha256 = $1 AND last_used_at <= $3",
+            sid_hash(session.sid), now, now - TOUCH_INTERVAL)
+    return True
+
+
+async def end_session(pool: asyncpg.Pool, kind: str, session: WebSession, now: datetime) -> None:
+    """Sign-out: the session's row is revoked, so its cookie is worthless even if kept."""
+    await pool.execute(
+        "UPDATE web_sessions SET revoked_at = $3 WHERE sid_sha256 = $1 AND kind = $2 AND revoked_at IS NULL",
+        sid_hash(session.sid), kind, now)
 
 
 def set_cookie(response: web.StreamResponse, name: str, value: str, *, path: str, max_age: int,
@@ -217,3 +295,30 @@ class MagicLinks:
             "UPDATE magic_links SET used_at = $3 WHERE nonce = $1 AND user_id = $2"
             " AND used_at IS NULL AND expires_at > $3 RETURNING user_id",
             payload["n"], payload["uid"], now)
+
+
+async def revoke_sessions(pool: asyncpg.Pool, *, actor: str, source_ip: str | None, now: datetime,
+                          sid_sha256: str | None = None, kind: str | None = None,
+                          subject: str | None = None) -> int:
+    """An admin revokes one session (by its id, the SHA-256 the console shows) or every live
+    session of a subject ("sign out everywhere"), with the audit row in the same transaction
+    (I4). Returns how many were revoked; nothing revoked writes no audit row."""
+    assert (sid_sha256 is None) != (kind is None and subject is None), "one session, or a kind and subject"
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "UPDATE web_sessions SET revoked_at = $1 WHERE revoked_at IS NULL AND expires_at > $1"
+            " AND (($2::text IS NOT NULL AND sid_sha256 = $2)"
+            "   OR ($2::text IS NULL AND kind = $3 AND subject = $4))"
+            " RETURNING sid_sha256, kind, subject, created_at, source_ip",
+            now, sid_sha256, kind, subject)
+        if not rows:
+            return 0
+        first = rows[0]
+        # A /me session's target is the user (it shows on the user's audit list); an admin's
+        # session has no account to point at: who it was is in "after".
+        await audit(conn, actor, "session_revoke" if sid_sha256 else "session_revoke_all",
+                    first["subject"] if first["kind"] == "me" else None, None,
+                    {"kind": first["kind"], "subject": first["subject"], "revoked": len(rows),
+                     "sessions": [r["sid_sha256"][:16] for r in rows]},
+                    None, source_ip, now)
+    return len(rows)
