@@ -4,7 +4,8 @@ module and ``sessions``, never each other.
 - the service they use (``Services``, typed) and the app keys that carry it;
 - ``WebContext``: templates, language, the error page and the CSRF check of a form;
 - request parsing (``Invalid``, ``parse_int``, ``json_body``...) and JSON/CSV answers;
-- the user's identity on /me, /api/me and billing (session cookie or JWT);
+- the reader's language (``page_language``: the user's choice, the browser's, the deployment's);
+- the user's identity on /me, /api/me and billing (session cookie; JWT or gateway key + headers);
 - the statement ("extrato") as JSON pages and CSV, shared by the admin console and /me.
 
 Pages are server-rendered Jinja2 with autoescape on (identity values are attacker-chosen
@@ -29,9 +30,9 @@ from aiohttp import web
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from .. import reasons
-from ..formats import fmt_date, fmt_day_month, fmt_dt, fmt_int, fmt_pct, fmt_signed, fmt_value
-from ..i18n import catalogue, supported
-from ..identity import Authenticator, IdentityError, bearer
+from ..formats import fmt_date, fmt_day_month, fmt_dt, fmt_int, fmt_pct, fmt_signed, fmt_value, group_separator
+from ..i18n import LANGUAGES, catalogue, supported
+from ..identity import Authenticator, IdentityError
 from ..settings import Settings
 from . import queries as q
 from .sessions import (
@@ -48,14 +49,14 @@ from .sessions import (
 if TYPE_CHECKING:  # annotations only: the service's parts are read, never built, here
     import asyncpg
 
-    from ..ledger import Clock, Ledger
+    from ..ledger import Account, Clock, Ledger
     from ..metrics import Metrics
 
 __all__ = [
     "CSP", "OFFER", "SERVICES", "STATIC", "TEMPLATES", "WEB", "Invalid", "Offer", "OfferSource", "Services",
     "WebContext", "api_identity", "client_ip", "csv_cell", "current_session", "entries_json", "field_messages",
-    "json_body", "json_error", "json_response", "parse_day", "parse_int", "path_segment", "signin_page",
-    "statement_csv_response", "stream_csv", "validation_error",
+    "json_body", "json_error", "json_response", "page_language", "parse_day", "parse_int", "parse_tokens",
+    "path_segment", "reader_context", "signin_page", "statement_csv_response", "stream_csv", "validation_error",
 ]
 
 PACKAGE = Path(__file__).resolve().parent.parent  # extproc: templates/ and static/ stay there
@@ -124,13 +125,32 @@ class WebContext:
     # Whole past days of the dashboard chart never change (usage is written at "now"):
     # computed once per process, only today is queried on every view.
     daily_cache: dict[date, tuple[int, int]] = field(default_factory=dict)
+    # The same context in each language, sharing the signer, the authenticator and the
+    # background tasks: a page is rendered in its reader's language (``reader_context``).
+    languages: dict[str, WebContext] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, settings: Settings, authenticator: Authenticator | None = None) -> WebContext:
         """``authenticator``: the service's own (one JWKS cache and its background refresh
-        for the gate and the console alike); a fresh one for tests that build pages alone."""
-        lang = supported(settings.language)
-        messages = catalogue().texts(lang)
+        for the gate and the console alike); a fresh one for tests that build pages alone.
+        Answers the context in GATE_LANGUAGE; ``in_language`` gives the others."""
+        signer, authenticator = Signer(settings), authenticator or Authenticator(settings)
+        secure = settings.public_url.lower().startswith("https://")
+        first = None
+        for lang in LANGUAGES:
+            ctx = cls(settings=settings, signer=signer, authenticator=authenticator,
+                      jinja=cls._jinja(lang), messages=catalogue().texts(lang), lang=lang, secure_cookies=secure)
+            if first is None:
+                first = ctx
+            else:  # one set of tasks, one chart cache and one table of languages for all
+                ctx.tasks, ctx.daily_cache, ctx.languages = first.tasks, first.daily_cache, first.languages
+            first.languages[lang] = ctx
+            ctx._bind()
+        assert first is not None
+        return first.languages[supported(settings.language)]
+
+    @staticmethod
+    def _jinja(lang: str) -> Environment:
         jinja = Environment(
             loader=FileSystemLoader(TEMPLATES),
             autoescape=select_autoescape(enabled_extensions=("html", "svg", "xml"),
@@ -138,18 +158,20 @@ class WebContext:
                                          default=True),
             undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
         )
-        ctx = cls(settings=settings, signer=Signer(settings),
-                  authenticator=authenticator or Authenticator(settings),
-                  jinja=jinja, messages=messages, lang=lang,
-                  secure_cookies=settings.public_url.lower().startswith("https://"))
-        jinja.globals.update(t=ctx.t, t_or=ctx.t_or, lang=lang, html_lang=lang)
         jinja.filters.update(
             num=lambda v: fmt_int(v, lang), signed=lambda v: fmt_signed(v, lang),
             pct=lambda v: fmt_pct(v, lang), dt=lambda v: fmt_dt(v, lang),
             day=lambda v: fmt_date(v, lang), daymonth=lambda v: fmt_day_month(v, lang), seg=path_segment,
             value=lambda v: fmt_value(v, lang),
         )
-        return ctx
+        return jinja
+
+    def _bind(self) -> None:
+        self.jinja.globals.update(t=self.t, t_or=self.t_or, lang=self.lang, html_lang=self.lang)
+
+    def in_language(self, lang: str | None) -> WebContext:
+        """This context in ``lang`` (itself when ``lang`` is not a language of the catalogue)."""
+        return self.languages.get(lang or "", self)
 
     def t(self, key: str, **kwargs: Any) -> str:
         text = self.messages.get(key, key)
@@ -206,6 +228,44 @@ WEB = web.AppKey("web", WebContext)
 OFFER = web.AppKey("me_offer", OfferSource)
 
 
+# ---------------------------------------------------------------- the reader's language
+
+
+def accepted_language(header: str | None) -> str | None:
+    """The first language of the catalogue in an Accept-Language header, by preference
+    ("pt", "pt-PT" and "pt-BR" all read pt-BR; "en-GB" reads en); None when it names none."""
+    ranked: list[tuple[float, int, str]] = []
+    for position, item in enumerate((header or "")[:1000].split(",")[:40]):
+        tag, _, params = item.strip().partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        primary = tag.strip().lower().split("-")[0]
+        match = {"pt": "pt-BR", "en": "en"}.get(primary)
+        if match and quality > 0:
+            ranked.append((-quality, position, match))
+    return min(ranked)[2] if ranked else None
+
+
+def page_language(request: web.Request, account: Account | None = None) -> str:
+    """The language of a page (and of the API's texts) for this reader: the language the user
+    chose in their settings, else the browser's Accept-Language when it names Portuguese or
+    English, else the deployment's GATE_LANGUAGE."""
+    if account is not None and account.language in LANGUAGES:
+        return account.language
+    return accepted_language(request.headers.get("accept-language")) or request.app[WEB].lang
+
+
+def reader_context(request: web.Request, account: Account | None = None) -> WebContext:
+    """The web context in ``page_language(request, account)``."""
+    return request.app[WEB].in_language(page_language(request, account))
+
+
 # ---------------------------------------------------------------- request parsing
 
 
@@ -229,6 +289,34 @@ def parse_int(raw: str | None, name: str, *, low: int, high: int) -> int | None:
     value = int(raw)
     if not low <= value <= high:
         raise Invalid({name: "out_of_range"})
+    return value
+
+
+def parse_tokens(raw: Any, lang: str, name: str, *, from_form: bool, low: int = 1,
+                 high: int | None = None) -> int:
+    """A whole number of tokens in [low, high]. Forms may group thousands the locale's way
+    ("100.000" in pt-BR, "100,000" in en); JSON must be an integer. Codes: required,
+    not_integer, not_positive (below ``low`` >= 1), negative (below ``low`` = 0), too_large."""
+    if from_form:
+        text = str(raw or "").strip().replace(" ", "").replace("\u00a0", "")
+        if not text:
+            raise Invalid({name: "required"})
+        negative = text.startswith("-")
+        groups = (text[1:] if negative else text).split(group_separator(lang))
+        grouped = len(groups) > 1 and 1 <= len(groups[0]) <= 3 and all(len(g) == 3 for g in groups[1:])
+        if not all(DIGITS.fullmatch(g) for g in groups) or (len(groups) > 1 and not grouped):
+            raise Invalid({name: "not_integer"})
+        value = int("".join(groups)) * (-1 if negative else 1)
+    else:
+        if raw is None:
+            raise Invalid({name: "required"})
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise Invalid({name: "not_integer"})
+        value = raw
+    if value < low:
+        raise Invalid({name: "not_positive" if low >= 1 else "negative"})
+    if high is not None and value > high:
+        raise Invalid({name: "too_large"})
     return value
 
 
@@ -351,23 +439,25 @@ def current_session(request: web.Request) -> WebSession | None:
 
 def signin_page(request: web.Request, *, status: int = 200, errors: dict[str, str] | None = None,
                 email: str = "") -> web.Response:
-    """The /me sign-in form (asks for a link by e-mail)."""
-    ctx = request.app[WEB]
+    """The /me sign-in form (asks for a link by e-mail), in the browser's language."""
+    ctx = reader_context(request)
     return ctx.render_with_pre(request, "me/signin.html", {
         "title": ctx.t("me.signin_title"), "errors": errors or {}, "email": email}, status=status)
 
 
 async def api_identity(request: web.Request) -> str | web.Response:
-    """The user id of a verified JWT (``Authorization: Bearer``), or the 401 to answer."""
-    ctx = request.app[WEB]
-    token = bearer(request.headers.get("authorization"))
+    """The caller of /api/me*, identified as the gate identifies them (GATE_IDENTITY_MODE): a
+    verified JWT, or LibreChat's X-User-Id proven by the gateway key (compared in constant
+    time; the headers alone are never trusted). The user id, or the 401 to answer."""
+    ctx = reader_context(request)
     headers = {"WWW-Authenticate": 'Bearer realm="solaris-me"'}
-    if not token or token.count(".") != 2:
-        return json_error(401, "missing_credentials", ctx.t("login.missing_credentials"), headers=headers)
+    given = (request.headers.get(name) for name in (ctx.authenticator.jwt_header, "authorization", "x-api-key"))
+    if not any(given):
+        return json_error(401, "missing_credentials", ctx.t("me.api_missing_credentials"), headers=headers)
     try:
-        identity = await ctx.authenticator.verify_jwt(token)
+        identity = await ctx.authenticator.authenticate(request.headers)
     except IdentityError:
-        return json_error(401, "invalid_credentials", ctx.t("login.invalid_credentials"), headers=headers)
+        return json_error(401, "invalid_credentials", ctx.t("me.api_invalid_credentials"), headers=headers)
     return identity.user_id
 
 

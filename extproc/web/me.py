@@ -1,13 +1,18 @@
-"""/me: a user's own balance, usage and statement ("extrato"), and /api/me.
+"""/me: a user's own balance, usage and statement ("extrato"), where the tokens went, their
+settings (personal cap, alert e-mails, language) and their data; and /api/me.
 
-Who the user is comes only from a signed session cookie (set by a single-use e-mailed link)
-or a verified JWT (Bearer) — never from a parameter, so no URL shows another user's data.
+Who the user is comes only from a session cookie (set by a single-use e-mailed link), or on
+/api/me from the gate's own identity (a verified JWT, or LibreChat's headers proven by the
+gateway key) — never from a parameter, so no URL shows another user's data. Pages speak the
+reader's language (``kit.page_language``); every change of a setting goes through
+``Ledger.set_settings``, which audits it as ``user:<id>`` in the same transaction.
 Asking for a link answers the same page, at the same speed, whether or not the address is
 known: the lookup and the e-mail happen in the background."""
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from email.message import EmailMessage
 from email.utils import make_msgid
@@ -15,9 +20,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ..ledger import Account
+from ..formats import fmt_int
+from ..i18n import LANGUAGES
+from ..ledger import Account, UnknownUser
 from ..mail import smtp_sender
 from . import queries as q
+from . import usage as u
 from .kit import (
     MAX_ID,
     OFFER,
@@ -30,9 +38,12 @@ from .kit import (
     current_session,
     entries_json,
     field_messages,
+    json_body,
     json_error,
     json_response,
     parse_int,
+    parse_tokens,
+    reader_context,
     signin_page,
     statement_csv_response,
     validation_error,
@@ -43,6 +54,7 @@ from .sessions import (
     ME_SESSION_SECONDS,
     PRE_COOKIE,
     MagicLinks,
+    WebSession,
     clear_cookie,
     end_session,
     new_session,
@@ -69,33 +81,45 @@ def valid_email(raw: Any) -> str:
     return text
 
 
-async def me_page(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[WEB]
+async def signed_in(request: web.Request, status: int = 200) -> tuple[WebSession, Account] | web.Response:
+    """The session's user and account, or the sign-in page to answer (with ``status``; an
+    account that is gone, e.g. erased, makes the session mean nothing any more)."""
     session = current_session(request)
     if session is None:
-        return signin_page(request)
-    pool = request.app[SERVICES].pool
-    account = await q.get_account(pool, session.subject)
-    if account is None:  # the account is gone: the session means nothing any more
-        response = signin_page(request)
-        clear_cookie(response, ME_COOKIE, path="/me", secure=ctx.secure_cookies)
+        return signin_page(request, status=status)
+    account = await q.get_account(request.app[SERVICES].pool, session.subject)
+    if account is None:
+        response = signin_page(request, status=status)
+        clear_cookie(response, ME_COOKIE, path="/me", secure=request.app[WEB].secure_cookies)
         return response
+    return session, account
+
+
+async def me_page(request: web.Request) -> web.StreamResponse:
+    found = await signed_in(request)
+    if isinstance(found, web.Response):
+        return found
+    session, account = found
+    ctx = reader_context(request, account)
+    service = request.app[SERVICES]
     try:
         before_id = parse_int(request.query.get("before_id"), "before_id", low=1, high=MAX_ID)
         after_id = parse_int(request.query.get("after_id"), "after_id", low=1, high=MAX_ID)
     except Invalid:
         before_id = after_id = None
-    entries = await q.entries_page(pool, account.user_id, limit=25, before_id=before_id, after_id=after_id)
+    entries = await q.entries_page(service.pool, account.user_id, limit=25, before_id=before_id,
+                                   after_id=after_id)
     ctx.readable(entries.entries)
     source = request.app.get(OFFER)  # absent when billing is off: no "buy credits" section at all
     offer = source(request) if source is not None else None
     return ctx.render("me/statement.html", {
         "title": ctx.t("me.title"), "a": account, "entries": entries, "csrf": ctx.signer.csrf(session.sid),
-        "offer": offer}, headers={"Content-Security-Policy": offer.csp} if offer else None)
+        "offer": offer, "usage": await u.cycles(service.pool, account, service.clock())},
+        headers={"Content-Security-Policy": offer.csp} if offer else None)
 
 
 async def request_link(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[WEB]
+    ctx = reader_context(request)
     form = await request.post()
     email = str(form.get("email", ""))
     if not ctx.csrf_ok(form, request.cookies.get(PRE_COOKIE)):
@@ -127,7 +151,7 @@ async def send_links(app: web.Application, address: str) -> None:
             token = await links.issue(account.user_id, service.clock())
             if token is None or not account.email:
                 continue
-            await sender.send(link_message(ctx, account, token))
+            await sender.send(link_message(ctx.in_language(account.language), account, token))
     except Exception:
         log.exception("sign-in link delivery failed")
 
@@ -147,7 +171,7 @@ def link_message(ctx: WebContext, account: Account, token: str) -> EmailMessage:
 async def confirm_page(request: web.Request) -> web.StreamResponse:
     """The link lands here and only shows a button: signing in takes a POST, so a mail
     scanner that fetches the link does not use it up."""
-    ctx = request.app[WEB]
+    ctx = reader_context(request)
     token = request.query.get("token", "")
     if MagicLinks(request.app[SERVICES].pool, ctx.signer).peek(token) is None:
         return ctx.render("me/link_invalid.html", {"title": ctx.t("me.link_invalid_title")}, status=400)
@@ -155,7 +179,7 @@ async def confirm_page(request: web.Request) -> web.StreamResponse:
 
 
 async def confirm_post(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[WEB]
+    ctx = reader_context(request)
     service = request.app[SERVICES]
     form = await request.post()
     if not ctx.csrf_ok(form, request.cookies.get(PRE_COOKIE)):
@@ -197,7 +221,7 @@ async def statement_csv(request: web.Request) -> web.StreamResponse:
     return await statement_csv_response(request, session.subject, include_actor=False)
 
 
-# ---------------------------------------------------------------- /api/me (Bearer JWT)
+# ---------------------------------------------------------------- /api/me (the gate's identity)
 
 
 async def api_me(request: web.Request) -> web.StreamResponse:
@@ -229,6 +253,220 @@ async def api_statement_csv(request: web.Request) -> web.StreamResponse:
     return await statement_csv_response(request, user_id, include_actor=False)
 
 
+# ---------------------------------------------------------------- settings, usage and data (pages)
+
+
+SETTINGS_DONE = "saved"  # ?done= after a successful save: the page shows the notice
+MAX_CAP = 10**15  # the ledger's bound; a cap must anyway fit under the cycle's budget
+
+
+def settings_values(account: Account) -> dict[str, Any]:
+    """The settings as the ledger names them (Ledger.set_settings' keywords)."""
+    return {"personal_cap": account.personal_cap, "notify_80": account.notify_80,
+            "notify_90": account.notify_90, "language": account.language}
+
+
+def checked_cap(cap: int | None, account: Account) -> int | None:
+    """A cap above this cycle's budget would never bind: refused with the budget named, rather
+    than saved and silently useless. (0 is allowed: a user may stop their own use.)"""
+    if cap is not None and cap > account.cycle_budget:
+        raise Invalid({"personal_cap": "above_budget"})
+    return cap
+
+
+def settings_from_form(form: Any, lang: str, account: Account) -> dict[str, Any]:
+    """The settings form -> ledger keywords; Invalid with every bad field at once."""
+    errors: dict[str, str] = {}
+    values: dict[str, Any] = {"notify_80": form.get("notify_80") == "on",
+                              "notify_90": form.get("notify_90") == "on"}
+    raw_cap = str(form.get("personal_cap", "")).strip()
+    try:
+        values["personal_cap"] = checked_cap(
+            parse_tokens(raw_cap, lang, "personal_cap", from_form=True, low=0, high=MAX_CAP) if raw_cap else None,
+            account)
+    except Invalid as exc:
+        errors.update(exc.fields)
+    language = str(form.get("language", ""))
+    if language and language not in LANGUAGES:
+        errors["language"] = "invalid_choice"
+    values["language"] = language or None
+    if errors:
+        raise Invalid(errors)
+    return values
+
+
+def settings_message(ctx: WebContext, code: str, account: Account) -> str:
+    """An error code's text in the page's language (the settings' own texts first)."""
+    return ctx.t_or(f"settings.error_{code}", ctx.t(f"err.{code}")).format(
+        budget=fmt_int(account.cycle_budget, ctx.lang), maximum=fmt_int(MAX_CAP, ctx.lang))
+
+
+async def save_settings(request: web.Request, account: Account, values: dict[str, Any]) -> Account:
+    """Write what changed (one audited transaction, actor user:<id>); nothing changed, no write."""
+    changed = {k: v for k, v in values.items() if settings_values(account)[k] != v}
+    if not changed:
+        return account
+    return await request.app[SERVICES].ledger.set_settings(
+        account.user_id, **changed, actor=f"user:{account.user_id}", source_ip=client_ip(request))
+
+
+def render_settings(request: web.Request, session: WebSession, account: Account, *, status: int = 200,
+                    errors: dict[str, str] | None = None, values: dict[str, Any] | None = None,
+                    notice: str | None = None) -> web.Response:
+    ctx = reader_context(request, account)
+    shown = dict(values) if values is not None else {
+        **settings_values(account),
+        "personal_cap": "" if account.personal_cap is None else fmt_int(account.personal_cap, ctx.lang)}
+    return ctx.render("me/settings.html", {
+        "title": ctx.t("settings.title"), "a": account, "csrf": ctx.signer.csrf(session.sid),
+        "values": shown, "errors": errors or {}, "notice": notice}, status=status)
+
+
+async def settings_page(request: web.Request) -> web.StreamResponse:
+    found = await signed_in(request)
+    if isinstance(found, web.Response):
+        return found
+    session, account = found
+    ctx = reader_context(request, account)
+    notice = ctx.t("settings.saved") if request.query.get("done") == SETTINGS_DONE else None
+    return render_settings(request, session, account, notice=notice)
+
+
+async def settings_post(request: web.Request) -> web.StreamResponse:
+    found = await signed_in(request)
+    if isinstance(found, web.Response):
+        return found
+    session, account = found
+    ctx = reader_context(request, account)
+    form = await request.post()
+    if not ctx.csrf_ok(form, session.sid):
+        return ctx.error_page(ctx.t("error.csrf"), status=403)
+    try:
+        values = settings_from_form(form, ctx.lang, account)
+        await save_settings(request, account, values)
+    except Invalid as exc:
+        shown = {"personal_cap": str(form.get("personal_cap", "")), "notify_80": form.get("notify_80") == "on",
+                 "notify_90": form.get("notify_90") == "on", "language": str(form.get("language", ""))}
+        return render_settings(request, session, account, status=400, values=shown,
+                               errors={k: settings_message(ctx, c, account) for k, c in exc.fields.items()})
+    except UnknownUser:  # erased or gone between the read and the write
+        return signin_page(request, status=401)
+    raise web.HTTPSeeOther(f"/me/settings?done={SETTINGS_DONE}")
+
+
+async def usage_csv(request: web.Request) -> web.StreamResponse:
+    found = await signed_in(request, status=401)
+    if isinstance(found, web.Response):
+        return found
+    _, account = found
+    service = request.app[SERVICES]
+    periods = await u.cycles(service.pool, account, service.clock())
+    return await u.usage_csv(request, account.user_id, periods, include_estimates=False)
+
+
+async def export_download(request: web.Request) -> web.StreamResponse:
+    found = await signed_in(request, status=401)
+    if isinstance(found, web.Response):
+        return found
+    return await export_response(request, found[1].user_id)
+
+
+async def export_response(request: web.Request, user_id: str) -> web.Response:
+    """Everything held about the user (Ledger.export) as a JSON file to save."""
+    data = await request.app[SERVICES].ledger.export(user_id)
+    if data is None:
+        return json_error(404, "no_account", reader_context(request).t("me.no_account"))
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64] or "user"
+    return json_response(data, headers={"Content-Disposition": f'attachment; filename="solaris-data-{safe}.json"'})
+
+
+# ---------------------------------------------------------------- /api/me settings, usage and data
+
+
+API_SETTINGS = frozenset({"personal_cap", "alerts", "language"})
+ALERTS = {"80": "notify_80", "90": "notify_90"}
+
+
+def settings_from_json(data: dict[str, Any], account: Account) -> dict[str, Any]:
+    """PUT /api/me/settings' body -> ledger keywords (only the keys given); Invalid naming each
+    bad field: an unknown key, a wrong type, a value out of range."""
+    errors: dict[str, str] = {key: "unknown_field" for key in data if key not in API_SETTINGS}
+    values: dict[str, Any] = {}
+    if "personal_cap" in data:
+        try:
+            cap = data["personal_cap"]
+            values["personal_cap"] = checked_cap(
+                None if cap is None else parse_tokens(cap, "en", "personal_cap", from_form=False, low=0,
+                                                      high=MAX_CAP), account)
+        except Invalid as exc:
+            errors.update(exc.fields)
+    if "alerts" in data:
+        alerts = data["alerts"]
+        if not isinstance(alerts, dict):
+            errors["alerts"] = "not_object"
+        else:
+            for key, value in alerts.items():
+                if key not in ALERTS:
+                    errors[f"alerts.{key}"] = "unknown_field"
+                elif not isinstance(value, bool):
+                    errors[f"alerts.{key}"] = "not_boolean"
+                else:
+                    values[ALERTS[key]] = value
+    if "language" in data:
+        if data["language"] is not None and data["language"] not in LANGUAGES:
+            errors["language"] = "invalid_choice"
+        else:
+            values["language"] = data["language"]
+    if errors:
+        raise Invalid(errors)
+    return values
+
+
+def settings_json(account: Account) -> dict[str, Any]:
+    """The settings in PUT /api/me/settings' own shape."""
+    return {"personal_cap": account.personal_cap,
+            "alerts": {"80": account.notify_80, "90": account.notify_90}, "language": account.language}
+
+
+async def api_settings(request: web.Request) -> web.StreamResponse:
+    ctx = reader_context(request)
+    user_id = await api_identity(request)
+    if isinstance(user_id, web.Response):
+        return user_id
+    account = await q.get_account(request.app[SERVICES].pool, user_id)
+    if account is None:
+        return json_error(404, "no_account", ctx.t("me.no_account"))
+    ctx = reader_context(request, account)
+    try:
+        values = settings_from_json(await json_body(request), account)
+        account = await save_settings(request, account, values)
+    except Invalid as exc:
+        return validation_error(ctx, exc.fields, {c: settings_message(ctx, c, account) for c in exc.fields.values()})
+    except UnknownUser:
+        return json_error(404, "no_account", ctx.t("me.no_account"))
+    return json_response(settings_json(account))
+
+
+async def api_usage(request: web.Request) -> web.StreamResponse:
+    user_id = await api_identity(request)
+    if isinstance(user_id, web.Response):
+        return user_id
+    service = request.app[SERVICES]
+    try:
+        days = u.parse_days(request.query.get("days"))
+    except Invalid as exc:
+        return validation_error(reader_context(request), exc.fields)
+    rows = await u.last_days(service.pool, user_id, days, service.clock())
+    return json_response([r.as_json() for r in rows])
+
+
+async def api_export(request: web.Request) -> web.StreamResponse:
+    user_id = await api_identity(request)
+    if isinstance(user_id, web.Response):
+        return user_id
+    return await export_response(request, user_id)
+
+
 def setup(app: web.Application) -> None:
     r = app.router
     r.add_get("/me", me_page)
@@ -241,3 +479,10 @@ def setup(app: web.Application) -> None:
     r.add_get("/api/me", api_me)
     r.add_get("/api/me/entries", api_entries)
     r.add_get("/api/me/statement.csv", api_statement_csv)
+    r.add_get("/me/settings", settings_page)
+    r.add_post("/me/settings", settings_post)
+    r.add_get("/me/usage.csv", usage_csv)
+    r.add_get("/me/export.json", export_download)
+    r.add_put("/api/me/settings", api_settings)
+    r.add_get("/api/me/usage", api_usage)
+    r.add_get("/api/me/export", api_export)

@@ -11,6 +11,7 @@ import aiohttp
 
 from extproc.app import Service
 from extproc.settings import Settings
+from extproc.web.sessions import MagicLinks, Signer
 
 HOSTILE = '<script>window.pwned=1</script>"\'&'  # a name, reason or address that must render inert
 
@@ -53,3 +54,18 @@ async def api(http: aiohttp.ClientSession, url: str, method: str = "GET", token:
             return resp.status, json.loads(text)
         except ValueError:
             return resp.status, text
+
+
+async def me_signed_in(service: Service, user_id: str, **session_options: Any) -> aiohttp.ClientSession:
+    """An HTTP client signed in to /me as ``user_id`` the way a browser gets there: a sign-in
+    link issued for the user, its page fetched and its button posted (so the session exists on
+    the server as for a real sign-in). ``session_options``: e.g. ``headers`` (Accept-Language)."""
+    token = await MagicLinks(service.pool, Signer(service.settings)).issue(user_id, service.clock())
+    assert token is not None, "a link was issued for this user within the last minute"
+    client = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True), **session_options)
+    async with client.get(base(service) + "/me/login?token=" + token) as resp:
+        page = await resp.text()
+    async with client.post(base(service) + "/me/login/confirm", allow_redirects=False,
+                           data={"csrf": csrf_of(page), "token": token}) as resp:
+        assert resp.status == 303, await resp.text()
+    return client
