@@ -27,8 +27,9 @@ class GateError:
 
 # The texts live in the message catalogue (extproc/templates/i18n.json): ``gate.*`` for the
 # errors themselves, ``refusal.*`` for why a request was refused before reaching the upstream
-# (400 invalid_request: the codes of the gate's body checks, with the offending field), and
-# ``identity.*`` for why an identity was refused (401).
+# (400 invalid_request: the codes of the gate's body checks, with the offending field; and the
+# whole messages of the user's own refusals, ``personal_cap_reached`` and ``account_erased``),
+# and ``identity.*`` for why an identity was refused (401).
 MESSAGES: dict[str, dict[str, str]] = {lang: catalogue().section(lang, "gate") for lang in LANGUAGES}
 REFUSALS: dict[str, dict[str, str]] = {lang: catalogue().section(lang, "refusal") for lang in LANGUAGES}
 
@@ -78,6 +79,21 @@ class Messages:
         else:
             message += self.text["quota_exceeded_admin"]
         return GateError(402, "insufficient_quota", "quota_exceeded", message)
+
+    def personal_cap(self, cap: int, used: int, estimate: int, cycle_end: date | str,
+                     me_url: str) -> GateError:
+        """402 for a request that would pass the limit the user set for themselves: it names
+        the cap, and the page where the user changes it."""
+        renews = cycle_end if isinstance(cycle_end, str) else fmt_date_text(cycle_end, self.language)
+        message = REFUSALS[self.language]["personal_cap_reached"].format(
+            cap=fmt_int(cap, self.language), used=fmt_int(used, self.language),
+            estimate=fmt_int(estimate, self.language), cycle_end=renews, url=me_url)
+        return GateError(402, "insufficient_quota", "personal_cap_reached", message)
+
+    def erased(self) -> GateError:
+        """403 for an id whose data was erased at the user's request (LGPD): never re-created."""
+        return GateError(403, "permission_denied", "account_erased",
+                         REFUSALS[self.language]["account_erased"])
 
     def suspended(self) -> GateError:
         return GateError(403, "permission_denied", "account_suspended",

@@ -16,16 +16,16 @@ from typing import Any
 from .. import accounting
 from ..errors import GateError, Messages
 from ..identity import Authenticator, IdentityError
-from ..ledger import Ledger, LedgerUnavailable, Usage
+from ..ledger import Admission, Ledger, LedgerUnavailable, Usage
 from ..metrics import Metrics
 from ..ratelimit import PlanLimits, RateLimiter
 from ..settings import Settings
 from ..spool import Spool
-from . import billable
+from . import billable, notices
 from .exchange import Exchange
 from .replies import CONTINUE, Continue, Refuse, Reply
 from .translators import BY_PATH, Limits
-from .usage import Observed, StreamTap, count_tokens, read_body
+from .usage import Observed, StreamTap, count_tokens, parse_object, read_body
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class Gate:
         self.limiter = limiter
         self.metrics = metrics
         self.spool = spool
-        self.messages = Messages(settings.language, purchase_url=f"{settings.public_url.rstrip('/')}/me"
+        self.me_url = f"{settings.public_url.rstrip('/')}/me"  # the user's own page
+        self.messages = Messages(settings.language, purchase_url=self.me_url
                                  if settings.stripe_secret_key and settings.stripe_webhook_secret else None)
         self.open_paths = tuple(settings.open_path_list())
         self.limits = limits or PlanLimits(settings.rate_limit_per_minute)
@@ -274,19 +275,17 @@ class Gate:
             raise
         finally:
             self.metrics.ledger_latency.labels("admit").observe(time.perf_counter() - started)
+        if admission is not None and admission.outcome != "ok":
+            return self._refuse_admission(ex, admission)
         if admission is not None:
             self.limits.learn(ident.user_id, admission.account.plan)
-        if admission is not None and admission.outcome == "suspended":
-            return self.reject(ex, self.messages.suspended())
-        if admission is not None and admission.outcome == "insufficient":
-            acc = admission.account
-            return self.reject(ex, self.messages.quota_exceeded(
-                acc.available, ex.reserve, acc.cycle_end))
         ex.admitted = True
         ex.account = admission.account if admission is not None else None
         ex.reserved = admission.reserved if admission is not None else 0
         if ex.reserved:
             self.metrics.reservations_held.inc()
+        if ex.account is not None and self.settings.inline_notices and ex.translator.notice_allowed(body):
+            ex.notice = notices.due(ex.account)
         self.decide(ex, "allowed" if admission is not None else "allowed_fail_open")
         s = self.settings
         if not ex.translator.mutate(body, stream=ex.stream, enforce_limit=s.enforce_max_tokens,
@@ -298,6 +297,20 @@ class Gate:
             new_body = json.dumps(body).encode()
         return Continue(set_headers=(("content-length", str(len(new_body))),), body=new_body)
 
+    def _refuse_admission(self, ex: Exchange, admission: Admission) -> Refuse:
+        """The ledger's "no", before the upstream and without a debit: nothing was held."""
+        acc = admission.account
+        if admission.outcome == "erased" or acc is None:
+            return self.reject(ex, self.messages.erased())
+        assert ex.identity is not None
+        self.limits.learn(ex.identity.user_id, acc.plan)
+        if admission.outcome == "suspended":
+            return self.reject(ex, self.messages.suspended())
+        if admission.outcome == "personal_cap" and acc.personal_cap is not None:
+            return self.reject(ex, self.messages.personal_cap(
+                acc.personal_cap, acc.used_cycle, ex.reserve, acc.cycle_end, self.me_url))
+        return self.reject(ex, self.messages.quota_exceeded(acc.available, ex.reserve, acc.cycle_end))
+
     # ------------------------------------------------------------ response
 
     def response_headers(self, ex: Exchange, headers: Mapping[str, str], end_of_stream: bool) -> Reply:
@@ -308,11 +321,21 @@ class Gate:
         if not ex.admitted:
             return CONTINUE
         rate = ex.rate.headers() if ex.rate else ()
-        if headers.get("content-type", "").startswith("text/event-stream"):
+        content_type = headers.get("content-type", "")
+        if ex.notice and (end_of_stream or not 200 <= ex.status < 300):
+            ex.notice = 0  # never on an error, nor on an empty answer
+        if content_type.startswith("text/event-stream"):
             ex.tap = StreamTap(self._usage_cap(ex))
+            ex.plain_stream = not ex.notice
             if end_of_stream:
                 self._finish(ex)
+            if ex.notice:
+                # The stream will grow by the notice's event: a length it may carry would
+                # be wrong, and Envoy needs it gone to mutate a streamed body.
+                return Continue(set_headers=rate, remove_headers=("content-length",), stream_response=True)
             return Continue(set_headers=rate, stream_response=True)
+        if not content_type.startswith("application/json"):
+            ex.notice = 0
         if end_of_stream:  # no body at all
             self._finish(ex)
         return Continue(set_headers=rate)
@@ -321,11 +344,15 @@ class Gate:
         if not ex.admitted or ex.closed:
             return CONTINUE
         if ex.tap is not None:
+            if ex.notice:
+                return await self._stream_notice(ex, chunk, end_of_stream)
             self.stream_chunk(ex, chunk, end_of_stream)
             return CONTINUE
         ex.body += chunk
         if not end_of_stream:
             return CONTINUE
+        # The upstream's own bytes: what the settle reads, whatever the client is sent.
+        upstream_body = bytes(ex.body) if ex.notice else b""
         # Reply now and settle right after (a tracked task: drained on shutdown, spooled if
         # the ledger is down), so the debit's transaction is not on the user's latency path;
         # past MAX_PENDING_SETTLES the reply waits for its settle (backpressure, bounded lag).
@@ -337,10 +364,81 @@ class Gate:
         cost = accounting.weighted_cost(usage.real_tokens, usage.model, self.weights)
         acc = ex.account
         remaining, pct = accounting.balance_after(
-            available=acc.available, reserved=ex.reserved, used=acc.used_cycle, budget=acc.cycle_budget,
+            available=acc.available, reserved=ex.reserved, used=acc.used_cycle, budget=acc.effective_limit,
             cost=cost)
-        return Continue(set_headers=(("x-solaris-tokens-remaining", str(remaining)),
-                                     ("x-solaris-quota-used-pct", f"{pct:.2f}")))
+        headers = (("x-solaris-tokens-remaining", str(remaining)), ("x-solaris-quota-used-pct", f"{pct:.2f}"))
+        noticed = await self._json_notice(ex, upstream_body, usage, cost) if ex.notice else None
+        if noticed is None:
+            return Continue(set_headers=headers)
+        # Envoy sends the headers of a buffered body with it: its length must be the new one.
+        return Continue(set_headers=(*headers, ("content-length", str(len(noticed)))), body=noticed)
+
+    # ------------------------------------------------------------ in-chat notices
+
+    async def _json_notice(self, ex: Exchange, raw: bytes, usage: Usage, cost: int) -> bytes | None:
+        """The buffered answer with its notice appended, once claimed; None to send it as is
+        (an answer that is not one plain-text reply, a usage counted by us, a lost claim)."""
+        assert ex.translator is not None
+        data = parse_object(raw)
+        if data is None or "no_usage" in usage.flags:
+            return None
+        threshold, ex.notice = ex.notice, 0
+        if not ex.translator.append_notice(data, self._notice_text(ex, threshold, cost)):
+            return None
+        if not await self._claim_notice(ex, threshold):
+            return None
+        try:
+            return json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate the upstream sent escaped: keep it so
+            return json.dumps(data).encode()
+
+    async def _stream_notice(self, ex: Exchange, chunk: bytes, end_of_stream: bool) -> Reply:
+        """A chunk of an SSE answer due a notice (the slow path, once per threshold and cycle):
+        the tap keeps the upstream's bytes; the notice's event goes before ``data: [DONE]``
+        (or at the end of a stream without one), once claimed."""
+        assert ex.tap is not None
+        if ex.closed:
+            return CONTINUE
+        ex.tap.feed(chunk)
+        at = notices.insertion_point(chunk, end_of_stream)
+        event = b""
+        if at is not None:  # the answer ends here: decided now, whatever comes after passes
+            threshold, ex.notice, ex.plain_stream = ex.notice, 0, True
+            event = await self._notice_event(ex, threshold)
+        if end_of_stream:
+            self._finish(ex)
+        if not event or at is None:
+            return CONTINUE
+        return Continue(body=notices.insert(chunk, at, event))
+
+    async def _notice_event(self, ex: Exchange, threshold: int) -> bytes:
+        """The notice as one more ``data:`` event of this stream, once claimed; b"" when the
+        stream reported no usage or is not one plain-text reply."""
+        assert ex.tap is not None and ex.translator is not None
+        usage, _ = ex.tap.result(ex.translator)
+        if usage is None:
+            return b""
+        cost = accounting.weighted_cost(usage.prompt_tokens + usage.completion_tokens, ex.model, self.weights)
+        event = ex.translator.notice_event(ex.tap.events(), self._notice_text(ex, threshold, cost))
+        if event is None or not await self._claim_notice(ex, threshold):
+            return b""
+        return b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
+
+    def _notice_text(self, ex: Exchange, threshold: int, cost: int) -> str:
+        assert ex.account is not None
+        return notices.text(self.settings.language, threshold, notices.remaining(ex.account, cost), self.me_url)
+
+    async def _claim_notice(self, ex: Exchange, threshold: int) -> bool:
+        """Whether this answer is the one that shows the notice: the ledger lets one answer
+        per user, cycle and threshold through. A ledger that cannot say means no notice (the
+        next answer tries again): a notice never holds an answer back nor fails it."""
+        assert ex.account is not None and ex.identity is not None
+        try:
+            return await self.ledger.claim_inline_notice(
+                ex.identity.user_id, threshold, ex.account.cycle_start)
+        except Exception as exc:
+            log.warning("in-chat notice not claimed for %s: %s", ex.exchange_id, exc)
+            return False
 
     def stream_chunk(self, ex: Exchange, chunk: bytes, end_of_stream: bool) -> None:
         """A chunk of an admitted SSE answer: kept for the settle, passed on unchanged (the

@@ -143,7 +143,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         try:
             async for req in request_iterator:
                 phase = req.WhichOneof("request") or "other"
-                if phase == "response_body" and ex.tap is not None:
+                if phase == "response_body" and ex.plain_stream:
                     # The hot loop of a streamed answer (hundreds of chunks): no coroutine,
                     # no reply to build, a counter instead of a latency histogram.
                     body = req.response_body

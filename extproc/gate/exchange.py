@@ -31,6 +31,12 @@ class Exchange:
     reserved: int = 0
     status: int = 0
     tap: StreamTap | None = None
+    # True for an SSE answer whose chunks only pass through (no notice to add): the adapter's
+    # fast path, one attribute test per chunk.
+    plain_stream: bool = False
+    # The in-chat notice's threshold this exchange's answer should carry (0: none), decided
+    # at admission (gate.notices.due) and dropped once shown or found not to fit the answer.
+    notice: int = 0
     body: bytearray = field(default_factory=bytearray)
     rate: RateDecision | None = None
     account: Account | None = None  # the account as admission left it (after this reservation)

@@ -196,6 +196,12 @@ class StreamTap:
                 text.append(reader.text_of(event))
         return None, "".join(text)
 
+    def events(self) -> list[dict[str, Any]]:
+        """Every JSON ``data:`` event kept so far, in order (one parse of the whole stream:
+        only for the rare answer that gets an in-chat notice)."""
+        events = (_event(line) for line in b"".join(self.chunks).split(b"\n"))
+        return [event for event in events if event is not None]
+
 
 def _event(line: bytes) -> dict[str, Any] | None:
     """The JSON object of one SSE ``data:`` line, or None."""

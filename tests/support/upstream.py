@@ -10,6 +10,7 @@ the body through), so one server covers every case:
   {"x_test": {"json_list": true}}                   a 2xx whose JSON body is a list
   {"x_test": {"abort_before_usage": true}}          SSE: a finish_reason "stop" chunk, then
                                                     drop the connection before the usage event
+  {"x_test": {"tool_call": true}}                   the answer is a tool call, no text (JSON, SSE)
 Keep x_test values numeric or boolean where exactness matters: the gate bills the strings
 of unknown keys (x_test included) as prompt text.
 Every request body is recorded in ``requests`` so tests can assert what reached it.
@@ -65,8 +66,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 assert request.transport is not None
                 request.transport.close()  # the upstream dies mid-stream
                 return resp
+            delta: dict[str, Any] = {"content": f"word{i} "}
+            if spec.get("tool_call"):
+                delta = {"tool_calls": [{"index": 0, "function": {"arguments": "{}" if i == 0 else ""}}]}
             event = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": model,
-                     "choices": [{"index": 0, "delta": {"content": f"word{i} "}}]}
+                     "choices": [{"index": 0, "delta": delta}]}
             await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             if spec.get("chunk_delay"):
                 await asyncio.sleep(float(spec["chunk_delay"]))
@@ -92,6 +96,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
                                              "content": spec.get("text", "hello there")},
                      "finish_reason": "stop"}],
     }
+    if spec.get("tool_call"):
+        answer["choices"][0].update(finish_reason="tool_calls", message={
+            "role": "assistant", "content": None, "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "lookup", "arguments": "{\"q\": 1}"}}]})
     if request.path.endswith("embeddings"):
         answer = {"object": "list", "model": model,
                   "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}]}

@@ -84,6 +84,23 @@ class Translator:
         """The visible output in one JSON body or SSE event."""
         return ""
 
+    # ------------------------------------------------------------ in-chat notices
+
+    def notice_allowed(self, body: Mapping[str, object]) -> bool:
+        """Whether an answer to this request may carry an in-chat notice (docs/notices.md):
+        only a schema that shows plain text in a chat says yes."""
+        return False
+
+    def append_notice(self, data: dict[str, Any], notice: str) -> bool:
+        """Append ``notice`` to a buffered JSON answer in place; False (``data`` untouched)
+        when the answer is not one plain-text reply."""
+        return False
+
+    def notice_event(self, events: list[dict[str, Any]], notice: str) -> dict[str, Any] | None:
+        """One more event of this stream (``events``: its decoded ``data:`` events) carrying
+        ``notice``; None when the stream is not one plain-text reply."""
+        return None
+
 
 def choice_texts(data: dict[str, Any], *fields: str) -> str:
     """Text of the ``choices`` of a chat or completions body or chunk: ``fields`` are the
