@@ -35,9 +35,12 @@ import functools
 import hashlib
 import json
 import logging
+import re
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -1030,6 +1033,143 @@ class Ledger:
             await audit(conn, actor, "allowance", user_id, before, updated, reason, source_ip, now)
             return updated
 
+    # ------------------------------------------------------------ LGPD: erasure and export
+    # What is kept, why and for how long: docs/privacy.md.
+
+    async def erase(self, user_id: str, *, actor: str, reason: str, source_ip: str | None = None) -> str:
+        """Erase the personal data of ``user_id`` (LGPD), irreversibly, in one transaction, and
+        return the pseudonym its account now lives under. Amounts, entries and dates stay (an
+        accounting record the operator must keep); the id, e-mail and name go, everywhere:
+        the account's id becomes the pseudonym (the foreign keys cascade it to entries,
+        reservations, alerts and links), e-mail, name and preferences are cleared, sign-in
+        links and /me sessions deleted, purchases re-pointed, alert recipients blanked, and
+        every text that quoted them (audit trail, entry reasons, delivery errors) rewritten.
+        The id is remembered only as a SHA-256, so the gateway refuses it afterwards. An id
+        already erased (or unknown) raises UnknownUser."""
+        for _ in range(ERASE_ATTEMPTS - 1):
+            try:
+                return await self._erase(user_id, actor=actor, reason=reason, source_ip=source_ip)
+            except asyncpg.DeadlockDetectedError:
+                # A settle locked one of the holds between our two lock statements (it takes
+                # the hold first, then the account): it lost or we did; run again.
+                continue
+        return await self._erase(user_id, actor=actor, reason=reason, source_ip=source_ip)
+
+    async def _erase(self, user_id: str, *, actor: str, reason: str, source_ip: str | None) -> str:
+        now = self.clock()
+        pseudonym = f"erased-{secrets.token_hex(12)}"
+        async with self.pool.acquire() as conn, conn.transaction():
+            # The one transaction the audit trigger lets rewrite audit rows (SET LOCAL: ends
+            # with it).
+            await conn.execute("SET LOCAL solaris.erasure = 'on'")
+            # The holds first, then the account: the order a settle takes them, so a settle
+            # in flight waits for the erasure (and follows the hold to the pseudonym).
+            await conn.execute(
+                "SELECT 1 FROM reservations WHERE user_id = $1 AND state = 'held' ORDER BY exchange_id FOR UPDATE",
+                user_id)
+            row = await self._locked_account(conn, user_id)
+            if row is None or row["erased_at"] is not None:
+                raise UnknownUser(user_id)
+            scrub = Scrubber(user_id, pseudonym, row["email"], row["name"])
+            await conn.execute(
+                "UPDATE accounts SET user_id = $2, email = NULL, name = NULL, state_reason = $3,"
+                " personal_cap = NULL, notify_80 = true, notify_90 = true, language = NULL,"
+                " inline_notice = 0, erased_at = $4, updated_at = $4 WHERE user_id = $1",
+                user_id, pseudonym, scrub.text(row["state_reason"]), now)
+            await conn.execute("INSERT INTO erased_users (id_sha256, pseudonym, erased_at) VALUES ($1, $2, $3)",
+                               id_sha256(user_id), pseudonym, now)
+            await conn.execute("DELETE FROM magic_links WHERE user_id = $1", pseudonym)
+            await conn.execute("DELETE FROM web_sessions WHERE kind = 'me' AND subject = $1", user_id)
+            await conn.execute("UPDATE billing_payments SET user_id = $2 WHERE user_id = $1", user_id, pseudonym)
+            await conn.execute(
+                "UPDATE alert_deliveries d SET recipient = '' FROM alert_outbox o"
+                " WHERE d.outbox_id = o.id AND o.user_id = $1 AND d.audience = 'user'", pseudonym)
+            await self._scrub_texts(conn, scrub)
+            await audit(conn, scrub.text(actor), "erase", pseudonym, None,
+                        {"pseudonym": pseudonym, "erased_at": now.isoformat()},
+                        scrub.text(reason), source_ip, now)
+        return pseudonym
+
+    async def _scrub_texts(self, conn: asyncpg.Connection, scrub: Scrubber) -> None:
+        """Rewrite the free texts that may quote the erased id, e-mail or name: the account's
+        entries (reason, reason codes' parameters, actor), its alerts' delivery errors (they
+        name the recipient) and the audit trail (rows about the user, by the user, or that
+        mention any of the three anywhere). The values are rewritten in Python, string by
+        string inside the JSON, so JSON escaping and numbers are never touched."""
+        needles = scrub.needles()
+        for r in await conn.fetch(
+                "SELECT id, actor, reason, reason_params FROM ledger_entries WHERE user_id = $1"
+                " AND (reason IS NOT NULL OR reason_params IS NOT NULL OR actor LIKE 'user:%')", scrub.pseudonym):
+            new = scrub.text(r["actor"]), scrub.text(r["reason"]), scrub.json(r["reason_params"])
+            if new != (r["actor"], r["reason"], r["reason_params"]):
+                await conn.execute("UPDATE ledger_entries SET actor = $2, reason = $3, reason_params = $4::jsonb"
+                                   " WHERE id = $1", r["id"], *new)
+        await conn.execute(
+            "UPDATE alert_outbox SET last_error = '[erased]' WHERE user_id = $1 AND last_error IS NOT NULL",
+            scrub.pseudonym)
+        await conn.execute(
+            "UPDATE alert_deliveries d SET last_error = '[erased]' FROM alert_outbox o"
+            " WHERE d.outbox_id = o.id AND o.user_id = $1 AND d.last_error IS NOT NULL", scrub.pseudonym)
+        rows = await conn.fetch(
+            "SELECT id, actor, target, before::text AS before, after::text AS after, reason,"
+            " reason_params::text AS reason_params FROM audit_log"
+            " WHERE target = $1 OR actor = $2 OR EXISTS (SELECT 1 FROM unnest($3::text[]) n WHERE"
+            "  strpos(actor, n) > 0 OR strpos(target, n) > 0 OR strpos(before::text, n) > 0"
+            "  OR strpos(after::text, n) > 0 OR strpos(reason, n) > 0 OR strpos(reason_params::text, n) > 0)",
+            scrub.user_id, f"user:{scrub.user_id}", needles)
+        for r in rows:
+            old = (r["actor"], r["target"], r["before"], r["after"], r["reason"], r["reason_params"])
+            new = (scrub.text(r["actor"]), scrub.text(r["target"]), scrub.json(r["before"]),
+                   scrub.json(r["after"]), scrub.text(r["reason"]), scrub.json(r["reason_params"]))
+            if new != old:
+                await conn.execute(
+                    "UPDATE audit_log SET actor = $2, target = $3, before = $4::jsonb, after = $5::jsonb,"
+                    " reason = $6, reason_params = $7::jsonb WHERE id = $1", r["id"], *new)
+
+    async def export(self, user_id: str) -> dict[str, Any] | None:
+        """Everything held about ``user_id`` (LGPD access and portability), JSON-serialisable:
+        the account, its ledger entries, reservations, alerts and their deliveries, purchases,
+        the audit rows about it, its /me sessions (never a session's hash) and sign-in links
+        (times only). Dates ISO 8601, amounts integers. None for an unknown id."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            row = await conn.fetchrow(f"SELECT {_ACCOUNT_FIELDS} FROM accounts WHERE user_id = $1", user_id)
+            if row is None:
+                return None
+
+            async def rows(sql: str) -> list[dict[str, Any]]:
+                return [_exported(r) for r in await conn.fetch(sql, user_id)]
+
+            return {
+                "exported_at": self.clock().isoformat(),
+                "account": _account(row).as_json(),
+                "ledger_entries": await rows(
+                    "SELECT id, kind, tokens, allowance_delta, credits_delta, balance_after, exchange_id,"
+                    " request_id, model, prompt_tokens, completion_tokens, estimate, real_tokens, flags, actor,"
+                    " reason, reason_code, reason_params, cycle_start, created_at FROM ledger_entries"
+                    " WHERE user_id = $1 ORDER BY id"),
+                "reservations": await rows(
+                    "SELECT exchange_id, tokens, request_id, model, state, created_at, expires_at, closed_at"
+                    " FROM reservations WHERE user_id = $1 ORDER BY created_at, exchange_id"),
+                "alerts": await rows(
+                    "SELECT o.id, o.cycle_start, o.cycle_end, o.threshold, o.used_pct, o.used, o.budget,"
+                    " o.remaining, o.state, o.created_at, o.sent_at, COALESCE((SELECT jsonb_agg(jsonb_build_object("
+                    "  'channel', d.channel, 'recipient', d.recipient, 'state', d.state, 'sent_at', d.sent_at)"
+                    "  ORDER BY d.id) FROM alert_deliveries d WHERE d.outbox_id = o.id"
+                    "  AND d.audience = 'user'), '[]'::jsonb) AS deliveries"
+                    " FROM alert_outbox o WHERE o.user_id = $1 ORDER BY o.id"),
+                "purchases": await rows(
+                    "SELECT payment_intent, session_id, pack, tokens, amount, currency, amount_refunded,"
+                    " created_at, updated_at FROM billing_payments WHERE user_id = $1 ORDER BY created_at"),
+                "audit": await rows(
+                    "SELECT id, actor, action, before, after, reason, reason_code, reason_params, source_ip,"
+                    " created_at FROM audit_log WHERE target = $1 ORDER BY id"),
+                "sessions": await rows(
+                    "SELECT created_at, last_used_at, expires_at, revoked_at, source_ip, user_agent"
+                    " FROM web_sessions WHERE kind = 'me' AND subject = $1 ORDER BY created_at"),
+                "sign_in_links": await rows(
+                    "SELECT created_at, expires_at, used_at FROM magic_links WHERE user_id = $1 ORDER BY created_at"),
+            }
+
     def _plan(self, row: asyncpg.Record) -> Plan:
         return Plan(
             name=row["name"],
@@ -1149,6 +1289,73 @@ def id_sha256(user_id: str) -> str:
 async def erased_pseudonym(conn: asyncpg.Connection, user_id: str) -> str | None:
     """The pseudonym an erased id's ledger lives under now, or None if it was never erased."""
     return await conn.fetchval("SELECT pseudonym FROM erased_users WHERE id_sha256 = $1", id_sha256(user_id))
+
+
+ERASE_ATTEMPTS = 3  # erase() runs again after losing a deadlock to a settle
+ERASED = "[erased]"  # what an erased e-mail or name reads as in the texts that quoted it
+# An id shorter than this is replaced only where it is a whole value (or "user:<id>"): inside
+# longer text, "7" or "ana" would also match dates, amounts and other words.
+MIN_ID_IN_TEXT = 4
+
+
+class Scrubber:
+    """Rewrites the erased person's id (to the pseudonym), e-mail and name (to ``[erased]``)
+    inside one text or the string values of one JSON document."""
+
+    def __init__(self, user_id: str, pseudonym: str, email: str | None, name: str | None) -> None:
+        self.user_id, self.pseudonym = user_id, pseudonym
+        self.whole = {user_id: pseudonym, f"user:{user_id}": f"user:{pseudonym}"}
+        swaps = [(v, ERASED) for v in (email, name) if v and v.strip()]
+        if len(user_id) >= MIN_ID_IN_TEXT:
+            swaps.append((user_id, pseudonym))
+        swaps.sort(key=lambda s: -len(s[0]))  # the longest first: an e-mail may contain the id
+        self.swaps = dict(swaps)
+        self.pattern = re.compile("|".join(re.escape(v) for v in self.swaps)) if swaps else None
+
+    def needles(self) -> list[str]:
+        """What a text must contain to need rewriting (for the SQL that finds the rows), also
+        as it reads inside JSON text (quotes and backslashes escaped)."""
+        plain = [*self.swaps, *self.whole]
+        return sorted({*plain, *(json.dumps(v, ensure_ascii=False)[1:-1] for v in plain)})
+
+    def text(self, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value in self.whole:
+            return self.whole[value]
+        return self.pattern.sub(lambda m: self.swaps[m.group(0)], value) if self.pattern else value
+
+    def json(self, document: str | None) -> str | None:
+        if document is None:
+            return None
+
+        def walk(v: Any) -> Any:
+            if isinstance(v, str):
+                return self.text(v)
+            if isinstance(v, list):
+                return [walk(x) for x in v]
+            if isinstance(v, dict):
+                return {self.text(k): walk(x) for k, x in v.items()}
+            return v
+
+        before = json.loads(document)
+        after = walk(before)
+        return document if after == before else json.dumps(after, ensure_ascii=False)
+
+
+def _exported(row: asyncpg.Record) -> dict[str, Any]:
+    """One row for export(): dates ISO 8601, numerics as int (or float when fractional), JSON
+    columns parsed."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, Decimal):
+            value = int(value) if value == value.to_integral_value() else float(value)
+        elif isinstance(value, str) and key in ("reason_params", "before", "after", "deliveries"):
+            value = json.loads(value)
+        out[key] = value
+    return out
 
 
 def trueup_key_for(exchange_id: str) -> str:

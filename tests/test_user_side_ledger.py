@@ -278,3 +278,219 @@ async def test_allowance_override_applies_at_the_next_roll_only(
     acc = await ledger.account(user)
     assert acc is not None and (acc.allowance, acc.cycle_budget, acc.allowance_override) == (10_000, 10_000, None)
     await clean(ledger)
+
+
+# ---------------------------------------------------------------- LGPD erasure
+
+
+async def person(ledger: Ledger, pool: asyncpg.Pool, clock: Clock) -> tuple[str, str, str]:
+    """An account with something in every table that can hold personal data."""
+    tag = uuid.uuid4().hex[:8]
+    user, email, name = f"ana-{tag}", f"ana.{tag}@example.com", f'Ana "Zé" Souza {tag}'
+    x = xid()
+    assert (await ledger.admit(user, 10, x, email=email, name=name)).status == "ok"
+    await ledger.settle(Usage(exchange_id=x, user_id=user, completion_tokens=10))
+    await spend(ledger, user, 7_990)  # 80 % of 10 000: an alert in the outbox
+    await ledger.grant(user, 500, actor="admin", reason=f"bonus for {name} <{email}> ({user})")
+    await ledger.set_settings(user, personal_cap=9_000, language="en", actor=f"user:{user}", source_ip="10.0.0.7")
+    await ledger.set_allowance(user, 20_000, actor="admin", reason=f"{name} leads a team")
+    await ledger.set_suspended(user, True, actor="admin", reason=f"asked by {email}")
+    await ledger.set_suspended(user, False, actor="admin", reason="ok")
+    # Someone else's row that mentions the person (a free-text reason).
+    await ledger.upsert_plan(f"p-{tag}", monthly_tokens=5, requests_per_minute=None, rollover=False,
+                             actor=f"user:{user}")
+    outbox = await pool.fetchval("SELECT id FROM alert_outbox WHERE user_id = $1", user)
+    await pool.execute("UPDATE alert_outbox SET last_error = $2 WHERE id = $1", outbox, f"email {email}: refused")
+    await pool.execute(
+        "INSERT INTO alert_deliveries (outbox_id, channel, audience, recipient, state, last_error, next_attempt_at,"
+        " created_at) VALUES ($1, 'email', 'user', $2, 'failed', $3, $4, $4),"
+        " ($1, 'email', 'admin', 'boss@example.org', 'sent', NULL, $4, $4)",
+        outbox, email, f"550 <{email}> mailbox full", clock.now)
+    await pool.execute("INSERT INTO magic_links VALUES ($1, $2, $3, $4, NULL)", f"n-{tag}", user, clock.now, clock.now)
+    await pool.execute(
+        "INSERT INTO web_sessions VALUES ($1, 'me', $2, $3, $3, $3, NULL, '10.0.0.7', 'Firefox'),"
+        " ($4, 'admin', 'admin', $3, $3, $3, NULL, '10.0.0.1', 'Chrome')",
+        f"sid-{tag}", user, clock.now, f"asid-{tag}")
+    await pool.execute(
+        "INSERT INTO billing_payments (payment_intent, session_id, user_id, pack, tokens, amount, currency)"
+        " VALUES ($1, $2, $3, 'small', 1000, 990, 'brl')", f"pi_{tag}", f"cs_{tag}", user)
+    return user, email, name
+
+
+async def traces(pool: asyncpg.Pool, *values: str) -> list[tuple[str, str, str]]:
+    """(table, column, value) for every text, jsonb or array column of every table holding
+    one of ``values`` anywhere (case-insensitive)."""
+    columns = await pool.fetch(
+        "SELECT table_name, column_name FROM information_schema.columns c"
+        " JOIN information_schema.tables t USING (table_schema, table_name)"
+        " WHERE c.table_schema = 'public' AND t.table_type = 'BASE TABLE'"
+        " AND c.data_type IN ('text', 'jsonb', 'json', 'ARRAY', 'character varying')")
+    found = []
+    for c in columns:
+        for v in values:
+            hits = await pool.fetchval(
+                f'SELECT count(*) FROM "{c["table_name"]}"'
+                f' WHERE strpos(lower("{c["column_name"]}"::text), lower($1)) > 0', v)
+            if hits:
+                found.append((c["table_name"], c["column_name"], v))
+    return found
+
+
+async def test_erase_leaves_no_trace_and_keeps_every_amount(
+        ledger: Ledger, pool: asyncpg.Pool, clock: Clock) -> None:
+    user, email, name = await person(ledger, pool, clock)
+    held = xid()
+    assert (await ledger.admit(user, 300, held)).status == "ok"  # in flight across the erasure
+    before = await ledger.account(user)
+    sums = await pool.fetchrow("SELECT count(*) AS n, sum(tokens) AS t FROM ledger_entries WHERE user_id = $1", user)
+    assert await traces(pool, user, email, name) != []  # the probe finds them before
+
+    pseudonym = await ledger.erase(user, actor="admin", reason=f"LGPD request of {name}", source_ip="10.0.0.1")
+
+    assert pseudonym.startswith("erased-") and await ledger.account(user) is None
+    after = await ledger.account(pseudonym)
+    assert before is not None and after is not None
+    assert (after.allowance, after.credits, after.reserved, after.used_cycle, after.cycle_budget, after.plan) == (
+        before.allowance, before.credits, before.reserved, before.used_cycle, before.cycle_budget, before.plan)
+    assert (after.email, after.name, after.personal_cap, after.language, after.erased_at) == (
+        None, None, None, None, clock.now)
+    assert tuple(await pool.fetchrow(
+        "SELECT count(*) AS n, sum(tokens) AS t FROM ledger_entries WHERE user_id = $1", pseudonym)) == tuple(sums)
+    await clean(ledger)
+    # Nothing of the id, the e-mail or the name is left, in any column of any table.
+    assert await traces(pool, user, email, name, f"Souza {user[4:]}") == []
+    assert await pool.fetchval("SELECT pseudonym FROM erased_users WHERE id_sha256 = $1", id_sha256(user)) == pseudonym
+    assert await pool.fetchval("SELECT count(*) FROM magic_links WHERE user_id = $1", pseudonym) == 0
+    assert await pool.fetchval("SELECT count(*) FROM web_sessions WHERE subject = $1", pseudonym) == 0
+    assert await pool.fetchval("SELECT count(*) FROM web_sessions WHERE kind = 'admin' AND subject = 'admin'") >= 1
+    assert await pool.fetchval("SELECT user_id FROM billing_payments WHERE user_id = $1", pseudonym) == pseudonym
+    assert [tuple(r) for r in await pool.fetch(
+        "SELECT d.audience, d.recipient FROM alert_deliveries d JOIN alert_outbox o ON o.id = d.outbox_id"
+        " WHERE o.user_id = $1 ORDER BY d.audience", pseudonym)] == [("admin", "boss@example.org"), ("user", "")]
+    # The audit trail: every row about the person now names the pseudonym; the erasure's own row.
+    actions = [r["action"] for r in await pool.fetch(
+        "SELECT action FROM audit_log WHERE target = $1 ORDER BY id", pseudonym)]
+    assert actions == ["grant", "settings", "allowance", "suspend", "unsuspend", "erase"]
+    erase_row = await pool.fetchrow("SELECT * FROM audit_log WHERE target = $1 AND action = 'erase'", pseudonym)
+    assert (erase_row["actor"], erase_row["reason"], erase_row["source_ip"], erase_row["before"]) == (
+        "admin", "LGPD request of [erased]", "10.0.0.1", None)
+    settings_row = await pool.fetchrow("SELECT * FROM audit_log WHERE target = $1 AND action = 'settings'", pseudonym)
+    assert settings_row["actor"] == f"user:{pseudonym}"
+    snapshot = json.loads(settings_row["after"])
+    assert (snapshot["user_id"], snapshot["email"], snapshot["name"]) == (pseudonym, "[erased]", "[erased]")
+    assert (snapshot["personal_cap"], snapshot["balance"]) == (9_000, 2_500)  # amounts untouched
+    grant = await pool.fetchrow("SELECT reason FROM ledger_entries WHERE user_id = $1 AND kind = 'grant'", pseudonym)
+    assert grant["reason"] == f"bonus for [erased] <[erased]> ({pseudonym})"
+    # The audit trail stays append-only outside an erasure.
+    with pytest.raises(asyncpg.RaiseError):
+        await pool.execute("UPDATE audit_log SET reason = 'x' WHERE id = $1", erase_row["id"])
+
+    # Refused afterwards, never re-created; its hold in flight settles under the pseudonym.
+    assert (await ledger.admit(user, 1, xid(), email=email)).status == "erased"
+    await ledger.settle(Usage(exchange_id=held, user_id=user, completion_tokens=250))
+    late = xid()  # admitted fail-open before the erasure, replayed from the spool after it
+    await ledger.settle(Usage(exchange_id=late, user_id=user, completion_tokens=40))
+    assert await ledger.account(user) is None
+    final = await ledger.account(pseudonym)
+    assert final is not None and (final.reserved, final.balance) == (0, before.balance - 250 - 40)
+    assert await pool.fetchval("SELECT user_id FROM ledger_entries WHERE exchange_id = $1", late) == pseudonym
+    with pytest.raises(UnknownUser):
+        await ledger.erase(user, actor="admin", reason="again")
+    await clean(ledger)
+
+
+async def test_erase_scrubs_short_ids_only_as_whole_values(pool: asyncpg.Pool) -> None:
+    from extproc.ledger import Scrubber
+    s = Scrubber("7", "erased-x", "a@b.c", None)
+    assert s.text("7") == "erased-x" and s.text("user:7") == "user:erased-x"
+    assert s.text("2027-07-07 for a@b.c") == "2027-07-07 for [erased]"
+    assert json.loads(s.json('{"n": 7, "id": "7", "t": "17", "e": "x \\"a@b.c\\""}')) == {
+        "n": 7, "id": "erased-x", "t": "17", "e": 'x "[erased]"'}
+    long = Scrubber("user-1234", "erased-y", None, 'Zé "Z"')
+    assert long.text('by user-1234 and Zé "Z"') == "by erased-y and [erased]"
+    assert 'Zé \\"Z\\"' in long.needles()
+
+
+async def wait_for_lock_waiters(pool: asyncpg.Pool, n: int) -> None:
+    for _ in range(500):
+        waiting = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+        if waiting >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{n} lock waiters never appeared")
+
+
+@pytest.mark.parametrize("batched", [False, True])
+async def test_settle_racing_an_erasure_is_neither_lost_nor_doubled(
+        ledger: Ledger, pool: asyncpg.Pool, batched: bool) -> None:
+    """Two connections: the erasure waits for the account (held by a third), then a settle of
+    its hold waits for the erasure; the erasure commits first and the settle, whose statement
+    began before, lands on the pseudonym exactly once, and the reserved column follows."""
+    user = uid()
+    await opened(ledger, user)
+    holds = [xid(), xid()]
+    for x in holds:
+        assert (await ledger.admit(user, 100, x)).status == "ok"
+    blocker = await pool.acquire()
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE", user)
+        erasing = asyncio.create_task(ledger.erase(user, actor="admin", reason="LGPD"))
+        await wait_for_lock_waiters(pool, 1)
+        usages = [Usage(exchange_id=x, user_id=user, completion_tokens=60) for x in holds]
+        settling = asyncio.create_task(
+            ledger._settle_batch(usages) if batched else ledger.settle_one(usages[0]))
+        await wait_for_lock_waiters(pool, 2)
+        await tx.commit()
+    finally:
+        await pool.release(blocker)
+    pseudonym = await erasing
+    await settling
+    if not batched:
+        assert await ledger.settle_one(usages[1]) is not None
+    assert await ledger.account(user) is None
+    acc = await ledger.account(pseudonym)
+    assert acc is not None and (acc.reserved, acc.used_cycle, acc.balance) == (0, 120, 10_000 - 120)
+    assert await pool.fetchval(
+        "SELECT count(*) FROM ledger_entries WHERE exchange_id = ANY($1::text[]) AND user_id = $2",
+        holds, pseudonym) == 2
+    assert await ledger.settle_one(usages[0]) is None  # a replay changes nothing
+    await clean(ledger)
+
+
+# ---------------------------------------------------------------- export
+
+
+async def test_export_holds_everything_about_the_user(ledger: Ledger, pool: asyncpg.Pool, clock: Clock) -> None:
+    user, email, name = await person(ledger, pool, clock)
+    held = xid()
+    assert (await ledger.admit(user, 300, held)).status == "ok"
+    data = await ledger.export(user)
+    assert data is not None
+    text = json.dumps(data)  # JSON-serialisable as it is
+    assert data["account"]["email"] == email and data["account"]["name"] == name
+    assert data["account"]["personal_cap"] == 9_000 and data["account"]["allowance_override"] == 20_000
+    kinds = [e["kind"] for e in data["ledger_entries"]]
+    assert kinds == ["cycle_reset", "usage", "usage", "grant"]
+    assert sum(e["tokens"] for e in data["ledger_entries"]) == data["account"]["balance"]
+    assert all(isinstance(e["tokens"], int) and e["created_at"].startswith("2026-03-10T")
+               for e in data["ledger_entries"])
+    assert [(r["exchange_id"], r["state"], r["tokens"]) for r in data["reservations"] if r["state"] == "held"] == [
+        (held, "held", 300)]
+    [alert] = data["alerts"]
+    assert (alert["threshold"], alert["used"], alert["budget"], alert["used_pct"]) == (80, 8_000, 10_000, 80)
+    assert alert["deliveries"] == [{"channel": "email", "recipient": email, "state": "failed", "sent_at": None}]
+    assert [(p["payment_intent"], p["tokens"], p["amount"]) for p in data["purchases"]] == [
+        (f"pi_{user[4:]}", 1_000, 990)]
+    assert [a["action"] for a in data["audit"]] == ["grant", "settings", "allowance", "suspend", "unsuspend"]
+    assert data["audit"][1]["after"]["preferences"]["language"] == "en"
+    assert data["sessions"] == [{"created_at": clock.now.isoformat(), "last_used_at": clock.now.isoformat(),
+                                 "expires_at": clock.now.isoformat(), "revoked_at": None,
+                                 "source_ip": "10.0.0.7", "user_agent": "Firefox"}]
+    assert data["sign_in_links"] == [{"created_at": clock.now.isoformat(), "expires_at": clock.now.isoformat(),
+                                      "used_at": None}]
+    # Never a session's hash nor a link's nonce (either would sign the reader in).
+    assert f"sid-{user[4:]}" not in text and f"n-{user[4:]}" not in text and "boss@example.org" not in text
+    assert await ledger.export(uid()) is None
