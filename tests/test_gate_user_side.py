@@ -1,15 +1,14 @@
 """The gate's side of the user's own settings, through the real Envoy, processor and ledger:
 a request past the personal cap is a 402 that names the cap and where to change it, an
 erased id is a 403 and is never opened again; neither reaches the upstream nor is debited.
-The in-chat notices measure against the same effective limit."""
+(The in-chat notices against a personal cap: tests/test_inline_notices.py.)"""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
 
-import pytest
-from support.gate import balance, chat, ledger_sums, open_account, post, settled, usage_entries
+from support.gate import balance, chat, ledger_sums, post, settled, usage_entries
 
 from extproc.errors import Messages
 from extproc.formats import fmt_date_text
@@ -89,35 +88,3 @@ async def test_an_erased_id_is_refused_and_never_opened_again(http, envoy, servi
     erased = await service.ledger.account(pseudonym)
     assert erased is not None and erased.email is None and erased.reserved == 0
     assert [-e["tokens"] for e in await usage_entries(service, pseudonym)] == [10]
-
-
-@pytest.fixture
-def notices_on(service):
-    before = service.gate.settings
-    service.gate.settings = before.replace(inline_notices=True)
-    yield
-    service.gate.settings = before
-
-
-async def test_the_notice_counts_against_the_personal_cap(http, envoy, service, auth, user, notices_on):
-    """A user who capped themselves at 2,000 tokens is told at 1,600, not at 80 % of the plan;
-    setting the cap below what is used already makes the next answer say so."""
-    await open_account(service, user)
-    await service.ledger.set_settings(user, personal_cap=2_000, actor=f"user:{user}")
-
-    async def answer(prompt: int, completion: int) -> str:
-        status, _, raw = await post(http, envoy, auth(user), chat(max_tokens=50, x_test={
-            "prompt": prompt, "completion": completion}), service=service)
-        assert status == 200, raw
-        return json.loads(raw)["choices"][0]["message"]["content"]
-
-    assert await answer(1_500, 100) == "hello there"  # crosses 80 % of 2,000
-    assert await answer(10, 10) == (
-        "hello there\n\n[Solaris] Você já usou 80% do seu limite de tokens neste ciclo: restam 380 tokens."
-        f" Acompanhe seu uso em {ME}.")
-    # The user lowers the cap under 90 % of what they used: the next answer carries the 90 notice.
-    await service.ledger.set_settings(user, personal_cap=1_700, actor=f"user:{user}")
-    assert await answer(10, 10) == (
-        "hello there\n\n[Solaris] Você já usou 90% do seu limite de tokens neste ciclo: restam apenas 60 tokens."
-        f" Acompanhe seu uso em {ME}.")
-    assert await answer(10, 10) == "hello there"

@@ -1,6 +1,6 @@
 """The in-chat notices (docs/notices.md) through the real Envoy, the processor and the fake
 upstream: once at 80 % and once at 90 % of the effective limit, on the answer after the one
-that crossed, with the exact tokens left; never in a tool call, a JSON-format answer, an
+that crossed, with the exact tokens left (under a personal cap too); never in a tool call, a JSON-format answer, an
 embedding, an n > 1 answer or an error; off by default; and never counted as model output.
 
 Numbers: each account gets a cycle budget of 1,000 tokens (the default allowance minus an
@@ -206,6 +206,26 @@ async def test_the_openai_sdk_reads_answers_with_a_notice(envoy, service, user, 
     assert answer.choices[0].message.content == f"hello there\n\n{notice(90, BUDGET - 905 - 5)}"
     await settled(service)
     assert await debits(service, user) == [800, 15, 90, 5]
+
+
+# ---------------------------------------------------------------- against the personal cap
+
+
+async def test_the_notice_counts_against_the_personal_cap(http, envoy, service, auth, user, notices_on):
+    """A user who capped themselves at 2,000 tokens is told at 1,600, not at 80 % of the plan;
+    setting the cap below what is used already makes the next answer say so."""
+    await open_account(service, user)
+    await service.ledger.set_settings(user, personal_cap=2_000, actor=f"user:{user}")
+
+    async def answer(prompt: int, completion: int) -> str:
+        return content(await ask(http, envoy, auth, user, service, spend(prompt, completion)))
+
+    assert await answer(1_500, 100) == "hello there"  # crosses 80 % of 2,000
+    assert await answer(10, 10) == f"hello there\n\n{notice(80, 380)}"
+    # The user lowers the cap to 1,700, so the 1,620 used are past 90 %: the next answer says so.
+    await service.ledger.set_settings(user, personal_cap=1_700, actor=f"user:{user}")
+    assert await answer(10, 10) == f"hello there\n\n{notice(90, 60)}"
+    assert await answer(10, 10) == "hello there"
 
 
 # ---------------------------------------------------------------- answers that never get one
