@@ -409,6 +409,61 @@ async def test_blocked_alert_goes_to_the_user_and_the_admins(pool, base, smtp, u
         assert offer in text and "https://gate.solaris.test/me" in html
 
 
+# ---------------------------------------------------------------- the user's preferences
+
+
+async def test_user_turns_off_80_and_90_but_100_always_goes_out(pool, base, smtp, hook, user):
+    """notify_80/notify_90 off: the alerts are recorded once per cycle, the user's e-mails for
+    them are not planned, the webhook (the admins') still fires; 100 % always reaches the user."""
+    settings = base.replace(webhook_url=hook.url, webhook_secret=SECRET)
+    ledger = Ledger(pool, settings, Clock(datetime(2026, 3, 10, 12, tzinfo=UTC)))
+    address = f"{user}@example.com"
+    assert await spend(ledger, user, 1, email=address) == ()
+    await ledger.set_settings(user, notify_80=False, notify_90=False, actor=f"user:{user}")
+    assert await spend(ledger, user, 95_000) == (80, 90)
+    metrics = Metrics()
+    await drain(AlertWorker(pool, settings, metrics))
+    assert smtp.mailbox.to(address) == []
+    assert len(hook.requests) == 2
+    assert [(r["threshold"], r["state"]) for r in await outbox(pool, user)] == [(80, "sent"), (90, "sent")]
+    assert [(d["threshold"], d["channel"]) for d in await deliveries(pool, user)] == [(80, "webhook"), (90, "webhook")]
+    assert counted(metrics, 80, "skipped") == counted(metrics, 90, "skipped") == 1
+    assert await spend(ledger, user, 5_000) == (100,)
+    await drain(AlertWorker(pool, settings, metrics))
+    (blocked,) = smtp.mailbox.to(address)
+    assert "bloqueado" in blocked["Subject"]
+
+
+async def test_only_the_chosen_threshold_is_skipped_and_an_alert_with_nothing_to_send_is_skipped(
+        pool, base, smtp, user):
+    ledger = Ledger(pool, base, Clock(datetime(2026, 3, 10, 12, tzinfo=UTC)))
+    address = f"{user}@example.com"
+    await spend(ledger, user, 1, email=address)
+    await ledger.set_settings(user, notify_90=False, actor=f"user:{user}")
+    assert await spend(ledger, user, 92_000) == (80, 90)
+    await drain(AlertWorker(pool, base, Metrics()))
+    (mail,) = smtp.mailbox.to(address)
+    assert "80 %" in mail["Subject"]
+    # No webhook, no admin e-mail below 100 %: the 90 % alert has nothing to deliver.
+    assert [(r["threshold"], r["state"]) for r in await outbox(pool, user)] == [(80, "sent"), (90, "skipped")]
+    assert [d["threshold"] for d in await deliveries(pool, user)] == [80]
+
+
+async def test_users_email_in_their_language_admins_in_the_deployments(pool, base, smtp, user):
+    ledger = Ledger(pool, base, Clock(datetime(2026, 3, 10, 12, tzinfo=UTC)))
+    address = f"{user}@example.com"
+    await spend(ledger, user, 1, email=address, name="Ana")
+    await ledger.set_settings(user, language="en", actor=f"user:{user}")
+    assert await spend(ledger, user, 119_999) == (80, 90, 100)
+    await drain(AlertWorker(pool, base, Metrics()))  # GATE_LANGUAGE is pt-BR
+    mails = smtp.mailbox.to(address)
+    assert len(mails) == 3 and {m["Content-Language"] for m in mails} == {"en"}
+    assert "you have used 80% of this cycle's tokens" in mails[0]["Subject"]
+    assert "120,000" in text_of(mails[2]) and "120.000" not in text_of(mails[2])
+    (boss,) = smtp.mailbox.to("boss@solaris.test")
+    assert boss["Content-Language"] == "pt-BR" and "esgotou os tokens" in boss["Subject"]
+
+
 # ---------------------------------------------------------------- webhook
 
 

@@ -1,5 +1,6 @@
-"""What an alert says: its e-mails (user and admins) and its webhook payload, in the gate's
-language. Nothing here sends anything (``mail``, ``alerts.webhook``) or touches the database.
+"""What an alert says: its e-mails (user and admins) and its webhook payload: the user's
+e-mail in the user's language (``accounts.language``) when they chose one, everything else in
+the gate's (GATE_LANGUAGE). Nothing here sends anything (``mail``, ``alerts.webhook``) or touches the database.
 
 Templates are Jinja2 files in extproc/templates/email, one per message, language and part:
 ``<message>.<language>.txt`` (its ``subject`` is a ``{% set %}`` block) and ``.html``
@@ -43,6 +44,7 @@ class Alert:
     cycle_start: datetime
     cycle_end: datetime
     created_at: datetime
+    language: str | None = None  # the account's own (accounts.language); None: the deployment's
 
     @property
     def blocked(self) -> bool:
@@ -59,21 +61,34 @@ class AlertTemplates:
         self.me_url = base + "/me"
         self.admin_url = base + "/admin"
         self.admins = settings.admin_email_list()
-        self.env = Environment(
-            loader=FileSystemLoader(TEMPLATE_DIR),
-            autoescape=select_autoescape(["html"], default_for_string=False, default=False),
-            undefined=StrictUndefined,  # a typo in a template fails the attempt, visibly
-            trim_blocks=True,
-            lstrip_blocks=True,
-            keep_trailing_newline=True,
-        )
-        lang = self.language
-        self.env.filters.update(num=lambda v: fmt_int(v, lang), pct=lambda v: fmt_number(v, lang),
-                                date=lambda v: fmt_date_text(v, lang))
+        self._envs: dict[str, Environment] = {}
+        self.env = self._env(self.language)
 
-    def context(self, alert: Alert) -> dict[str, Any]:
+    def _env(self, lang: str) -> Environment:
+        """The templates with number and date filters of one language (one per language)."""
+        env = self._envs.get(lang)
+        if env is None:
+            env = Environment(
+                loader=FileSystemLoader(TEMPLATE_DIR),
+                autoescape=select_autoescape(["html"], default_for_string=False, default=False),
+                undefined=StrictUndefined,  # a typo in a template fails the attempt, visibly
+                trim_blocks=True,
+                lstrip_blocks=True,
+                keep_trailing_newline=True,
+            )
+            env.filters.update(num=lambda v: fmt_int(v, lang), pct=lambda v: fmt_number(v, lang),
+                               date=lambda v: fmt_date_text(v, lang))
+            self._envs[lang] = env
+        return env
+
+    def language_for(self, alert: Alert, audience: str) -> str:
+        """The user's e-mail speaks the user's language when they chose one; the admins' e-mail
+        and the webhook speak the deployment's."""
+        return alert.language if audience == "user" and alert.language else self.language
+
+    def context(self, alert: Alert, language: str | None = None) -> dict[str, Any]:
         return {
-            "lang": self.language,
+            "lang": language or self.language,
             "user_id": alert.user_id,
             "name": alert.name or "",
             "email": alert.email or "",
@@ -91,18 +106,22 @@ class AlertTemplates:
             "billing": bool(self.settings.stripe_secret_key),
         }
 
-    def render(self, message: str, alert: Alert) -> tuple[str, str, str]:
-        """(subject, text, html) of ``message`` ("user_alert" or "admin_alert")."""
-        ctx = self.context(alert)
-        module = self.env.get_template(f"{message}.{self.language}.txt").make_module(ctx)
+    def render(self, message: str, alert: Alert, language: str | None = None) -> tuple[str, str, str]:
+        """(subject, text, html) of ``message`` ("user_alert" or "admin_alert") in ``language``
+        (default: the deployment's)."""
+        lang = language or self.language
+        env = self._env(lang)
+        ctx = self.context(alert, lang)
+        module = env.get_template(f"{message}.{lang}.txt").make_module(ctx)
         subject = " ".join(str(module.subject).split())  # one line: it becomes a header
-        html = self.env.get_template(f"{message}.{self.language}.html").render(ctx, subject=subject)
+        html = env.get_template(f"{message}.{lang}.html").render(ctx, subject=subject)
         return subject, str(module), html
 
     def email(self, alert: Alert, audience: str, recipient: str, *, delivery_id: int,
               now: datetime) -> EmailMessage:
         """The e-mail of one delivery: ``audience`` "user" (the account's owner) or "admin"."""
-        subject, text, html = self.render("user_alert" if audience == "user" else "admin_alert", alert)
+        language = self.language_for(alert, audience)
+        subject, text, html = self.render("user_alert" if audience == "user" else "admin_alert", alert, language)
         msg = EmailMessage()
         msg["Subject"] = subject
         msg["From"] = self.settings.mail_from
@@ -116,7 +135,7 @@ class AlertTemplates:
         msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation auto-replies
         msg.set_content(text)
         msg.add_alternative(html, subtype="html")
-        msg["Content-Language"] = self.language  # after the body: set_content drops Content-* headers
+        msg["Content-Language"] = language  # after the body: set_content drops Content-* headers
         return msg
 
     def webhook_payload(self, alert: Alert) -> dict[str, Any]:

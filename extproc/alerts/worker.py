@@ -30,6 +30,12 @@ Rules
   RCPT), gets an 'undeliverable' e-mail delivery: recorded, never retried.
 * No channel configured (neither GATE_SMTP_URL nor GATE_WEBHOOK_URL): the alert is marked
   'undeliverable' with that reason, so the outbox depth cannot grow forever unnoticed.
+* The user's preferences (``accounts.notify_80``, ``notify_90``) turn off the user's own e-mail
+  for a threshold below 100 %: ``notify_90`` governs thresholds from 90 % up, ``notify_80``
+  those below. The alert is still recorded in the outbox (once per cycle holds), only the
+  user's e-mail is not planned; the webhook (for the admins) is unchanged, and an alert left
+  with no delivery at all is 'skipped'. The 100 % alert always goes out. The user's e-mail is
+  written in ``accounts.language`` when set, else GATE_LANGUAGE (``alerts.render``).
 * The outbox row's state is the roll-up of its deliveries: 'pending' while any is pending, then
   the worst outcome (failed > undeliverable > sent); its attempts is the largest of theirs and
   its last_error the most recent error, prefixed with the channel and recipient.
@@ -62,7 +68,7 @@ from ..settings import Settings
 from .render import Alert, AlertTemplates, event_id
 from .webhook import HttpWebhook, WebhookPoster, request_headers
 
-__all__ = ["NO_CHANNEL", "AlertWorker", "Job", "backoff", "worker_main"]
+__all__ = ["NO_CHANNEL", "AlertWorker", "Job", "backoff", "user_wants", "worker_main"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +94,14 @@ def backoff(attempts: int, base: float = 30.0, cap: float = 3600.0) -> timedelta
     return timedelta(seconds=min(base * 2 ** max(attempts - 1, 0), cap))
 
 
+def user_wants(threshold: int, *, notify_80: bool, notify_90: bool) -> bool:
+    """Whether the user's own e-mail for ``threshold`` is wanted: 100 % always; from 90 % up
+    as ``notify_90`` says; below, as ``notify_80`` says."""
+    if threshold >= 100:
+        return True
+    return notify_90 if threshold >= 90 else notify_80
+
+
 def _error_text(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     if not text.startswith(type(exc).__name__):
@@ -103,7 +117,7 @@ WITH c AS (
                   ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
     RETURNING d.id, d.outbox_id, d.channel, d.audience, d.recipient, d.attempts)
 SELECT c.*, o.user_id, o.threshold, o.used_pct, o.used, o.budget, o.remaining, o.cycle_start,
-       o.cycle_end, o.created_at, a.email, a.name
+       o.cycle_end, o.created_at, a.email, a.name, a.language
 FROM c JOIN alert_outbox o ON o.id = c.outbox_id JOIN accounts a ON a.user_id = o.user_id
 """
 
@@ -249,10 +263,12 @@ class AlertWorker:
 
     # ------------------------------------------------------------ plan
 
-    def _deliveries_for(self, threshold: int, email: str | None) -> list[tuple[str, str, str, str, str | None]]:
-        """(channel, audience, recipient, state, error) rows of one alert."""
+    def _deliveries_for(self, threshold: int, email: str | None,
+                        wanted: bool = True) -> list[tuple[str, str, str, str, str | None]]:
+        """(channel, audience, recipient, state, error) rows of one alert; ``wanted``: whether
+        the user wants this threshold's e-mail (``user_wants``)."""
         rows: list[tuple[str, str, str, str, str | None]] = []
-        if self.sender is not None:
+        if self.sender is not None and wanted:
             address = usable_address(email)
             if address is not None:
                 rows.append(("email", "user", address, "pending", None))
@@ -275,7 +291,7 @@ class AlertWorker:
         async with self.pool.acquire() as conn, conn.transaction():
             # FOR UPDATE OF o only: the account row is the settle path's lock, never taken here.
             outbox = await conn.fetch(
-                "SELECT o.id, o.threshold, a.email FROM alert_outbox o"
+                "SELECT o.id, o.threshold, a.email, a.notify_80, a.notify_90 FROM alert_outbox o"
                 " JOIN accounts a ON a.user_id = o.user_id"
                 " WHERE o.planned_at IS NULL AND o.state = 'pending'"
                 " ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
@@ -284,8 +300,15 @@ class AlertWorker:
             if not outbox:
                 return 0
             columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
+            skipped: list[int] = []  # the user turned this e-mail off and nothing else is due
             for row in outbox:
-                for delivery in self._deliveries_for(row["threshold"], row["email"]):
+                wanted = user_wants(row["threshold"], notify_80=row["notify_80"], notify_90=row["notify_90"])
+                deliveries = self._deliveries_for(row["threshold"], row["email"], wanted)
+                if not wanted:
+                    self.metrics.alerts.labels(str(row["threshold"]), "skipped").inc()
+                    if not deliveries and (self.sender is not None or self.webhook is not None):
+                        skipped.append(row["id"])
+                for delivery in deliveries:
                     for column, value in zip(columns, (row["id"], *delivery), strict=True):
                         column.append(value)
                     if delivery[3] == "undeliverable":
@@ -300,8 +323,10 @@ class AlertWorker:
             )
             ids = [row["id"] for row in outbox]
             await conn.execute("UPDATE alert_outbox SET planned_at = $2 WHERE id = ANY($1::bigint[])", ids, now)
+            await conn.execute("UPDATE alert_outbox SET state = 'skipped' WHERE id = ANY($1::bigint[])", skipped)
             for outbox_id in ids:
-                await conn.fetchval(_ROLL_UP, outbox_id, NO_CHANNEL)
+                if outbox_id not in skipped:
+                    await conn.fetchval(_ROLL_UP, outbox_id, NO_CHANNEL)
         for threshold in undeliverable:
             self.metrics.alerts.labels(str(threshold), "undeliverable").inc()
         if self.sender is None and self.webhook is None:
@@ -318,7 +343,7 @@ class AlertWorker:
             outbox_id=row["outbox_id"], user_id=row["user_id"], email=row["email"], name=row["name"],
             threshold=row["threshold"], used_pct=float(row["used_pct"]), used=row["used"],
             budget=row["budget"], remaining=row["remaining"], cycle_start=row["cycle_start"],
-            cycle_end=row["cycle_end"], created_at=row["created_at"],
+            cycle_end=row["cycle_end"], created_at=row["created_at"], language=row["language"],
         )
         return Job(row["id"], row["channel"], row["audience"], row["recipient"], row["attempts"], alert)
 
