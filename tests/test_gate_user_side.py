@@ -47,10 +47,12 @@ async def test_past_the_personal_cap_is_a_402_naming_the_cap(http, envoy, servic
     assert len(upstream.requests) == before
     await nothing_held_or_debited(service, user, 1)
     # A request that fits under the cap still goes through, and is debited exactly.
-    status, _, raw = await post(http, envoy, auth(user), chat(max_tokens=100, x_test={
+    status, headers, raw = await post(http, envoy, auth(user), chat(max_tokens=100, x_test={
         "prompt": 6, "completion": 4}), service=service)
     assert status == 200, raw
     assert [-e["tokens"] for e in await usage_entries(service, user)] == [400, 10]
+    # What is left, and the usage %, are the cap's: 1,000 - 410.
+    assert (headers["x-solaris-tokens-remaining"], headers["x-solaris-quota-used-pct"]) == ("590", "41.00")
     # The user lifts the cap: the same request is served.
     await service.ledger.set_settings(user, personal_cap=None, actor=f"user:{user}")
     status, _, raw = await post(http, envoy, auth(user), chat(max_tokens=1_000), service=service)

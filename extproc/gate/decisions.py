@@ -1,7 +1,9 @@
 """The gate's decisions for one exchange, phase after phase, on plain values: who is calling,
-may they spend (rate limit, estimate, reservation), and what did the exchange cost (settle,
-release). Envoy's protocol is ``gate.envoy``'s business; each API schema's knowledge is its
-translator's; the money rules are in ``accounting``, ``gate.billable`` and the ledger.
+may they spend (rate limit, estimate, reservation; or the ledger's refusals, the user's own
+cap and erasure among them), what did the exchange cost (settle, release), and the in-chat
+notice its answer carries (docs/notices.md). Envoy's protocol is ``gate.envoy``'s business;
+each API schema's knowledge is its translator's; the money rules are in ``accounting``,
+``gate.billable`` and the ledger.
 """
 
 from __future__ import annotations
@@ -366,6 +368,8 @@ class Gate:
         remaining, pct = accounting.balance_after(
             available=acc.available, reserved=ex.reserved, used=acc.used_cycle, budget=acc.effective_limit,
             cost=cost)
+        # Under a personal cap, what is left is the room under it when that is less.
+        remaining = accounting.spendable(remaining, acc.used_cycle + cost, acc.personal_cap)
         headers = (("x-solaris-tokens-remaining", str(remaining)), ("x-solaris-quota-used-pct", f"{pct:.2f}"))
         noticed = await self._json_notice(ex, upstream_body, usage, cost) if ex.notice else None
         if noticed is None:

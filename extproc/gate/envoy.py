@@ -5,7 +5,8 @@ Envoy's messages (header and body mutations, immediate responses, mode overrides
 request headers  -> route check, identity (401), rate limit (429)
 request body     -> parse, estimate, admit/reserve in the ledger (402/403/503), body mutation
 response headers -> JSON stays buffered; text/event-stream switches to STREAMED (mode_override)
-response body    -> read usage and settle exactly once (the exchange id is minted here)
+response body    -> read usage and settle exactly once (the exchange id is minted here); the
+                    rare answer due an in-chat notice is rewritten, the others pass unchanged
 """
 
 from __future__ import annotations
