@@ -1,5 +1,5 @@
 """The `extproc` command: serve, migrate, dev, token, grant, balance,
-reconcile, calibrate, plus plan, suspend, unsuspend, worker, backup, restore."""
+reconcile, calibrate, plus plan, suspend, unsuspend, allowance, erase, worker, backup, restore."""
 
 from __future__ import annotations
 
@@ -105,8 +105,9 @@ def cmd_balance(settings: Settings, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(data))
         else:
+            # as_json carries personal_cap and effective_limit (what usage % is measured against)
             for key, value in data.items():
-                print(f"{key:>13}: {value}")
+                print(f"{key:>18}: {value}")
         return 0
 
     return _with_ledger(settings, work)
@@ -123,6 +124,55 @@ def cmd_suspend(settings: Settings, args: argparse.Namespace) -> int:
             print(f"error: unknown user {args.user!r}", file=sys.stderr)
             return 1
         print(json.dumps(account.as_json()))
+        return 0
+
+    return _with_ledger(settings, work)
+
+
+def cmd_allowance(settings: Settings, args: argparse.Namespace) -> int:
+    """A per-user monthly allowance (or ``default``: the plan's again), from the next cycle."""
+    if not args.reason.strip():
+        print("error: --reason must not be empty", file=sys.stderr)
+        return 2
+    tokens: int | None = None
+    if args.tokens != "default":
+        try:
+            tokens = int(args.tokens)
+        except ValueError:
+            tokens = -1
+        if tokens < 0:
+            print("error: TOKENS must be a whole number >= 0 or 'default'", file=sys.stderr)
+            return 2
+
+    async def work(ledger: Ledger) -> int:
+        try:
+            account = await ledger.set_allowance(args.user, tokens, actor=f"cli:{args.actor}", reason=args.reason)
+        except UnknownUser:
+            print(f"error: unknown user {args.user!r}", file=sys.stderr)
+            return 1
+        except ValueError as exc:  # above the ledger's limit
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(account.as_json()))
+        return 0
+
+    return _with_ledger(settings, work)
+
+
+def cmd_erase(settings: Settings, args: argparse.Namespace) -> int:
+    """LGPD erasure, at once (no question: the operator typed the id and a reason); prints the
+    pseudonym the account's ledger now lives under."""
+    if not args.reason.strip():
+        print("error: --reason must not be empty", file=sys.stderr)
+        return 2
+
+    async def work(ledger: Ledger) -> int:
+        try:
+            pseudonym = await ledger.erase(args.user, actor=f"cli:{args.actor}", reason=args.reason)
+        except UnknownUser:
+            print(f"error: unknown or already erased user {args.user!r}", file=sys.stderr)
+            return 1
+        print(pseudonym)
         return 0
 
     return _with_ledger(settings, work)
@@ -258,6 +308,19 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--reason", required=True)
         s.add_argument("--actor", default="operator")
         s.set_defaults(func=cmd_suspend)
+
+    s = sub.add_parser("allowance", help="a user's own monthly allowance instead of the plan's (next cycle)")
+    s.add_argument("user")
+    s.add_argument("tokens", metavar="TOKENS|default", help="monthly tokens, or 'default' for the plan's")
+    s.add_argument("--reason", required=True)
+    s.add_argument("--actor", default="operator")
+    s.set_defaults(func=cmd_allowance)
+
+    s = sub.add_parser("erase", help="erase a user's personal data (LGPD), irreversibly; prints the pseudonym")
+    s.add_argument("user")
+    s.add_argument("--reason", required=True)
+    s.add_argument("--actor", default="operator")
+    s.set_defaults(func=cmd_erase)
 
     s = sub.add_parser("plan", help="create, list and assign plans")
     s.set_defaults(func=cmd_plan)

@@ -115,6 +115,59 @@ def test_grant_balance_suspend_plan_reconcile(env, capsys, service):
     assert code == 0 and json.loads(out)["current_factor"] == 0.376
 
 
+def test_allowance_erase_and_balance_show_the_user_side(env, capsys):
+    """`extproc allowance USER TOKENS|default`, `extproc erase USER` (prints the pseudonym) and
+    `extproc balance` showing the personal cap and the effective limit."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from extproc.ledger import Ledger, create_pool
+    from extproc.settings import Settings
+
+    user = f"cli-{uuid.uuid4().hex[:8]}"
+
+    async def open_capped() -> None:
+        pool = await create_pool(Settings.from_env(), min_size=1, max_size=1)
+        ledger = Ledger(pool, Settings.from_env())
+        await ledger.admit(user, 0, uuid.uuid4().hex, email=f"{user}@example.com", name="Ana")
+        await ledger.set_settings(user, personal_cap=30_000, actor=f"user:{user}")
+        await pool.close()
+
+    code, _, err = run(capsys, "allowance", user, "5000", "--reason", "lead")
+    assert code == 1 and "unknown user" in err
+    with ThreadPoolExecutor(1) as ex:
+        ex.submit(asyncio.run, open_capped()).result()
+
+    data = json.loads(run(capsys, "balance", user, "--json")[1])
+    assert (data["budget"], data["personal_cap"], data["effective_limit"]) == (100_000, 30_000, 30_000)
+    code, out, _ = run(capsys, "balance", user)
+    assert "personal_cap: 30000" in out and "effective_limit: 30000" in out
+
+    code, out, _ = run(capsys, "allowance", user, "250000", "--reason", "team lead")
+    assert code == 0 and json.loads(out)["allowance_override"] == 250_000
+    assert json.loads(out)["allowance"] == 100_000  # from the next cycle, like a plan change
+    code, out, _ = run(capsys, "allowance", user, "default", "--reason", "back to the plan")
+    assert code == 0 and json.loads(out)["allowance_override"] is None
+    for bad in ("-5", "lots", "1.5"):
+        code, out, err = run(capsys, "allowance", user, bad, "--reason", "x")
+        assert (code, out) == (2, "") and "TOKENS" in err
+    code, _, err = run(capsys, "allowance", user, "5", "--reason", " ")
+    assert code == 2 and "reason" in err
+
+    code, _, err = run(capsys, "erase", user, "--reason", "")
+    assert code == 2 and "reason" in err
+    code, out, err = run(capsys, "erase", user, "--reason", "LGPD request")
+    pseudonym = out.strip()
+    assert code == 0 and pseudonym.startswith("erased-") and err == ""
+    assert run(capsys, "balance", user)[0] == 1
+    data = json.loads(run(capsys, "balance", pseudonym, "--json")[1])
+    assert (data["email"], data["name"], data["allowance"]) == (None, None, 100_000) and data["erased_at"]
+    code, _, err = run(capsys, "erase", user, "--reason", "again")
+    assert code == 1 and "already erased" in err
+    code, _, err = run(capsys, "reconcile")
+    assert code == 0
+
+
 def test_reconcile_reports_drift(env, capsys, make_database, monkeypatch):
     database = make_database()
     monkeypatch.setenv("DATABASE_URL", database)
