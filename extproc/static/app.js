@@ -3,9 +3,44 @@
 //   reloading the page with ?dialog=...;
 // - a dialog rendered open by the server (validation errors) becomes modal;
 // - forms marked [data-once] disable their submit button once sent (the server's idempotency
-//   key is what really prevents a double grant).
+//   key is what really prevents a double grant);
+// - a table wider than the screen scrolls inside its .table-wrap: while it does, that region
+//   takes the keyboard focus (the arrow keys scroll it) and is named after its table.
 "use strict";
+
+function tableName(wrap) {
+  var caption = wrap.querySelector("caption");
+  var section = wrap.closest("section, dialog");
+  var heading = section && section.querySelector("h2, h3");
+  return ((caption || heading || document.querySelector("h1") || {}).textContent || "").trim();
+}
+
+// Only while it really scrolls: on a wide screen the region would be a useless tab stop.
+function scrollableTables() {
+  document.querySelectorAll(".table-wrap").forEach(function (wrap) {
+    var scrolls = wrap.scrollWidth > wrap.clientWidth + 1;
+    if (scrolls && !wrap.hasAttribute("data-scrolls")) {
+      wrap.setAttribute("data-scrolls", "");
+      wrap.setAttribute("tabindex", "0");
+      wrap.setAttribute("role", "region");
+      wrap.setAttribute("aria-label", tableName(wrap));
+    } else if (!scrolls && wrap.hasAttribute("data-scrolls")) {
+      ["data-scrolls", "tabindex", "role", "aria-label"].forEach(function (name) { wrap.removeAttribute(name); });
+    }
+  });
+}
+
 document.addEventListener("DOMContentLoaded", function () {
+  scrollableTables();
+  var pending = false;
+  window.addEventListener("resize", function () {
+    if (pending) { return; }
+    pending = true;
+    window.requestAnimationFrame(function () { pending = false; scrollableTables(); });
+  });
+  document.querySelectorAll("details").forEach(function (details) {
+    details.addEventListener("toggle", scrollableTables);  // a table inside shows only when opened
+  });
   document.querySelectorAll("a[data-dialog]").forEach(function (link) {
     link.addEventListener("click", function (event) {
       var dialog = document.getElementById(link.getAttribute("data-dialog"));

@@ -85,8 +85,13 @@ async def ui_middleware(request: web.Request,
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        _secure(request, exc.headers)
-        raise
+        if exc.status not in (404, 405) or exc.content_type == "text/html" or _wants_json(request):
+            _secure(request, exc.headers)
+            raise
+        # aiohttp's answer to a path or method no route takes is plain text: the console's
+        # error page instead (a title, the page's language, a way back), like every other page.
+        ctx = request.app[WEB]
+        response = ctx.error_page(ctx.t("a11y.not_found"), status=exc.status)
     except (LedgerUnavailable, *UNAVAILABLE_ERRORS) as exc:
         log.warning("console: database unavailable: %s", type(exc).__name__)
         response = _failure(request, 503, "unavailable")

@@ -1,0 +1,90 @@
+"""Chromium for the browser tests (Debian's package driven by Playwright), axe-core injected
+into a page, and the keyboard helpers of the keyboard-only tests.
+
+axe-core is the npm package pinned by the repository's package.json (``make test`` runs
+``npm ci``): its script is added to the page by Playwright and run against WCAG 2.0/2.1 A and
+AA. The page's CSP forbids inline scripts, so the contexts that run axe bypass it
+(``bypass_csp=True``); the keyboard tests keep the CSP and fail on any violation of it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+AXE = Path(__file__).resolve().parents[2] / "node_modules" / "axe-core" / "axe.min.js"
+AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+MAX_TABS = 60  # a flow that needs more Tab presses to reach its target is itself a finding
+
+
+def missing_tools() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    if not os.path.exists(CHROMIUM):
+        return f"{CHROMIUM} is not installed (apt-get install chromium; make test does)"
+    if not AXE.exists():
+        return f"{AXE} is missing: install Node.js and npm, then `make js` (make test runs npm ci)"
+    return None
+
+
+async def axe_violations(page: Any) -> list[dict[str, Any]]:
+    """axe-core's violations on the page as it is now (dialogs open, errors shown...)."""
+    if not await page.evaluate("typeof window.axe !== 'undefined'"):
+        await page.add_script_tag(path=str(AXE))
+    result = await page.evaluate(
+        "tags => axe.run(document, {runOnly: {type: 'tag', values: tags}, resultTypes: ['violations']})",
+        AXE_TAGS)
+    return result["violations"]
+
+
+def findings(violations: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str]]:
+    """One (rule, impact, target, help, failure summary) per failing element."""
+    rows = []
+    for v in violations:
+        for node in v["nodes"]:
+            target = " ".join(str(t) for t in node["target"])
+            summary = " ".join((node.get("failureSummary") or "").split())
+            rows.append((v["id"], v.get("impact") or "", target, v["help"], summary))
+    return rows
+
+
+def report(rows: list[tuple[str, str, str, str, str]]) -> str:
+    """The findings as lines a person can act on."""
+    return "\n".join(f"  [{rule}] ({impact}) {target}\n      {help_}\n      {summary}"
+                     for rule, impact, target, help_, summary in rows)
+
+
+async def focus_outline(page: Any) -> dict[str, str]:
+    """The computed focus indicator of the focused element (outline and box-shadow)."""
+    return await page.evaluate("""() => {
+        const el = document.activeElement;
+        const s = getComputedStyle(el);
+        return {tag: el.tagName, text: (el.innerText || el.value || el.id || '').trim().slice(0, 60),
+                outlineStyle: s.outlineStyle, outlineWidth: s.outlineWidth, outlineColor: s.outlineColor,
+                boxShadow: s.boxShadow};
+    }""")
+
+
+def visible_focus(style: dict[str, str]) -> bool:
+    outlined = style["outlineStyle"] not in ("none", "") and float(style["outlineWidth"].rstrip("px") or 0) >= 2
+    return outlined or style["boxShadow"] not in ("none", "")
+
+
+async def tab_to(page: Any, selector: str, *, backwards: bool = False) -> dict[str, str]:
+    """Press Tab (or Shift+Tab) until the element matching ``selector`` has the focus; checks
+    that every element the focus passes shows a focus indicator. Returns the target's style."""
+    key = "Shift+Tab" if backwards else "Tab"
+    passed: list[str] = []
+    for _ in range(MAX_TABS):
+        await page.keyboard.press(key)
+        style = await focus_outline(page)
+        if style["tag"] != "BODY":
+            assert visible_focus(style), f"no visible focus indicator on {style}"
+        passed.append(f"{style['tag']}:{style['text']}")
+        if await page.evaluate("s => document.activeElement.matches(s)", selector):
+            return style
+    raise AssertionError(f"{selector} not reached with {MAX_TABS} × {key}; focus went through {passed}")

@@ -1,0 +1,307 @@
+"""Accessibility of the console and /me in real Chromium, through a real Envoy and processor.
+
+1. Every page, at desktop (1280×800) and phone (390×844) widths, in the states a person meets
+   (results, an empty search, a filter, each dialog open, a validation error, error pages):
+   axe-core — the npm package pinned by package.json, its script injected by Playwright — finds
+   no violation of WCAG 2.0/2.1 A and AA. A page is one line of ``PAGES``.
+2. The main flows by keyboard alone (``keyboard.press``/``type``, no click): the admin signs in,
+   searches, opens a user, grants credits through the dialog (focus moves in, Escape closes it
+   and gives focus back) and signs out; a user asks for a link, signs in, reaches the statement
+   and its CSV by the skip link, and signs out. Every element the focus reaches shows a visible
+   indicator.
+
+Skipped, with the reason, without Chromium or without node_modules/axe-core (`make test`
+installs both). Screenshots of every page checked go to ``A11Y_SHOTS`` (not docs/screenshots).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.browser import (
+    ARGS,
+    CHROMIUM,
+    DESKTOP,
+    PHONE,
+    axe_violations,
+    findings,
+    missing_tools,
+    report,
+)
+from support.gate import open_account, spend
+from support.mail import SmtpServer, link_in
+from support.stripe_api import SECRET_KEY, WEBHOOK_SECRET, FakeStripe
+
+from extproc.app import Service
+from extproc.settings import Settings
+from extproc_dev import devstack
+
+pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or "")
+pytest.importorskip("playwright.async_api", reason="the playwright package (test extra) is not installed")
+
+A11Y_SHOTS = Path(os.environ.get("A11Y_SHOTS", Path(tempfile.gettempdir()) / "solaris-a11y"))
+WIDTHS = {"desktop": DESKTOP, "phone": PHONE}
+
+
+# ---------------------------------------------------------------- the stack and its people
+
+
+@dataclass
+class Stack:
+    service: Service
+    url: str  # Envoy's: every page goes through the proxy, like in production
+    smtp: SmtpServer
+    tag: str
+    admin_state: dict[str, Any]  # a signed-in admin's cookies (Playwright storage state)
+    me_state: dict[str, Any]  # a signed-in /me user's cookies
+    confirm_link: str  # an unused sign-in link (its confirmation page)
+
+    @property
+    def user(self) -> str:
+        return f"maria-{self.tag}"
+
+    @property
+    def me_user(self) -> str:
+        return f"bia-{self.tag}"
+
+
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    A11Y_SHOTS.mkdir(parents=True, exist_ok=True)
+    return A11Y_SHOTS
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield chromium
+        await chromium.close()
+
+
+@pytest.fixture(scope="module")
+async def stack(settings: Settings, upstream: Any, browser: Any,
+                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """A processor with e-mail and Stripe on (the /me billing section shows), behind its own
+    Envoy; accounts with a statement long enough for a pager; an admin and a user signed in."""
+    smtp = SmtpServer().start()
+    stripe = FakeStripe()
+    await stripe.start()
+    envoy_port = devstack.free_port()
+    svc = Service(settings.replace(
+        smtp_url=smtp.url, http_port=devstack.free_port(), public_url=f"http://127.0.0.1:{envoy_port}",
+        stripe_secret_key=SECRET_KEY, stripe_webhook_secret=WEBHOOK_SECRET, stripe_api_base=stripe.url))
+    await svc.start()
+    proxy = devstack.Envoy(tmp_path_factory.mktemp("a11y-envoy"), upstream=("127.0.0.1", upstream.port),
+                           extproc=[("127.0.0.1", svc.grpc_port)], http=("127.0.0.1", svc.http_port),
+                           listen_port=envoy_port)
+    proxy.start()
+    try:
+        tag = uuid.uuid4().hex[:6]
+        await people(svc, tag)
+        admin_state = await signed_in_admin(browser, proxy.url, settings.admin_token)
+        me_state = await signed_in_user(browser, proxy.url, smtp, f"bia.{tag}@example.com")
+        await svc.ledger.grant(f"caio-{tag}", 1, actor="test", reason="link")
+        confirm_link = await requested_link(browser, proxy.url, smtp, f"caio.{tag}@example.com")
+        yield Stack(svc, proxy.url, smtp, tag, admin_state, me_state, confirm_link)
+    finally:
+        proxy.stop()
+        await svc.stop(grace=1)
+        await stripe.stop()
+        smtp.stop()
+
+
+async def people(svc: Service, tag: str) -> None:
+    """Maria (warned, with credits, statement, alerts, audit), Bia (a /me user whose statement
+    needs a pager), Caio (an unused link), and a few others for the lists."""
+    await open_account(svc, f"maria-{tag}", email=f"maria.{tag}@example.com", name=f"Maria {tag}")
+    await spend(svc, f"maria-{tag}", 60_000, 22_000)  # 82 %: warned
+    await svc.ledger.grant(f"maria-{tag}", 5_000, actor="admin-token", reason="bônus")
+    await open_account(svc, f"bia-{tag}", email=f"bia.{tag}@example.com", name="Bia")
+    for i in range(30):  # more than one page (25 rows)
+        await spend(svc, f"bia-{tag}", 100 + i, 50)
+    await svc.ledger.grant(f"bia-{tag}", 2_000, actor="admin-token", reason="crédito de teste")
+    await open_account(svc, f"caio-{tag}", email=f"caio.{tag}@example.com")
+    for i in range(3):
+        await open_account(svc, f"outro-{tag}-{i}", email=f"o{i}.{tag}@example.com")
+        await spend(svc, f"outro-{tag}-{i}", 30_000 * (i + 1), 1_000)
+
+
+async def signed_in_admin(browser: Any, url: str, token: str) -> dict[str, Any]:
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(url + "/admin/login")
+    await page.locator("#token").fill(token)
+    async with page.expect_navigation():
+        await page.locator("form[action='/admin/login'] button[type=submit]").click()
+    assert page.url == url + "/admin", f"admin sign-in failed: {page.url}\n{await page.inner_text('body')}"
+    state = await context.storage_state()
+    await context.close()
+    return state
+
+
+async def requested_link(browser: Any, url: str, smtp: SmtpServer, email: str) -> str:
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(url + "/me")
+    await page.locator("#email").fill(email)
+    await page.locator("form[action='/me/login'] button[type=submit]").click()
+    await page.wait_for_load_state()
+    await context.close()
+    return link_in(await smtp.mailbox.wait_for(email))
+
+
+async def signed_in_user(browser: Any, url: str, smtp: SmtpServer, email: str) -> dict[str, Any]:
+    link = await requested_link(browser, url, smtp, email)
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(link)
+    async with page.expect_navigation():
+        await page.locator("form[action='/me/login/confirm'] button[type=submit]").click()
+    assert page.url == url + "/me", f"/me sign-in failed: {page.url}\n{await page.inner_text('body')}"
+    state = await context.storage_state()
+    await context.close()
+    return state
+
+
+# ---------------------------------------------------------------- the pages
+
+
+Visit = Callable[[Any, Stack], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Page:
+    name: str
+    who: str  # "admin", "me" or "" (nobody signed in)
+    visit: Visit
+
+
+def goto(path: str | Callable[[Stack], str]) -> Visit:
+    async def visit(page: Any, s: Stack) -> None:
+        await page.goto(s.url + (path(s) if callable(path) else path))
+    return visit
+
+
+def with_dialog(name: str) -> Visit:
+    """The user page with a dialog opened the way a person does: its button, pressed."""
+    async def visit(page: Any, s: Stack) -> None:
+        await page.goto(f"{s.url}/admin/users/{s.user}")
+        await page.locator(f"a[data-dialog='{name}-dialog']").click()
+        await page.locator(f"#{name}-dialog[open]").wait_for()
+    return visit
+
+
+async def credits_refused(page: Any, s: Stack) -> None:
+    await with_dialog("credits")(page, s)
+    await page.locator("#tokens").fill("-5")
+    await page.locator("#credit-reason").fill("teste")
+    await page.locator("#credits-dialog button.primary").click()
+    await page.locator("#tokens-error").wait_for()
+
+
+async def admin_login_refused(page: Any, s: Stack) -> None:
+    await page.goto(s.url + "/admin/login")
+    await page.locator("#token").fill("not-the-token")
+    await page.locator("form[action='/admin/login'] button[type=submit]").click()
+    await page.locator("#login-error").wait_for()
+
+
+async def me_signin_refused(page: Any, s: Stack) -> None:
+    await page.goto(s.url + "/me")
+    await page.locator("#email").fill("bia@localhost")  # the browser takes it, the server does not
+    await page.locator("form[action='/me/login'] button[type=submit]").click()
+    await page.locator("#email-error").wait_for()
+
+
+async def link_sent(page: Any, s: Stack) -> None:
+    await page.goto(s.url + "/me")
+    await page.locator("#email").fill(f"ninguem.{s.tag}@example.com")
+    await page.locator("form[action='/me/login'] button[type=submit]").click()
+    await page.wait_for_url(s.url + "/me/login")
+
+
+def forged_post(path: str) -> Visit:
+    """A form posted with a wrong CSRF token: the 403 page."""
+    async def visit(page: Any, s: Stack) -> None:
+        await page.goto(s.url + ("/admin" if path.startswith("/admin") else "/me"))
+        async with page.expect_navigation():
+            await page.evaluate("""path => {
+                const f = document.createElement('form'); f.method = 'post'; f.action = path;
+                const i = document.createElement('input'); i.name = 'csrf'; i.value = 'forged'; f.append(i);
+                document.body.append(f); f.submit(); }""", path)
+    return visit
+
+
+async def older_statement(page: Any, s: Stack) -> None:
+    await page.goto(s.url + "/me")
+    await page.locator("nav.pager a[rel=next]").click()
+    await page.locator("nav.pager a[rel=prev]").wait_for()
+
+
+PAGES = [
+    Page("admin-login", "", goto("/admin/login")),
+    Page("admin-login-refused", "", admin_login_refused),
+    Page("dashboard", "admin", goto("/admin")),
+    Page("users", "admin", goto(lambda s: f"/admin/users?q={s.tag}")),
+    Page("users-empty-search", "admin", goto("/admin/users?q=ninguem-com-este-nome")),
+    Page("users-filtered", "admin", goto("/admin/users?state=warned_80&sort=usage&order=desc")),
+    Page("users-invalid-filter", "admin", goto("/admin/users?band=nenhuma")),
+    Page("user", "admin", goto(lambda s: f"/admin/users/{s.user}")),
+    Page("user-credits-dialog", "admin", with_dialog("credits")),
+    Page("user-plan-dialog", "admin", with_dialog("plan")),
+    Page("user-suspension-dialog", "admin", with_dialog("suspension")),
+    Page("user-credits-refused", "admin", credits_refused),
+    Page("audit", "admin", goto("/admin/audit")),
+    Page("audit-invalid-date", "admin", goto("/admin/audit?since=ontem")),
+    Page("admin-404-user", "admin", goto("/admin/users/ninguem-com-este-id")),
+    Page("admin-404-path", "admin", goto("/admin/nao-existe")),
+    Page("admin-403-csrf", "admin", forged_post("/admin/logout")),
+    Page("me-signin", "", goto("/me")),
+    Page("me-signin-refused", "", me_signin_refused),
+    Page("me-link-sent", "", link_sent),
+    Page("me-link-invalid", "", goto("/me/login?token=nao-e-um-link")),
+    Page("me-confirm", "", goto(lambda s: s.confirm_link.removeprefix(s.url))),
+    Page("me-statement", "me", goto("/me")),  # with the billing section: Stripe is on
+    Page("me-statement-older", "me", older_statement),
+    Page("me-purchase-notice", "me", goto("/me?purchase=success")),
+    Page("me-403-csrf", "me", forged_post("/me/logout")),
+]
+
+
+# ---------------------------------------------------------------- axe on every page
+
+
+async def checked_context(browser: Any, s: Stack, who: str, viewport: dict[str, int]) -> Any:
+    state = {"admin": s.admin_state, "me": s.me_state}.get(who)
+    return await browser.new_context(viewport=viewport, storage_state=state, locale="pt-BR",
+                                      bypass_csp=True, is_mobile=viewport is PHONE, has_touch=viewport is PHONE)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("spec", PAGES, ids=[p.name for p in PAGES])
+async def test_no_axe_violations(browser, stack, shots: Path, spec: Page, width: str):
+    context = await checked_context(browser, stack, spec.who, WIDTHS[width])
+    page = await context.new_page()
+    page.set_default_timeout(15_000)
+    try:
+        await spec.visit(page, stack)
+        await page.wait_for_load_state()
+        await page.screenshot(path=str(shots / f"{spec.name}-{width}.png"), full_page=True)
+        rows = findings(await axe_violations(page))
+        assert not rows, (f"{spec.name} at {width} width ({page.url}): {len(rows)} WCAG 2.1 AA violations\n"
+                          + report(rows))
+        assert await page.evaluate("document.documentElement.lang") == "pt-BR"
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), (
+            f"{spec.name} scrolls sideways at {width} width")
+    finally:
+        await context.close()
