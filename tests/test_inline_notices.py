@@ -161,6 +161,23 @@ async def test_streamed_answers_get_one_notice_event_before_done(
     await assert_balanced(service, user)
 
 
+async def test_only_the_stream_due_a_notice_leaves_the_fast_path(
+        http, envoy, service, auth, user, settings, notices_on):
+    """The adapter's per-chunk fast path (counted by solaris_stream_chunks_total) serves
+    every stream but the one answer that carries a notice."""
+    await small_account(service, user, settings)
+    chunks = service.gate.metrics.stream_chunks
+
+    async def fast_chunks(prompt: int, completion: int) -> float:
+        before = chunks._value.get()
+        await ask_stream(http, envoy, auth, user, service, spend(prompt, completion))
+        return chunks._value.get() - before
+
+    assert await fast_chunks(700, 100) > 0   # crosses 80 %: nothing due yet
+    assert await fast_chunks(10, 5) == 0     # carries the notice
+    assert await fast_chunks(10, 5) > 0
+
+
 async def test_a_stream_without_usage_is_charged_without_the_notice_text(
         http, envoy, service, auth, user, settings, notices_on):
     """No usage: the charge is the reservation or the visible text counted, whichever is
