@@ -48,6 +48,7 @@ from .kit import (
 from .sessions import (
     ADMIN_COOKIE,
     ME_COOKIE,
+    PRE_COOKIE,
     VERIFIED,
     AuthFailure,
     WebSession,
@@ -242,13 +243,19 @@ def signin_counters(area: str, form: Mapping[str, Any], request: web.Request) ->
 async def signin_limits(request: web.Request, handler: Handler) -> web.StreamResponse:
     """429 past the sign-in limits. Admin sign-ins count when they fail (a success takes its
     attempt back); /me link requests always count, known address or not (the answer must not
-    tell them apart)."""
+    tell them apart). Over the limit, even the right credential waits for the window to end:
+    otherwise the limit would not slow down guessing."""
     area = SIGNIN_ROUTES.get(request.path) if request.method == "POST" else None
     if area is None:
         return await handler(request)
-    settings = request.app[WEB].settings
-    limiter = request.app[SIGNIN]
-    counters = signin_counters(area, await request.post(), request)
+    ctx = request.app[WEB]
+    settings, limiter = ctx.settings, request.app[SIGNIN]
+    form = await request.post()
+    if not ctx.csrf_ok(form, request.cookies.get(PRE_COOKIE)):
+        # Refused by the handler before any credential is looked at: not an attempt (and a
+        # page from another site cannot spend a visitor's attempts).
+        return await handler(request)
+    counters = signin_counters(area, form, request)
     verdict = await limiter.attempt([(counters[0], settings.signin_attempts_per_address),
                                      (counters[1], settings.signin_attempts_per_account)])
     if not verdict.allowed:
