@@ -178,8 +178,8 @@ async def test_me_page_chart_table_and_csv(service, history):
     # two charts, each named and described, with the totals per model in text beside them
     charts = re.findall(r'<svg viewBox="0 0 720 220" role="img" aria-labelledby="([^"]+)"', page)
     assert charts == ["usage-current-svg usage-current-desc", "usage-previous-svg usage-previous-desc"]
-    assert "<strong>gpt-4o-mini</strong>: 2.200 tokens, 3 requisições" in page
-    assert "<strong>claude-3-haiku</strong>: 1.150 tokens, 2 requisições" in page
+    assert "<strong>gpt-4o-mini</strong>: 2.200 tokens; requisições: 3" in page
+    assert "<strong>claude-3-haiku</strong>: 1.150 tokens; requisições: 2" in page
     assert 'fill="url(#usage-previous-p1)"' in page  # the second model's pattern, not a colour alone
     assert "Estimado" not in page  # estimates are for admins
     # the table behind the chart: one row per day and model, newest first
