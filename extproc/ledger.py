@@ -1225,11 +1225,13 @@ class Ledger:
         return swept
 
     async def roll_idle_cycles(self, limit: int = 500) -> int:
-        """The periodic sweep's half of cycle rolling (the request path rolls lazily)."""
+        """The periodic sweep's half of cycle rolling (the request path rolls lazily). Erased
+        accounts are not rolled: nobody can spend from them, and a new allowance entry every
+        month would only grow a balance no one owns."""
         now = self.clock()
         rolled = 0
         users = await self.pool.fetch(
-            "SELECT user_id FROM accounts WHERE cycle_end <= $1 LIMIT $2", now, limit)
+            "SELECT user_id FROM accounts WHERE cycle_end <= $1 AND erased_at IS NULL LIMIT $2", now, limit)
         for u in users:
             async with self.pool.acquire() as conn, conn.transaction():
                 row = await self._locked_account(conn, u["user_id"])

@@ -460,6 +460,20 @@ async def test_settle_racing_an_erasure_is_neither_lost_nor_doubled(
     await clean(ledger)
 
 
+async def test_erased_accounts_are_not_rolled(ledger: Ledger, pool: asyncpg.Pool, clock: Clock) -> None:
+    user = uid()
+    await opened(ledger, user)
+    await spend(ledger, user, 100)
+    pseudonym = await ledger.erase(user, actor="admin", reason="LGPD")
+    entries = await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE user_id = $1", pseudonym)
+    clock.now = d(2026, 6, 11)
+    await ledger.roll_idle_cycles(limit=100_000)
+    assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE user_id = $1", pseudonym) == entries
+    acc = await ledger.account(pseudonym)
+    assert acc is not None and (acc.balance, acc.cycle_start) == (9_900, d(2026, 3, 10, 0))
+    await clean(ledger)
+
+
 # ---------------------------------------------------------------- export
 
 
