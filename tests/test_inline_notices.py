@@ -225,6 +225,35 @@ async def test_the_openai_sdk_reads_answers_with_a_notice(envoy, service, user, 
     assert await debits(service, user) == [800, 15, 90, 5]
 
 
+async def test_a_claim_the_ledger_cannot_answer_never_fails_the_answer(
+        http, envoy, service, auth, user, settings, notices_on, monkeypatch):
+    """A ledger down or slow at the claim: the answer goes out whole, without the notice,
+    debited exactly; the next answer shows it."""
+    import asyncio
+
+    from extproc.ledger import LedgerUnavailable
+
+    await small_account(service, user, settings)
+    await ask(http, envoy, auth, user, service, spend(800, 5))
+    claim = service.ledger.claim_inline_notice
+
+    async def down(*args: Any) -> bool:
+        raise LedgerUnavailable("connection refused")
+
+    async def slow(*args: Any) -> bool:
+        await asyncio.sleep(5)
+        return await claim(*args)
+
+    for fault in (down, slow):
+        monkeypatch.setattr(service.ledger, "claim_inline_notice", fault)
+        assert content(await ask(http, envoy, auth, user, service, spend(1, 1))) == "hello there"
+        assert streamed_text(await ask_stream(http, envoy, auth, user, service, spend(1, 1))) == "word0 word1 word2 "
+    monkeypatch.undo()
+    assert content(await ask(http, envoy, auth, user, service, spend(1, 1))).endswith(notice(80, 1_000 - 815))
+    assert await debits(service, user) == [805, 2, 2, 2, 2, 2]
+    await assert_balanced(service, user)
+
+
 # ---------------------------------------------------------------- against the personal cap
 
 

@@ -39,6 +39,9 @@ STEERING_HEADER_PREFIX = "x-litellm-"
 # Settles run after the reply; beyond this many not yet committed, replies wait for theirs
 # (backpressure: the backlog, and with it what a crash could leave to the sweep, is bounded).
 MAX_PENDING_SETTLES = 256
+# An in-chat notice's claim holds its answer's last chunk: past this, the answer goes out
+# without the notice (Envoy gives each ext_proc message 1 s; a notice is never worth a reset).
+NOTICE_CLAIM_TIMEOUT_SECONDS = 0.5
 
 
 def upstream_credentials(key: str, jwt_header: str = "authorization") -> Continue:
@@ -434,13 +437,14 @@ class Gate:
 
     async def _claim_notice(self, ex: Exchange, threshold: int) -> bool:
         """Whether this answer is the one that shows the notice: the ledger lets one answer
-        per user, cycle and threshold through. A ledger that cannot say means no notice (the
-        next answer tries again): a notice never holds an answer back nor fails it."""
+        per user, cycle and threshold through. A ledger that cannot say (down, or slower than
+        NOTICE_CLAIM_TIMEOUT_SECONDS) means no notice on this answer: a notice never fails an
+        answer. (A claim that timed out may still have been written: that notice is lost.)"""
         assert ex.account is not None and ex.identity is not None
         try:
-            return await self.ledger.claim_inline_notice(
-                ex.identity.user_id, threshold, ex.account.cycle_start)
-        except Exception as exc:
+            return await asyncio.wait_for(self.ledger.claim_inline_notice(
+                ex.identity.user_id, threshold, ex.account.cycle_start), NOTICE_CLAIM_TIMEOUT_SECONDS)
+        except Exception as exc:  # TimeoutError included
             log.warning("in-chat notice not claimed for %s: %s", ex.exchange_id, exc)
             return False
 
