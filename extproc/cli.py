@@ -17,6 +17,14 @@ from .migrate import migrate
 from .settings import Settings
 
 
+def _reason_missing(reason: str) -> bool:
+    """Audited writes need a reason: a blank one is refused (exit 2) before any connection."""
+    if reason.strip():
+        return False
+    print("error: --reason must not be empty", file=sys.stderr)
+    return True
+
+
 def _with_ledger(settings: Settings, work: Callable[[Ledger], Awaitable[int]]) -> int:
     async def run() -> int:
         pool = await create_pool(settings, min_size=1, max_size=2)
@@ -76,8 +84,7 @@ def cmd_grant(settings: Settings, args: argparse.Namespace) -> int:
     if args.tokens == 0:
         print("error: TOKENS must not be zero", file=sys.stderr)
         return 2
-    if not args.reason.strip():
-        print("error: --reason must not be empty", file=sys.stderr)
+    if _reason_missing(args.reason):
         return 2
 
     async def work(ledger: Ledger) -> int:
@@ -131,8 +138,7 @@ def cmd_suspend(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_allowance(settings: Settings, args: argparse.Namespace) -> int:
     """A per-user monthly allowance (or ``default``: the plan's again), from the next cycle."""
-    if not args.reason.strip():
-        print("error: --reason must not be empty", file=sys.stderr)
+    if _reason_missing(args.reason):
         return 2
     tokens: int | None = None
     if args.tokens != "default":
@@ -162,8 +168,7 @@ def cmd_allowance(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_erase(settings: Settings, args: argparse.Namespace) -> int:
     """LGPD erasure, at once (no question: the operator typed the id and a reason); prints the
     pseudonym the account's ledger now lives under."""
-    if not args.reason.strip():
-        print("error: --reason must not be empty", file=sys.stderr)
+    if _reason_missing(args.reason):
         return 2
 
     async def work(ledger: Ledger) -> int:

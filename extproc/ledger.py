@@ -31,13 +31,14 @@ The admission fast path is a single conditional UPDATE (atomic on its own).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -346,6 +347,16 @@ class Ledger:
             "JOIN plans p ON p.name = a.plan WHERE a.user_id = $1 FOR UPDATE OF a",
             user_id, *args,
         )
+
+    @contextlib.asynccontextmanager
+    async def _account_change(self, user_id: str) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Record]]:
+        """One change of an account by an admin or its user: a transaction holding the
+        account's lock (its audit row goes in the same transaction, I4); UnknownUser if none."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await self._locked_account(conn, user_id)
+            if row is None:
+                raise UnknownUser(user_id)
+            yield conn, row
 
     def _plan_tokens(self, row: asyncpg.Record) -> int:
         """A cycle's allowance: the account's own (``set_allowance``) when an admin set one, else
@@ -914,10 +925,7 @@ class Ledger:
         source_ip: str | None = None,
     ) -> Account:
         now = self.clock()
-        async with self.pool.acquire() as conn, conn.transaction():
-            row = await self._locked_account(conn, user_id)
-            if row is None:
-                raise UnknownUser(user_id)
+        async with self._account_change(user_id) as (conn, row):
             before = _account(row)
             state = "suspended" if suspended else accounting.state_for(
                 "active", before.balance, before.used_pct)
@@ -996,10 +1004,7 @@ class Ledger:
                 raise ValueError("language must be 'pt-BR', 'en' or None")
             changes["language"] = language
         now = self.clock()
-        async with self.pool.acquire() as conn, conn.transaction():
-            row = await self._locked_account(conn, user_id)
-            if row is None:
-                raise UnknownUser(user_id)
+        async with self._account_change(user_id) as (conn, row):
             before = _account(row)
             moved = replace(before, **changes)
             state = moved.state if moved.state == "suspended" else accounting.state_for(
@@ -1022,10 +1027,7 @@ class Ledger:
                                    or not 0 <= tokens <= MAX_TOKENS_SETTING):
             raise ValueError(f"the allowance must be an integer in [0, {MAX_TOKENS_SETTING}] or None")
         now = self.clock()
-        async with self.pool.acquire() as conn, conn.transaction():
-            row = await self._locked_account(conn, user_id)
-            if row is None:
-                raise UnknownUser(user_id)
+        async with self._account_change(user_id) as (conn, row):
             before = _account(row)
             updated = _account(await conn.fetchrow(
                 "UPDATE accounts SET allowance_override = $2, updated_at = $3 WHERE user_id = $1"
