@@ -320,6 +320,7 @@ def test_the_notice_goes_before_done_or_at_the_end():
     assert notices.insertion_point(b"data:[DONE]\n\n", end_of_stream=False) == 0
     assert notices.insertion_point(b'data: {"a": 1}\n\n', end_of_stream=False) is None
     assert notices.insertion_point(b'data: {"text": "[DONE]"}\n\n', end_of_stream=False) is None
+    assert notices.has_done(b"data: [DO" + b"NE]\n\n") and not notices.has_done(b'data: "[DONE]"\n\n')
     unterminated = b'data: {"a": 1}\n'
     at = notices.insertion_point(unterminated, end_of_stream=True)
     assert notices.insert(unterminated, at, event) == unterminated + b"\n" + event

@@ -408,6 +408,8 @@ class Gate:
             return CONTINUE
         ex.tap.feed(chunk)
         at = notices.insertion_point(chunk, end_of_stream)
+        if at == len(chunk) and notices.has_done(b"".join(ex.tap.chunks[-2:])):
+            at = None  # a [DONE] split across two chunks went out already: no notice, none claimed
         event = b""
         if at is not None:  # the answer ends here: decided now, whatever comes after passes
             threshold, ex.notice, ex.plain_stream = ex.notice, 0, True

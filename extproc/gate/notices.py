@@ -19,7 +19,7 @@ from ..i18n import catalogue
 if TYPE_CHECKING:
     from ..ledger import Account
 
-__all__ = ["MARKER", "THRESHOLDS", "due", "insert", "insertion_point", "remaining", "text"]
+__all__ = ["MARKER", "THRESHOLDS", "due", "has_done", "insert", "insertion_point", "remaining", "text"]
 
 MARKER = "[Solaris]"  # never translated: what tells a reader (and a test) the line is ours
 THRESHOLDS = (80, 90)  # usage % of the effective limit; the highest due one is shown
@@ -59,6 +59,12 @@ def insertion_point(chunk: bytes, end_of_stream: bool) -> int | None:
     if found is not None:
         return found.start()
     return len(chunk) if end_of_stream else None
+
+
+def has_done(data: bytes) -> bool:
+    """Whether ``data`` holds a ``data: [DONE]`` line (one split across two chunks is found
+    in the two joined)."""
+    return _DONE.search(data) is not None
 
 
 def insert(chunk: bytes, at: int, event: bytes) -> bytes:
