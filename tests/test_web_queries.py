@@ -67,3 +67,9 @@ async def test_sql_usage_pct_counts_against_the_personal_cap(database_url: str) 
     assert [float(r["pct"]) for r in rows] == [80.0, 80.0, 100.0, 25.0, 50.0]
     assert [accounting.usage_pct(u, accounting.effective_limit(b, c)) for u, b, c in data] == [
         80.0, 80.0, 100.0, 25.0, 50.0]
+
+
+def test_like_patterns_take_wildcards_literally():
+    assert q.like_prefix("a_b%") == "a\\_b\\%%"
+    assert q.like_substring("50%_off\\") == "%50\\%\\_off\\\\%"
+    assert q.like_substring("") == "%%"

@@ -1,9 +1,10 @@
 """Read-only queries behind the admin console and /me: SELECT statements only.
 
 Money moves in ``ledger`` alone; this module only reads. Queries that list accounts are
-built for 100 000+ rows: keyset paging (no OFFSET), prefix search and sorts served by the
-"C"-collation indexes of migrations/20261125000003_web.sql, and counts capped so a broad
-filter never counts the whole table.
+built for 100 000+ rows: keyset paging (no OFFSET), search by substring on the trigram indexes
+of migrations/20261129000004_search.sql (by prefix on the "C"-collation indexes of
+migrations/20261125000003_web.sql where pg_trgm is missing), sorts served by those "C"
+indexes, and counts capped so a broad filter never counts the whole table.
 """
 
 from __future__ import annotations
@@ -62,9 +63,43 @@ class BadCursor(ValueError):
     pass
 
 
+def like_literal(text: str) -> str:
+    """``text`` for LIKE / ILIKE with its wildcards (and the escape character) taken literally."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def like_prefix(text: str) -> str:
     """``text%`` for LIKE with the wildcards in ``text`` taken literally."""
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    return like_literal(text) + "%"
+
+
+def like_substring(text: str) -> str:
+    """``%text%`` for ILIKE with the wildcards in ``text`` taken literally."""
+    return "%" + like_literal(text) + "%"
+
+
+# How the user list searches: "substring" (pg_trgm and the trigram indexes of
+# migrations/20261129000004_search.sql exist) or "prefix" (the documented fallback). Found out
+# once per pool (a pool is one database); pools cannot be weakly referenced, so the entry
+# keeps its pool, and the map is bounded (tests open many pools, a service one or two).
+SEARCH_MODES = ("substring", "prefix")
+_search_mode: dict[int, tuple[asyncpg.Pool, str]] = {}
+TRGM_INDEXES = ("accounts_user_id_trgm", "accounts_email_trgm", "accounts_name_trgm")
+
+
+async def search_mode(pool: asyncpg.Pool) -> str:
+    known = _search_mode.get(id(pool))
+    if known is not None and known[0] is pool:
+        return known[1]
+    found = await pool.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm')"
+        " AND (SELECT count(*) FROM pg_indexes WHERE tablename = 'accounts' AND indexname = ANY($1::text[]))"
+        " = cardinality($1::text[])", list(TRGM_INDEXES))
+    mode = "substring" if found else "prefix"
+    if len(_search_mode) >= 64:
+        _search_mode.clear()
+    _search_mode[id(pool)] = (pool, mode)
+    return mode
 
 
 def encode_cursor(values: Sequence[Any]) -> str:
@@ -108,6 +143,9 @@ class UserFilter:
     limit: int = 50
     after: str = ""
     before: str = ""
+    # "substring" or "prefix"; empty: what the database supports (search_mode), chosen by
+    # list_users and iter_users. Not a user's choice: tests force "prefix" to check the fallback.
+    mode: str = ""
 
     def validate(self) -> dict[str, str]:
         """Field -> problem code; empty when the filter is usable."""
@@ -124,6 +162,8 @@ class UserFilter:
             errors["q" if len(self.q) > 320 else "plan"] = "too_long"
         if self.after and self.before:
             errors["after"] = "conflict"
+        if self.mode and self.mode not in SEARCH_MODES:
+            errors["mode"] = "invalid_choice"
         return errors
 
 
@@ -143,7 +183,11 @@ def _where(f: UserFilter, args: list[Any]) -> list[str]:
 
     where: list[str] = []
     q = f.q.strip()
-    if q:
+    if q and f.mode == "substring":
+        # Three substring searches, each on its own trigram index, OR-ed (a BitmapOr).
+        low = arg(like_substring(q.lower()))
+        where.append(f"(lower(a.user_id) ILIKE {low} OR lower(a.email) ILIKE {low} OR lower(a.name) ILIKE {low})")
+    elif q:
         # Three prefix searches, each on its own index, OR-ed (a BitmapOr in the plan).
         raw, low = arg(like_prefix(q)), arg(like_prefix(q.lower()))
         where.append(
@@ -199,6 +243,8 @@ def _cursor(row: asyncpg.Record, size: int) -> str:
 
 
 async def list_users(pool: asyncpg.Pool, f: UserFilter) -> UserPage:
+    if not f.mode:
+        f = replace(f, mode=await search_mode(pool))
     sql, args, backwards = user_query(f)
     rows = list(await pool.fetch(sql, *args))
     more = len(rows) > f.limit
@@ -222,7 +268,7 @@ async def list_users(pool: asyncpg.Pool, f: UserFilter) -> UserPage:
 async def iter_users(pool: asyncpg.Pool, f: UserFilter, batch: int = 1000) -> AsyncIterator[Account]:
     """Every account matching ``f``, in keyset batches (a CSV export never holds the whole
     table in memory)."""
-    f = replace(f, limit=batch, after="", before="")
+    f = replace(f, limit=batch, after="", before="", mode=f.mode or await search_mode(pool))
     size = len(SORTS[f.sort])
     while True:
         sql, args, _ = user_query(f)
