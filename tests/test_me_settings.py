@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from support.browser import DESKTOP, PHONE, axe_violations, findings, missing_tools, report
 from support.gate import open_account, spend
 from support.web import HOSTILE, api, base, csrf_of, me_signed_in
 
@@ -354,3 +355,41 @@ async def test_user_sets_a_cap_alerts_and_language_in_chromium(browser, service,
     assert not violations, violations
     rows = await audit_rows(service, user)
     assert len(rows) == 1 and rows[0]["actor"] == f"user:{user}"
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+async def test_me_pages_have_no_axe_violations(browser, service, user, viewport):
+    """/me with its charts and tables open, and /me/settings clean and with an error shown:
+    no WCAG 2.1 AA violation (axe-core), no sideways scrolling at phone width."""
+    if missing_tools():
+        pytest.skip(missing_tools())
+    await open_account(service, user, email=f"{user}@example.com", name="Bia")
+    await spend(service, user, 6_000, 1_500)
+    await spend(service, user, 300, 200, model="claude-3-haiku")
+    # axe's script is injected: the CSP is bypassed here (the flow test above keeps it)
+    context = await browser.new_context(viewport=viewport, locale="pt-BR", bypass_csp=True,
+                                        is_mobile=viewport is PHONE, has_touch=viewport is PHONE)
+    page = await context.new_page()
+    page.set_default_timeout(15_000)
+    try:
+        token = await MagicLinks(service.pool, Signer(service.settings)).issue(user, service.clock())
+        await page.goto(base(service) + "/me/login?token=" + token)
+        await page.get_by_role("button", name="Entrar").click()
+        await page.get_by_role("heading", name="Meu saldo e extrato").wait_for()
+        for summary in await page.locator("#usage details summary").all():
+            await summary.click()
+        checks = [("/me", await axe_violations(page))]
+        await page.goto(base(service) + "/me/settings")
+        checks.append(("/me/settings", await axe_violations(page)))
+        await page.get_by_label("Limite mensal (tokens)").fill("-5")
+        await page.get_by_role("button", name="Salvar preferências").click()
+        await page.get_by_text("O limite não pode ser negativo.").wait_for()
+        checks.append(("/me/settings with an error", await axe_violations(page)))
+        for where, violations in checks:
+            rows = findings(violations)
+            assert not rows, f"{where}: {len(rows)} WCAG 2.1 AA violations\n" + report(rows)
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+        await page.goto(base(service) + "/me")
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    finally:
+        await context.close()

@@ -124,7 +124,9 @@ async def test_cycles_are_exact_with_estimate_and_real_for_admins(service, histo
     assert debited == previous.tokens
     # the chart: one column per day of the previous cycle, today the current one's last column
     assert len(previous.chart["columns"]) == (current.start - previous.start).days
-    assert current.chart["columns"][-1]["day"] == history.now.date()
+    assert current.chart["columns"][-1]["day"] == current.last_day  # the whole cycle, days to come included
+    today = next(c for c in current.chart["columns"] if c["day"] == history.now.date())
+    assert today["today"] and today["label"] and not any(c["today"] for c in previous.chart["columns"])
     busiest = next(c for c in previous.chart["columns"] if c["day"] == want_previous[0][0])
     assert [(s["model"], s["tokens"], s["pattern"]) for s in busiest["segments"]] == [(A, 2_000, 0), (B, 1_000, 1)]
     assert previous.chart["peak"] == 3_000

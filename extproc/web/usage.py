@@ -119,7 +119,8 @@ class CycleUsage:
 
 
 async def cycles(pool: asyncpg.Pool, account: Account, now: datetime) -> list[CycleUsage]:
-    """The account's current cycle (its chart up to today) and the one before it, newest first."""
+    """The account's current cycle and the one before it, newest first; ``now`` marks today
+    on the current cycle's chart."""
     # The anchor, not the start's day: a cycle anchored on the 31st starts on the 30th in April.
     anchor_day = await pool.fetchval("SELECT cycle_anchor_day FROM accounts WHERE user_id = $1",
                                      account.user_id) or account.cycle_start.day
@@ -127,15 +128,11 @@ async def cycles(pool: asyncpg.Pool, account: Account, now: datetime) -> list[Cy
     previous = accounting.add_months(start, -1, anchor_day)
     rows = await usage_rows(pool, account.user_id, previous, end)
     today = now.astimezone(UTC).date()
-    result = []
-    for key, (a, b) in (("current", (start, end)), ("previous", (previous, start))):
-        inside = [r for r in rows if a.date() <= r.day < b.date()]
-        shown_until = min(b.date(), today + timedelta(days=1))  # no empty future days in the chart
-        result.append(_cycle(key, a, b, inside, max(shown_until, a.date() + timedelta(days=1))))
-    return result
+    return [_cycle(key, a, b, [r for r in rows if a.date() <= r.day < b.date()], today)
+            for key, (a, b) in (("current", (start, end)), ("previous", (previous, start)))]
 
 
-def _cycle(key: str, start: datetime, end: datetime, rows: list[UsageRow], chart_end: date) -> CycleUsage:
+def _cycle(key: str, start: datetime, end: datetime, rows: list[UsageRow], today: date) -> CycleUsage:
     totals: dict[str, dict[str, Any]] = {}
     for r in rows:
         t = totals.setdefault(r.model, {"model": r.model, "requests": 0, "tokens": 0, "estimate": 0, "real": 0})
@@ -146,16 +143,19 @@ def _cycle(key: str, start: datetime, end: datetime, rows: list[UsageRow], chart
     models = sorted(totals.values(), key=lambda t: (-t["tokens"], t["model"]))
     for i, t in enumerate(models):
         t["pattern"] = min(i, MAX_MODELS_CHARTED - 1)
-    days = [start.date() + timedelta(days=i) for i in range((chart_end - start.date()).days)]
+    # Every day of the cycle, the days still to come included: the chart reads as the cycle's
+    # calendar, and a cycle's first days do not stretch across the whole width.
+    days = [start.date() + timedelta(days=i) for i in range((end.date() - start.date()).days)]
     return CycleUsage(key, start, end, rows, models, sum(t["requests"] for t in models),
-                      sum(t["tokens"] for t in models), chart(days, rows, models))
+                      sum(t["tokens"] for t in models), chart(days, rows, models, today))
 
 
 def chart(days: Sequence[date], rows: Sequence[UsageRow], models: Sequence[dict[str, Any]],
-          width: int = 720, height: int = 220) -> dict[str, Any]:
+          today: date | None = None, width: int = 720, height: int = 220) -> dict[str, Any]:
     """Stacked columns, one per day, one segment per model (each model its own pattern, so the
     chart never relies on colour alone; the template adds the legend and the table behind it).
-    Only positive debits are drawn (a true-up that gave tokens back shows in the table)."""
+    Only positive debits are drawn (a true-up that gave tokens back shows in the table).
+    ``today``, when among ``days``, is labelled as such on the axis."""
     left, right, top, bottom = 8, 8, 12, 26
     inner_w, inner_h = width - left - right, height - top - bottom
     pattern = {t["model"]: t["pattern"] for t in models}
@@ -166,6 +166,8 @@ def chart(days: Sequence[date], rows: Sequence[UsageRow], models: Sequence[dict[
     peak = max(heights.values(), default=0)
     step = inner_w / max(len(days), 1)
     label_every = max(1, round(len(days) / 8))
+    # Today's column is labelled "today" on the axis; dates too close to it give way.
+    today_i = next((i for i, d in enumerate(days) if d == today), None)
     columns = []
     for i, d in enumerate(days):
         x = left + i * step + step * 0.15
@@ -178,8 +180,10 @@ def chart(days: Sequence[date], rows: Sequence[UsageRow], models: Sequence[dict[
             y -= h
             segments.append({"model": r.model, "tokens": r.tokens, "requests": r.requests,
                              "pattern": pattern[r.model], "y": round(y, 2), "h": round(h, 2)})
+        near_today = today_i is not None and abs(i - today_i) <= label_every // 2 + 1
         columns.append({"day": d, "x": round(x, 2), "w": round(step * 0.7, 2), "tokens": heights[d],
-                        "segments": segments, "label": i % label_every == 0 or i == len(days) - 1})
+                        "segments": segments, "today": i == today_i,
+                        "label": i == today_i or (i % label_every == 0 and not near_today)})
     return {"width": width, "height": height, "baseline": top + inner_h, "peak": peak, "columns": columns}
 
 
