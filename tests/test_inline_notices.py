@@ -347,3 +347,12 @@ def test_only_plain_text_chat_answers_take_a_notice():
     called = [{"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0}]}}]}]
     assert chat_t.notice_event(events + called, "x") is None
     assert chat_t.notice_event([{"error": {"message": "boom"}}, *events], "x") is None
+
+
+async def test_the_notice_speaks_the_language_the_user_chose(http, envoy, service, auth, user, settings, notices_on):
+    """A pt-BR gate; this user chose English on /me: their notice is in English."""
+    await small_account(service, user, settings)
+    await service.ledger.set_settings(user, language="en", actor=f"user:{user}")
+    await ask(http, envoy, auth, user, service, spend(900, 5))
+    assert content(await ask(http, envoy, auth, user, service, spend(1, 1))).endswith(
+        f"[Solaris] You have used 90% of your token limit for this cycle: only 93 tokens left. See your usage at {ME}.")

@@ -435,7 +435,10 @@ class Gate:
 
     def _notice_text(self, ex: Exchange, threshold: int, cost: int) -> str:
         assert ex.account is not None
-        return notices.text(self.settings.language, threshold, notices.remaining(ex.account, cost), self.me_url)
+        # The user's own language when they chose one on /me (the notice is addressed to them),
+        # else the gate's.
+        language = ex.account.language or self.settings.language
+        return notices.text(language, threshold, notices.remaining(ex.account, cost), self.me_url)
 
     async def _claim_notice(self, ex: Exchange, threshold: int) -> bool:
         """Whether this answer is the one that shows the notice: the ledger lets one answer
