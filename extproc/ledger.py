@@ -585,8 +585,10 @@ class Ledger:
             for _ in range(SETTLE_ATTEMPTS - 1):
                 try:
                     return await self._settle(usage, self._cost(usage), reservation_state, now)
-                except _AccountMoved:
-                    continue  # rolled back: the next statement's snapshot sees the new id
+                except (_AccountMoved, asyncpg.DeadlockDetectedError):
+                    # Rolled back: the next statement's snapshot sees the new id. A deadlock is
+                    # possible only against an erasure that met a hold made while it started.
+                    continue
             return await self._settle(usage, self._cost(usage), reservation_state, now)
         except _AccountMoved as exc:
             raise LedgerUnavailable("the account kept moving during the settle") from exc
@@ -1278,7 +1280,7 @@ class Ledger:
         return [dict(r) for r in rows]
 
 
-SETTLE_ATTEMPTS = 3  # _settle runs again when an erasure renamed the account under it
+SETTLE_ATTEMPTS = 3  # _settle runs again when an erasure renamed the account under it (or won a deadlock)
 
 
 class _AccountMoved(Exception):

@@ -508,3 +508,24 @@ async def test_export_holds_everything_about_the_user(ledger: Ledger, pool: asyn
     # Never a session's hash nor a link's nonce (either would sign the reader in).
     assert f"sid-{user[4:]}" not in text and f"n-{user[4:]}" not in text and "boss@example.org" not in text
     assert await ledger.export(uid()) is None
+
+
+async def test_erasure_amid_a_burst_of_settles(pool: asyncpg.Pool, settings: Settings, clock: Clock) -> None:
+    """Thirty holds settled (group-committed) while the erasure runs: every one is debited
+    once, under the pseudonym, and nothing stays reserved."""
+    ledger = Ledger(pool, settings.replace(default_monthly_tokens=10_000), clock)  # batching on
+    user = uid()
+    await opened(ledger, user)
+    holds = [xid() for _ in range(30)]
+    for x in holds:
+        assert (await ledger.admit(user, 50, x)).status == "ok"
+    settles = [ledger.settle(Usage(exchange_id=x, user_id=user, completion_tokens=7)) for x in holds]
+    results = await asyncio.gather(*settles[:15], ledger.erase(user, actor="admin", reason="LGPD"), *settles[15:])
+    pseudonym = results[15]
+    assert all(r is not None and r.cost == 7 for r in results[:15] + results[16:])
+    acc = await ledger.account(pseudonym)
+    assert acc is not None and (acc.reserved, acc.used_cycle, acc.balance) == (0, 210, 10_000 - 210)
+    assert await pool.fetchval("SELECT count(*) FROM ledger_entries WHERE exchange_id = ANY($1::text[])"
+                               " AND user_id = $2", holds, pseudonym) == 30
+    assert await ledger.account(user) is None
+    await clean(ledger)
