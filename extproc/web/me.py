@@ -11,9 +11,11 @@ known: the lookup and the e-mail happen in the background."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from email.utils import make_msgid
 from typing import Any
@@ -81,25 +83,63 @@ def valid_email(raw: Any) -> str:
     return text
 
 
-async def signed_in(request: web.Request, status: int = 200) -> tuple[WebSession, Account] | web.Response:
-    """The session's user and account, or the sign-in page to answer (with ``status``; an
-    account that is gone, e.g. erased, makes the session mean nothing any more)."""
-    session = current_session(request)
-    if session is None:
-        return signin_page(request, status=status)
-    account = await q.get_account(request.app[SERVICES].pool, session.subject)
-    if account is None:
-        response = signin_page(request, status=status)
-        clear_cookie(response, ME_COOKIE, path="/me", secure=request.app[WEB].secure_cookies)
-        return response
-    return session, account
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PageHandler = Callable[[web.Request, WebSession, Account], Awaitable[web.StreamResponse]]
+ApiHandler = Callable[[web.Request, str], Awaitable[web.StreamResponse]]
 
 
-async def me_page(request: web.Request) -> web.StreamResponse:
-    found = await signed_in(request)
-    if isinstance(found, web.Response):
-        return found
-    session, account = found
+def signed_in(status: int = 200) -> Callable[[PageHandler], Handler]:
+    """A /me page for the session's user: the handler gets the session and the account; without
+    them the sign-in page answers (with ``status``: 401 for downloads), and an account that is
+    gone (e.g. erased) makes the session mean nothing any more."""
+
+    def decorate(handler: PageHandler) -> Handler:
+        @functools.wraps(handler)
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            session = current_session(request)
+            if session is None:
+                return signin_page(request, status=status)
+            account = await q.get_account(request.app[SERVICES].pool, session.subject)
+            if account is None:
+                response = signin_page(request, status=status)
+                clear_cookie(response, ME_COOKIE, path="/me", secure=request.app[WEB].secure_cookies)
+                return response
+            return await handler(request, session, account)
+
+        return wrapped
+
+    return decorate
+
+
+def api_caller(handler: ApiHandler) -> Handler:
+    """An /api/me route: the handler gets the caller's user id (``kit.api_identity``), or 401."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        user_id = await api_identity(request)
+        if isinstance(user_id, web.Response):
+            return user_id
+        return await handler(request, user_id)
+
+    return wrapped
+
+
+def api_account(handler: Callable[[web.Request, Account], Awaitable[web.StreamResponse]]) -> Handler:
+    """An /api/me route about the caller's account: 404 no_account before their first request."""
+
+    @api_caller
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request, user_id: str) -> web.StreamResponse:
+        account = await q.get_account(request.app[SERVICES].pool, user_id)
+        if account is None:
+            return json_error(404, "no_account", reader_context(request).t("me.no_account"))
+        return await handler(request, account)
+
+    return wrapped
+
+
+@signed_in()
+async def me_page(request: web.Request, session: WebSession, account: Account) -> web.StreamResponse:
     ctx = reader_context(request, account)
     service = request.app[SERVICES]
     try:
@@ -211,45 +251,30 @@ async def logout(request: web.Request) -> web.StreamResponse:
     raise response
 
 
-async def statement_csv(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[WEB]
-    session = current_session(request)
-    if session is None:
-        return signin_page(request, status=401)
-    if await q.get_account(request.app[SERVICES].pool, session.subject) is None:
-        return ctx.error_page(ctx.t("me.no_account"), status=404)
-    return await statement_csv_response(request, session.subject, include_actor=False)
+@signed_in(status=401)
+async def statement_csv(request: web.Request, session: WebSession, account: Account) -> web.StreamResponse:
+    return await statement_csv_response(request, account.user_id, include_actor=False)
 
 
 # ---------------------------------------------------------------- /api/me (the gate's identity)
 
 
-async def api_me(request: web.Request) -> web.StreamResponse:
-    ctx = request.app[WEB]
-    user_id = await api_identity(request)
-    if isinstance(user_id, web.Response):
-        return user_id
-    account = await q.get_account(request.app[SERVICES].pool, user_id)
-    if account is None:
-        return json_error(404, "no_account", ctx.t("me.no_account"))
+@api_account
+async def api_me(request: web.Request, account: Account) -> web.StreamResponse:
     return json_response({"account": account.as_json()})
 
 
-async def api_entries(request: web.Request) -> web.StreamResponse:
+@api_caller
+async def api_entries(request: web.Request, user_id: str) -> web.StreamResponse:
     ctx = request.app[WEB]
-    user_id = await api_identity(request)
-    if isinstance(user_id, web.Response):
-        return user_id
     try:
         return json_response(await entries_json(request, user_id, include_actor=False))
     except Invalid as exc:
         return validation_error(ctx, exc.fields)
 
 
-async def api_statement_csv(request: web.Request) -> web.StreamResponse:
-    user_id = await api_identity(request)
-    if isinstance(user_id, web.Response):
-        return user_id
+@api_caller
+async def api_statement_csv(request: web.Request, user_id: str) -> web.StreamResponse:
     return await statement_csv_response(request, user_id, include_actor=False)
 
 
@@ -322,21 +347,15 @@ def render_settings(request: web.Request, session: WebSession, account: Account,
         "values": shown, "errors": errors or {}, "notice": notice}, status=status)
 
 
-async def settings_page(request: web.Request) -> web.StreamResponse:
-    found = await signed_in(request)
-    if isinstance(found, web.Response):
-        return found
-    session, account = found
+@signed_in()
+async def settings_page(request: web.Request, session: WebSession, account: Account) -> web.StreamResponse:
     ctx = reader_context(request, account)
     notice = ctx.t("settings.saved") if request.query.get("done") == SETTINGS_DONE else None
     return render_settings(request, session, account, notice=notice)
 
 
-async def settings_post(request: web.Request) -> web.StreamResponse:
-    found = await signed_in(request)
-    if isinstance(found, web.Response):
-        return found
-    session, account = found
+@signed_in()
+async def settings_post(request: web.Request, session: WebSession, account: Account) -> web.StreamResponse:
     ctx = reader_context(request, account)
     form = await request.post()
     if not ctx.csrf_ok(form, session.sid):
@@ -354,21 +373,16 @@ async def settings_post(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther(f"/me/settings?done={SETTINGS_DONE}")
 
 
-async def usage_csv(request: web.Request) -> web.StreamResponse:
-    found = await signed_in(request, status=401)
-    if isinstance(found, web.Response):
-        return found
-    _, account = found
+@signed_in(status=401)
+async def usage_csv(request: web.Request, session: WebSession, account: Account) -> web.StreamResponse:
     service = request.app[SERVICES]
     periods = await u.cycles(service.pool, account, service.clock())
     return await u.usage_csv(request, account.user_id, periods, include_estimates=False)
 
 
-async def export_download(request: web.Request) -> web.StreamResponse:
-    found = await signed_in(request, status=401)
-    if isinstance(found, web.Response):
-        return found
-    return await export_response(request, found[1].user_id)
+@signed_in(status=401)
+async def export_download(request: web.Request, session: WebSession, account: Account) -> web.StreamResponse:
+    return await export_response(request, account.user_id)
 
 
 async def export_response(request: web.Request, user_id: str) -> web.Response:
@@ -428,14 +442,8 @@ def settings_json(account: Account) -> dict[str, Any]:
             "alerts": {"80": account.notify_80, "90": account.notify_90}, "language": account.language}
 
 
-async def api_settings(request: web.Request) -> web.StreamResponse:
-    ctx = reader_context(request)
-    user_id = await api_identity(request)
-    if isinstance(user_id, web.Response):
-        return user_id
-    account = await q.get_account(request.app[SERVICES].pool, user_id)
-    if account is None:
-        return json_error(404, "no_account", ctx.t("me.no_account"))
+@api_account
+async def api_settings(request: web.Request, account: Account) -> web.StreamResponse:
     ctx = reader_context(request, account)
     try:
         values = settings_from_json(await json_body(request), account)
@@ -447,10 +455,8 @@ async def api_settings(request: web.Request) -> web.StreamResponse:
     return json_response(settings_json(account))
 
 
-async def api_usage(request: web.Request) -> web.StreamResponse:
-    user_id = await api_identity(request)
-    if isinstance(user_id, web.Response):
-        return user_id
+@api_caller
+async def api_usage(request: web.Request, user_id: str) -> web.StreamResponse:
     service = request.app[SERVICES]
     try:
         days = u.parse_days(request.query.get("days"))
@@ -460,10 +466,8 @@ async def api_usage(request: web.Request) -> web.StreamResponse:
     return json_response([r.as_json() for r in rows])
 
 
-async def api_export(request: web.Request) -> web.StreamResponse:
-    user_id = await api_identity(request)
-    if isinstance(user_id, web.Response):
-        return user_id
+@api_caller
+async def api_export(request: web.Request, user_id: str) -> web.StreamResponse:
     return await export_response(request, user_id)
 
 
