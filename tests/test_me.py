@@ -202,3 +202,17 @@ async def test_me_routes_through_envoy_default_language(http, envoy):
     assert 'lang="pt-BR"' in page and "Enviar link de acesso" in page and '<label for="email">' in page
     async with http.get(envoy.url + "/me/static/app.css") as resp:
         assert resp.status == 200 and "text/css" in resp.headers["Content-Type"]
+
+
+async def test_the_sign_in_link_is_written_in_the_users_language(mail_service, smtp):
+    """The deployment speaks English (mail_service); a user who chose Portuguese gets the link
+    in Portuguese, whatever the language of the browser that asked for it."""
+    user = f"leo-{uuid.uuid4().hex[:8]}"
+    email = f"{user}@example.com"
+    await open_account(mail_service, user, email=email)
+    await mail_service.ledger.set_settings(user, language="pt-BR", actor=f"user:{user}")
+    async with client() as s:
+        status, page = await ask_link(s, mail_service, email)
+    assert status == 200 and "If the address is registered" in page  # the asker's page: English
+    message = await smtp.mailbox.wait_for(email)
+    assert message["Subject"] == "Seu link de acesso ao saldo Solaris"
