@@ -88,6 +88,8 @@ async def test_settings_form_sets_and_clears_the_cap_and_alerts_audited(service,
         async with client.get(base(service) + "/me") as resp:
             page = await resp.text()
         assert '<p class="big num" id="cap-value">50.000' in page
+        # the usage card measures against the cap, in its words as in its percentage
+        assert "4.000 de 50.000 tokens" in page and "8,0%" in page
 
         # bad values: the message next to the field, in the page's language; nothing written
         for value, message in (
