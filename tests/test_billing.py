@@ -288,6 +288,11 @@ async def test_me_buy_button_posts_with_csrf_and_redirects_to_stripe(billing_ser
             assert "Pagamento enviado" in await resp.text()
         async with browser.get(base(billing_service) + "/me?purchase=cancelled") as resp:
             assert "Compra cancelada" in await resp.text()
+        # the offer speaks the page's language (here the browser's), prices included
+        async with browser.get(base(billing_service) + "/me?purchase=success",
+                               headers={"accept-language": "en"}) as resp:
+            page = await resp.text()
+        assert "Buy credits" in page and "R$ 29.90" in page and "Payment sent." in page
 
         async with browser.post(base(billing_service) + "/me/billing/checkout", allow_redirects=False,
                                 data={"csrf": csrf_of(page), "pack": "medium"}) as resp:

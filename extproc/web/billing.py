@@ -22,6 +22,7 @@ import stripe
 from aiohttp import web
 
 from ..formats import fmt_int, format_price
+from ..i18n import catalogue
 from ..ledger import UNAVAILABLE_ERRORS, LedgerUnavailable
 from ..purchases import CheckoutFailed, Purchases, enabled
 from .kit import (
@@ -119,17 +120,18 @@ async def stripe_webhook(request: web.Request) -> web.StreamResponse:
     return json_response({"received": True, "outcome": outcome})
 
 
-def me_offer(request: web.Request) -> Offer:
-    """What /me shows of billing (set under kit.OFFER only when billing is on)."""
-    billing, ctx = request.app[BILLING], request.app[WEB]
-    packs = [{"id": p.id, "tokens": p.tokens, "price": format_price(p.price, p.currency, ctx.lang),
-              "label": billing.text["buy_label"].format(tokens=fmt_int(p.tokens, ctx.lang),
-                                                        price=format_price(p.price, p.currency, ctx.lang))}
+def me_offer(request: web.Request, lang: str) -> Offer:
+    """What /me shows of billing, in the page's language ``lang`` (set under kit.OFFER only when
+    billing is on)."""
+    billing, text = request.app[BILLING], catalogue().section(lang, "billing")
+    packs = [{"id": p.id, "tokens": p.tokens, "price": format_price(p.price, p.currency, lang),
+              "label": text["buy_label"].format(tokens=fmt_int(p.tokens, lang),
+                                                price=format_price(p.price, p.currency, lang))}
              for p in billing.packs.values()]
     purchase = request.query.get("purchase", "")
     return Offer(
-        packs=packs, text=billing.text,
-        notice=billing.text[purchase] if purchase in ("success", "cancelled") else None,
+        packs=packs, text=text,
+        notice=text[purchase] if purchase in ("success", "cancelled") else None,
         # The form's 303 goes to Stripe: browsers check a redirect after a form against form-action.
         csp=CSP.replace("form-action 'self'", f"form-action 'self' {CHECKOUT_ORIGIN}"),
     )

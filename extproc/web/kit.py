@@ -99,7 +99,7 @@ class Offer:
 class OfferSource(Protocol):
     """Set under OFFER by ``billing`` when billing is on; /me shows no offer without it."""
 
-    def __call__(self, request: web.Request) -> Offer: ...
+    def __call__(self, request: web.Request, lang: str) -> Offer: ...  # lang: the page's
 
 
 # ---------------------------------------------------------------- language, templates, errors

@@ -151,7 +151,7 @@ async def me_page(request: web.Request, session: WebSession, account: Account) -
                                    after_id=after_id)
     ctx.readable(entries.entries)
     source = request.app.get(OFFER)  # absent when billing is off: no "buy credits" section at all
-    offer = source(request) if source is not None else None
+    offer = source(request, ctx.lang) if source is not None else None
     return ctx.render("me/statement.html", {
         "title": ctx.t("me.title"), "a": account, "entries": entries, "csrf": ctx.signer.csrf(session.sid),
         "offer": offer, "usage": await u.cycles(service.pool, account, service.clock())},
