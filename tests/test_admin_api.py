@@ -63,7 +63,9 @@ async def test_every_api_route_requires_admin(http, service, settings, user):
                          ("GET", f"/api/admin/users/{user}/statement.csv"), ("GET", "/api/admin/plans"),
                          ("GET", "/api/admin/audit"), ("POST", f"/api/admin/users/{user}/credits"),
                          ("POST", f"/api/admin/users/{user}/plan"), ("POST", f"/api/admin/users/{user}/suspend"),
-                         ("POST", f"/api/admin/users/{user}/unsuspend")]:
+                         ("POST", f"/api/admin/users/{user}/unsuspend"),
+                         ("PUT", f"/api/admin/users/{user}/allowance"), ("PUT", f"/api/admin/users/{user}/settings"),
+                         ("POST", f"/api/admin/users/{user}/erase"), ("GET", f"/api/admin/users/{user}/usage")]:
         assert (await api(http, base(service) + path, method))[0] == 401, path
         assert (await api(http, base(service) + path, method, token=user_jwt, body={}))[0] == 403, path
 
@@ -422,9 +424,22 @@ def test_english_labels(settings):
     assert set(pt.messages) == set(ctx.messages)  # every label exists in both languages
 
 
-def test_sql_usage_pct_matches_the_one_definition():
-    """USED_PCT (for filters) is accounting.usage_pct in SQL; the list shows Account.used_pct."""
-    assert "round(100.0 * a.used_cycle / a.cycle_budget, 2)" in q.USED_PCT
+async def test_sql_usage_pct_matches_the_one_definition(service, user):
+    """USED_PCT (for filters and sorting) is Account.used_pct in SQL, personal cap included:
+    the same number for the same row, with and without a cap, and with nothing to spend."""
+    await open_account(service, user)
+    await spend(service, user, 60_000, 25_000)
+
+    async def both() -> tuple[float, float]:
+        sql_pct = await service.pool.fetchval(f"SELECT {q.USED_PCT} FROM accounts a WHERE a.user_id = $1", user)
+        return float(sql_pct), (await service.ledger.account(user)).used_pct
+
+    for cap in (None, 200_000, 90_000, 1):
+        await service.ledger.set_settings(user, personal_cap=cap, actor="test")
+        sql_pct, py_pct = await both()
+        assert sql_pct == py_pct, cap
+    await service.ledger.set_settings(user, personal_cap=0, actor="test")
+    assert await both() == (100.0, 100.0)
     assert accounting.usage_pct(85_000, 100_000) == 85.0 and accounting.usage_pct(1, 0) == 100.0
 
 
@@ -491,7 +506,8 @@ def test_openapi_documents_every_api_route(settings):
     app = build_app(service)
     served = {(r.method.lower(), r.resource.canonical) for r in app.router.routes()
               if r.resource is not None and r.resource.canonical.startswith("/api/") and r.method != "HEAD"}
-    documented = {(m, p) for p, item in spec["paths"].items() for m in item if m in ("get", "post")}
+    documented = {(m, p) for p, item in spec["paths"].items() for m in item
+                  if m in ("get", "post", "put", "patch", "delete")}
     assert served == documented
 
 

@@ -192,7 +192,7 @@ async def test_keyboard_only_suspend_and_hostile_text_at_phone_width(browser, en
         await page.keyboard.press("Tab")
         focused = await page.evaluate("document.activeElement.id")
         if focused != "suspension-reason":  # the reason field is the dialog's first input
-            await page.get_by_label("Motivo (obrigatório)").last.focus()
+            await page.get_by_role("dialog", name="Suspender").get_by_label("Motivo (obrigatório)").focus()
         await page.keyboard.type("uso indevido")
         await page.keyboard.press("Enter")
         await page.get_by_text("Usuário suspenso.").wait_for()
@@ -249,3 +249,73 @@ async def test_user_signs_in_by_emailed_link_and_sees_only_own_statement(page, m
     await page.goto(link)
     await page.get_by_role("button", name="Entrar").click()
     await page.get_by_role("heading", name="Link inválido ou expirado").wait_for()
+
+
+async def test_admin_sets_allowance_and_cap_sees_usage_and_erases_the_user(page, envoy, service, settings):
+    tag = uuid.uuid4().hex[:6]
+    user = f"rita-{tag}"
+    email = f"rita.{tag}@example.com"
+    await open_account(service, user, email=email, name=f"Rita {tag}")
+    await spend(service, user, 6_000, 2_000)
+    await spend(service, user, 1_000, 500, model="gpt-4o")
+
+    await sign_in_admin(page, envoy.url, settings.admin_token)
+    await page.get_by_role("heading", name="Painel").wait_for()
+    await page.goto(envoy.url + "/admin/users/" + quote(user, safe=""))
+    await page.locator("#available").wait_for()
+
+    # Usage by model and day: the chart's legend and the table behind it, estimates included.
+    usage = page.locator("#usage")
+    assert "gpt-4o-mini" in await usage.inner_text() and "gpt-4o" in await usage.inner_text()
+    assert await usage.locator("svg[role=img]").count() >= 1
+
+    # The per-user allowance: from the next cycle, with a validation error on the way.
+    await page.get_by_role("link", name="Alterar franquia mensal").click()
+    dialog = page.get_by_role("dialog", name="Alterar franquia mensal")
+    await dialog.wait_for()
+    await dialog.get_by_label("Uma própria, só para este usuário").check()
+    await dialog.get_by_label("Tokens por mês (franquia própria)").fill("-10")
+    await dialog.get_by_label("Motivo (obrigatório)").fill("projeto especial")
+    await dialog.get_by_role("button", name="Salvar franquia").click()
+    await page.get_by_text("O número não pode ser negativo.").wait_for()
+    dialog = page.get_by_role("dialog", name="Alterar franquia mensal")
+    await dialog.get_by_label("Tokens por mês (franquia própria)").fill("250.000")
+    await dialog.get_by_role("button", name="Salvar franquia").click()
+    await page.get_by_text("Franquia mensal alterada; vale a partir do próximo ciclo.").wait_for()
+    assert (await page.locator("#monthly-allowance").inner_text()).strip() == "250.000"
+    assert (await page.locator("#allowance").inner_text()).strip() == "90.500"  # this cycle: unchanged
+
+    # The personal cap, keyboard only: the link, Enter, the first field has focus, Tab, Enter.
+    await page.get_by_role("link", name="Alterar limite pessoal").focus()
+    await page.keyboard.press("Enter")
+    await page.get_by_role("dialog", name="Alterar limite pessoal").wait_for()
+    assert await page.evaluate("document.activeElement.id") == "cap-tokens"
+    await page.keyboard.type("20.000")
+    await page.keyboard.press("Tab")
+    await page.keyboard.type("pedido do usuário")
+    await page.keyboard.press("Enter")
+    await page.get_by_text("Limite pessoal alterado.").wait_for()
+    assert (await page.locator("#personal-cap").inner_text()).strip() == "20.000"
+    assert (await page.locator("#effective-limit").inner_text()).strip() == "20.000"
+    audit = await page.locator("table.audit tbody").inner_text()
+    assert "Limite e preferências" in audit and "Franquia mensal" in audit and "pedido do usuário" in audit
+
+    # Erasure: the id typed again; a mismatch is refused with a readable message.
+    await page.get_by_role("link", name="Apagar dados pessoais…").click()
+    dialog = page.get_by_role("dialog", name="Apagar dados pessoais")
+    await dialog.wait_for()
+    await dialog.get_by_label("Digite o identificador do usuário para confirmar").fill(f"rita-{tag}x")
+    await dialog.get_by_label("Motivo (obrigatório)").fill("pedido LGPD")
+    await dialog.get_by_role("button", name="Apagar definitivamente").click()
+    await page.get_by_text("O texto digitado não é o identificador deste usuário; nada foi apagado.").wait_for()
+    dialog = page.get_by_role("dialog", name="Apagar dados pessoais")
+    await dialog.get_by_label("Digite o identificador do usuário para confirmar").fill(user)
+    await dialog.get_by_role("button", name="Apagar definitivamente").click()
+    await page.get_by_text("Dados pessoais apagados. Não há como desfazer").wait_for()
+    assert "/admin/users/erased-" in page.url
+    main = await page.locator("main").inner_text()
+    assert email not in main and f"Rita {tag}" not in main
+    assert await page.locator("#danger-zone").count() == 0
+    assert (await page.locator("#credits").inner_text()).strip() == "0"
+    response = await page.goto(envoy.url + "/admin/users/" + quote(user, safe=""))
+    assert response is not None and response.status == 404

@@ -21,6 +21,7 @@ from .. import accounting
 from ..formats import group_separator
 from ..ledger import Account, Ledger, UnknownPlan, UnknownUser
 from . import queries as q
+from . import usage as usage_
 from .kit import (
     DIGITS,
     MAX_ID,
@@ -70,31 +71,49 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # ---------------------------------------------------------------- validation
 
 
-def parse_amount(raw: Any, lang: str, *, from_form: bool) -> int:
-    """A positive whole number of tokens. Forms may group thousands the locale's way
+def _whole_tokens(raw: Any, lang: str, field: str, *, from_form: bool) -> int:
+    """A whole number of tokens, any sign. Forms may group thousands the locale's way
     ("100.000" in pt-BR, "100,000" in en); JSON must be an integer."""
     if from_form:
         text = str(raw or "").strip().replace(" ", "").replace("\u00a0", "")
         if not text:
-            raise Invalid({"tokens": "required"})
+            raise Invalid({field: "required"})
         sep = group_separator(lang)
         negative = text.startswith("-")
         body = text[1:] if negative else text
         groups = body.split(sep)
         grouped = len(groups) > 1 and 1 <= len(groups[0]) <= 3 and all(len(g) == 3 for g in groups[1:])
         if not all(DIGITS.fullmatch(g) for g in groups) or (len(groups) > 1 and not grouped):
-            raise Invalid({"tokens": "not_integer"})
-        value = int("".join(groups)) * (-1 if negative else 1)
-    else:
-        if raw is None:
-            raise Invalid({"tokens": "required"})
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise Invalid({"tokens": "not_integer"})
-        value = raw
+            raise Invalid({field: "not_integer"})
+        return int("".join(groups)) * (-1 if negative else 1)
+    if raw is None:
+        raise Invalid({field: "required"})
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise Invalid({field: "not_integer"})
+    return raw
+
+
+def parse_amount(raw: Any, lang: str, *, from_form: bool) -> int:
+    """A positive whole number of tokens to grant."""
+    value = _whole_tokens(raw, lang, "tokens", from_form=from_form)
     if value <= 0:
         raise Invalid({"tokens": "not_positive"})
     if value > MAX_GRANT:
         raise Invalid({"tokens": "too_large"})
+    return value
+
+
+def parse_monthly(raw: Any, lang: str, field: str, *, from_form: bool) -> int | None:
+    """A monthly allowance or personal cap: tokens, 0 allowed (a user with no monthly tokens
+    still spends credits); an empty form field or JSON null means none (the plan's allowance,
+    no cap). Bounded like a grant: a typo guard, far above any real month."""
+    if raw is None or (from_form and not str(raw).strip()):
+        return None
+    value = _whole_tokens(raw, lang, field, from_form=from_form)
+    if value < 0:
+        raise Invalid({field: "negative"})
+    if value > MAX_GRANT:
+        raise Invalid({field: "too_large"})
     return value
 
 
@@ -107,6 +126,67 @@ def parse_reason(raw: Any) -> str:
     if len(text) > MAX_REASON:
         raise Invalid({"reason": "too_long"})
     return text
+
+
+SETTINGS_KEYS = ("personal_cap", "alerts", "language")
+LANGUAGES = ("pt-BR", "en")
+THRESHOLDS = ("80", "90")  # the alerts a user may turn off; 100 % always goes out
+
+
+def parse_settings(data: Mapping[str, Any], lang: str) -> dict[str, Any]:
+    """The body of PUT /api/admin/users/{id}/settings (the shape of /api/me/settings, plus
+    "reason") as ``Ledger.set_settings`` keywords: only the keys present change. An unknown
+    key is refused, not ignored: a misspelt "personal_cap" must not answer 200 having done
+    nothing."""
+    unknown = sorted(set(data) - {*SETTINGS_KEYS, "reason"})
+    if unknown:
+        raise Invalid({str(k)[:64]: "unknown_field" for k in unknown[:5]})
+    changes: dict[str, Any] = {}
+    if "personal_cap" in data:
+        changes["personal_cap"] = parse_monthly(data["personal_cap"], lang, "personal_cap", from_form=False)
+    if "alerts" in data:
+        alerts = data["alerts"]
+        if not isinstance(alerts, dict) or not alerts or set(alerts) - set(THRESHOLDS):
+            raise Invalid({"alerts": "invalid"})
+        for threshold, on in alerts.items():
+            if not isinstance(on, bool):
+                raise Invalid({f"alerts.{threshold}": "not_boolean"})
+            changes[f"notify_{threshold}"] = on
+    if "language" in data:
+        if data["language"] is not None and data["language"] not in LANGUAGES:
+            raise Invalid({"language": "invalid_choice"})
+        changes["language"] = data["language"]
+    if not changes:
+        raise Invalid({"body": "no_settings"})
+    return changes
+
+
+def check_confirmation(account: Account, typed: Any) -> None:
+    """An erasure needs the user id typed again: the one guard between a slip and an
+    irreversible loss of the account's personal data."""
+    if not isinstance(typed, str) or not typed.strip():
+        raise Invalid({"confirm": "required"})
+    if typed != account.user_id and typed.strip() != account.user_id:
+        raise Invalid({"confirm": "confirm_mismatch"})
+
+
+# Codes of this module's forms and API that the shared err.* catalogue lacks: code -> key.
+OWN_MESSAGES = {
+    "negative": "user.err_negative", "unknown_field": "user.err_unknown_field",
+    "not_boolean": "user.err_not_boolean", "no_settings": "cap.err_no_settings",
+    "same_allowance": "allowance.err_same", "same_cap": "cap.err_same",
+    "confirm_mismatch": "erase.err_mismatch", "already_erased": "erase.err_already",
+}
+
+
+def own_messages(ctx: WebContext) -> dict[str, str]:
+    return {code: ctx.t(key) for code, key in OWN_MESSAGES.items()}
+
+
+def messages(ctx: WebContext, fields: Mapping[str, str]) -> dict[str, str]:
+    """Field -> sentence in the page's language (``field_messages`` plus this module's codes)."""
+    return {name: ctx.t(OWN_MESSAGES[code]) if code in OWN_MESSAGES else ctx.t(f"err.{code}")
+            for name, code in fields.items()}
 
 
 def parse_key(raw: Any) -> str | None:
@@ -210,13 +290,13 @@ def changes(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -
 
 USERS_HEADER = ["user_id", "email", "name", "plan", "state", "state_reason", "available", "balance",
                 "allowance", "credits", "reserved", "used", "budget", "used_pct", "cycle_start", "cycle_end",
-                "created_at"]
+                "created_at", "allowance_override", "personal_cap", "effective_limit", "erased_at"]
 
 
 def user_row(a: Account) -> list[Any]:
     return [a.user_id, a.email, a.name, a.plan, a.state, a.state_reason, a.available, a.balance, a.allowance,
             a.credits, a.reserved, a.used_cycle, a.cycle_budget, a.used_pct, a.cycle_start, a.cycle_end,
-            a.created_at]
+            a.created_at, a.allowance_override, a.personal_cap, a.effective_limit, a.erased_at]
 
 
 async def users_csv_response(request: web.Request, f: q.UserFilter) -> web.StreamResponse:
@@ -372,9 +452,12 @@ async def user_context(request: web.Request, session: WebSession, account: Accou
     ctx.readable(entries.entries)
     audit_rows, _ = await q.audit_page(pool, q.AuditFilter(target=account.user_id, limit=10))
     ctx.readable(audit_rows)
+    plans = await ledger_of(request).plans()
+    periods = await usage_.cycles(pool, account, request.app[SERVICES].clock())
     return {
         "title": account.user_id, "nav": nav(ctx, session, "users"), "a": account,
-        "plans": await ledger_of(request).plans(), "entries": entries,
+        "plans": plans, "plan_tokens": next((p.monthly_tokens for p in plans if p.name == account.plan), None),
+        "entries": entries, "usage": periods,
         "alerts": await q.alerts(pool, account.user_id), "audit": audit_rows, "changes": changes,
         "url": f"/admin/users/{path_segment(account.user_id)}", "errors": {}, "values": {},
         "dialog": request.query.get("dialog", ""), "notice": notice(ctx, request.query),
@@ -386,6 +469,8 @@ def notice(ctx: WebContext, query: Mapping[str, str]) -> str | None:
     done = query.get("done", "")
     if done in ("credits", "credits_duplicate", "plan", "suspend", "unsuspend"):
         return ctx.t(f"notice.{done}")
+    if done in ("allowance", "cap", "erase"):
+        return ctx.t(f"{done}.done")
     return None
 
 
@@ -417,11 +502,19 @@ async def statement_csv(request: web.Request, session: WebSession) -> web.Stream
     return await statement_csv_response(request, account.user_id, include_actor=True)
 
 
+@page
+async def usage_csv(request: web.Request, session: WebSession) -> web.StreamResponse:
+    """The usage behind the user page's charts (both cycles), with estimate and real tokens."""
+    account = await account_or_404(request, session)
+    periods = await usage_.cycles(request.app[SERVICES].pool, account, request.app[SERVICES].clock())
+    return await usage_.usage_csv(request, account.user_id, periods, include_estimates=True)
+
+
 async def _form_failure(request: web.Request, session: WebSession, account: Account, dialog: str,
                         fields: dict[str, str], values: Mapping[str, Any]) -> web.Response:
     ctx = request.app[WEB]
     context = await user_context(request, session, account)
-    context.update(dialog=dialog, errors=field_messages(ctx, fields), values=dict(values),
+    context.update(dialog=dialog, errors=messages(ctx, fields), values=dict(values),
                    idempotency_key=str(values.get("idempotency_key") or context["idempotency_key"]))
     return ctx.render("admin/user.html", context, status=400)
 
@@ -506,6 +599,86 @@ async def suspension_post(request: web.Request, session: WebSession) -> web.Stre
 
 
 @page
+async def allowance_post(request: web.Request, session: WebSession) -> web.StreamResponse:
+    ctx = request.app[WEB]
+    account = await account_or_404(request, session)
+    form = await request.post()
+    values = {k: str(form.get(k, "")) for k in ("mode", "tokens", "reason")}
+    try:
+        if values["mode"] not in ("plan", "custom"):
+            raise Invalid({"mode": "invalid_choice"})
+        tokens = None
+        if values["mode"] == "custom":
+            tokens = parse_monthly(values["tokens"], ctx.lang, "tokens", from_form=True)
+            if tokens is None:
+                raise Invalid({"tokens": "required"})
+        _checked_allowance(account, tokens)
+        reason = parse_reason(values["reason"])
+        await ledger_of(request).set_allowance(account.user_id, tokens, actor=session.subject, reason=reason,
+                                               source_ip=client_ip(request))
+    except Invalid as exc:
+        return await _form_failure(request, session, account, "allowance", exc.fields, values)
+    except UnknownUser:
+        return await _form_failure(request, session, account, "allowance", {"user": "unknown_user"}, values)
+    raise _redirect_done(account, "allowance")
+
+
+def _checked_allowance(account: Account, tokens: int | None) -> None:
+    if tokens == account.allowance_override:
+        raise Invalid({"tokens": "same_allowance"})
+
+
+@page
+async def cap_post(request: web.Request, session: WebSession) -> web.StreamResponse:
+    ctx = request.app[WEB]
+    account = await account_or_404(request, session)
+    form = await request.post()
+    values = {k: str(form.get(k, "")) for k in ("personal_cap", "reason")}
+    try:
+        cap = parse_monthly(values["personal_cap"], ctx.lang, "personal_cap", from_form=True)
+        if cap == account.personal_cap:
+            raise Invalid({"personal_cap": "same_cap"})
+        reason = parse_reason(values["reason"])
+        await _set_settings(request, account, {"personal_cap": cap}, actor=session.subject, reason=reason)
+    except Invalid as exc:
+        return await _form_failure(request, session, account, "cap", exc.fields, values)
+    except UnknownUser:
+        return await _form_failure(request, session, account, "cap", {"user": "unknown_user"}, values)
+    raise _redirect_done(account, "cap")
+
+
+async def _set_settings(request: web.Request, account: Account, changes: dict[str, Any], *, actor: str,
+                        reason: str) -> Account:
+    """``Ledger.set_settings`` as an admin: the ledger's own refusal of a value (ValueError)
+    is the same 400 as ours, never a 500."""
+    try:
+        return await ledger_of(request).set_settings(account.user_id, **changes, actor=actor, reason=reason,
+                                                     source_ip=client_ip(request))
+    except ValueError:
+        raise Invalid({next(iter(changes)): "invalid"}) from None
+
+
+@page
+async def erase_post(request: web.Request, session: WebSession) -> web.StreamResponse:
+    account = await account_or_404(request, session)
+    form = await request.post()
+    values = {k: str(form.get(k, "")) for k in ("confirm", "reason")}
+    try:
+        if account.erased_at is not None:
+            raise Invalid({"confirm": "already_erased"})
+        check_confirmation(account, values["confirm"])
+        reason = parse_reason(values["reason"])
+        pseudonym = await ledger_of(request).erase(account.user_id, actor=session.subject, reason=reason,
+                                                   source_ip=client_ip(request))
+    except Invalid as exc:
+        return await _form_failure(request, session, account, "erase", exc.fields, values)
+    except UnknownUser:
+        return await _form_failure(request, session, account, "erase", {"confirm": "unknown_user"}, values)
+    # The old id no longer exists: the account lives on under its pseudonym, amounts and all.
+    raise web.HTTPSeeOther(f"/admin/users/{path_segment(pseudonym)}?done=erase")
+
+
+@page
 async def audit_html(request: web.Request, session: WebSession) -> web.StreamResponse:
     ctx = request.app[WEB]
     pool = request.app[SERVICES].pool
@@ -542,7 +715,7 @@ def api(handler: Callable[[web.Request, str], Awaitable[web.StreamResponse]]) ->
         try:
             return await handler(request, admin.actor)
         except Invalid as exc:
-            return validation_error(ctx, exc.fields)
+            return validation_error(ctx, exc.fields, own_messages(ctx))
         except q.BadCursor:
             return validation_error(ctx, {"cursor": "bad_cursor"})
 
@@ -663,6 +836,75 @@ async def api_unsuspend(request: web.Request, actor: str) -> web.StreamResponse:
 
 
 @api
+async def api_allowance(request: web.Request, actor: str) -> web.StreamResponse:
+    ctx = request.app[WEB]
+    data = await json_body(request)
+    account = await api_account(request)
+    if isinstance(account, web.Response):
+        return account
+    if "tokens" not in data:  # null is "back to the plan's": absent is a mistake, not a choice
+        raise Invalid({"tokens": "required"})
+    tokens = parse_monthly(data["tokens"], ctx.lang, "tokens", from_form=False)
+    reason = parse_reason(data.get("reason"))
+    try:
+        updated = await ledger_of(request).set_allowance(account.user_id, tokens, actor=actor, reason=reason,
+                                                         source_ip=client_ip(request))
+    except UnknownUser:
+        return json_error(404, "unknown_user", ctx.t("err.unknown_user"))
+    except ValueError:
+        raise Invalid({"tokens": "invalid"}) from None
+    return json_response({"account": updated.as_json()})
+
+
+@api
+async def api_settings(request: web.Request, actor: str) -> web.StreamResponse:
+    ctx = request.app[WEB]
+    data = await json_body(request)
+    account = await api_account(request)
+    if isinstance(account, web.Response):
+        return account
+    changes = parse_settings(data, ctx.lang)
+    reason = parse_reason(data.get("reason"))
+    try:
+        updated = await _set_settings(request, account, changes, actor=actor, reason=reason)
+    except UnknownUser:
+        return json_error(404, "unknown_user", ctx.t("err.unknown_user"))
+    body = updated.as_json()
+    return json_response({"account": body, "settings": {"personal_cap": body["personal_cap"],
+                                                        **body["preferences"]}})
+
+
+@api
+async def api_erase(request: web.Request, actor: str) -> web.StreamResponse:
+    ctx = request.app[WEB]
+    data = await json_body(request)
+    account = await api_account(request)
+    if isinstance(account, web.Response):
+        return account
+    if account.erased_at is not None:  # the pseudonym itself: nothing personal is left to erase
+        return json_error(409, "already_erased", ctx.t("erase.err_already"))
+    reason = parse_reason(data.get("reason"))
+    try:
+        pseudonym = await ledger_of(request).erase(account.user_id, actor=actor, reason=reason,
+                                                   source_ip=client_ip(request))
+    except UnknownUser:  # erased by another admin meanwhile
+        return json_error(404, "unknown_user", ctx.t("err.unknown_user"))
+    return json_response({"pseudonym": pseudonym})
+
+
+@api
+async def api_usage(request: web.Request, actor: str) -> web.StreamResponse:
+    """Usage by UTC day and model; an admin also gets each row's estimate and real tokens."""
+    days = usage_.parse_days(request.query.get("days"))
+    account = await api_account(request)
+    if isinstance(account, web.Response):
+        return account
+    service = request.app[SERVICES]
+    rows = await usage_.last_days(service.pool, account.user_id, days, service.clock())
+    return json_response([r.as_json(include_estimates=True) for r in rows])
+
+
+@api
 async def api_plans(request: web.Request, actor: str) -> web.StreamResponse:
     return json_response({"plans": [p.as_json() for p in await ledger_of(request).plans()]})
 
@@ -690,9 +932,13 @@ ROUTES = (
     Route("GET", "/admin/users.csv", users_csv),
     Route("GET", "/admin/users/{user_id}", user_page),
     Route("GET", "/admin/users/{user_id}/statement.csv", statement_csv),
+    Route("GET", "/admin/users/{user_id}/usage.csv", usage_csv),
     Route("POST", "/admin/users/{user_id}/credits", credits_post),
     Route("POST", "/admin/users/{user_id}/plan", plan_post),
     Route("POST", "/admin/users/{user_id}/suspension", suspension_post),
+    Route("POST", "/admin/users/{user_id}/allowance", allowance_post),
+    Route("POST", "/admin/users/{user_id}/cap", cap_post),
+    Route("POST", "/admin/users/{user_id}/erase", erase_post),
     Route("GET", "/admin/audit", audit_html),
     Route("GET", "/api/admin/dashboard", api_dashboard),
     Route("GET", "/api/admin/users", api_users),
@@ -700,10 +946,14 @@ ROUTES = (
     Route("GET", "/api/admin/users/{user_id}", api_user),
     Route("GET", "/api/admin/users/{user_id}/entries", api_entries),
     Route("GET", "/api/admin/users/{user_id}/statement.csv", api_statement_csv),
+    Route("GET", "/api/admin/users/{user_id}/usage", api_usage),
     Route("POST", "/api/admin/users/{user_id}/credits", api_credits),
     Route("POST", "/api/admin/users/{user_id}/plan", api_plan),
     Route("POST", "/api/admin/users/{user_id}/suspend", api_suspend),
     Route("POST", "/api/admin/users/{user_id}/unsuspend", api_unsuspend),
+    Route("PUT", "/api/admin/users/{user_id}/allowance", api_allowance),
+    Route("PUT", "/api/admin/users/{user_id}/settings", api_settings),
+    Route("POST", "/api/admin/users/{user_id}/erase", api_erase),
     Route("GET", "/api/admin/plans", api_plans),
     Route("GET", "/api/admin/audit", api_audit),
 )
