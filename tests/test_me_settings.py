@@ -395,3 +395,28 @@ async def test_me_pages_have_no_axe_violations(browser, service, user, viewport)
         assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
     finally:
         await context.close()
+
+
+async def test_after_an_erasure_the_old_id_sees_nothing(service, settings, http, envoy, user):
+    """The user's data erased (LGPD): their /me session signs in no one, the API says the
+    account was erased (as the gate does), the export has nothing left under the old id."""
+    await open_account(service, user, email=f"{user}@example.com", name="Ana")
+    await spend(service, user, 1_000, 500)
+    jwt = mint_token(settings, user)
+    client = await me_signed_in(service, user)
+    async with client:
+        pseudonym = await service.ledger.erase(user, actor="admin-token", reason="pedido LGPD")
+        async with client.get(base(service) + "/me") as resp:
+            page = await resp.text()
+        assert "Enviar link de acesso" in page and user not in page and pseudonym not in page
+        async with client.get(base(service) + "/me/export.json") as resp:
+            assert resp.status == 401
+    for path in ("/api/me", "/api/me/export"):
+        status, body = await api(http, envoy.url + path, token=jwt)
+        assert status == 403 and body["error"]["code"] == "account_erased", path
+    status, body = await api(http, envoy.url + "/api/me/settings", "PUT", jwt, {"language": "en"})
+    assert status == 403 and body["error"]["code"] == "account_erased"
+    status, body = await api(http, envoy.url + "/api/me/usage", token=jwt)
+    assert status == 200 and body == []  # the usage lives on under the pseudonym, not this id
+    assert await service.pool.fetchval("SELECT count(*) FROM audit_log WHERE action = 'settings'"
+                                       " AND target = $1", user) == 0

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from ..formats import fmt_int
 from ..i18n import LANGUAGES
-from ..ledger import Account, UnknownUser
+from ..ledger import Account, UnknownUser, erased_pseudonym
 from ..mail import smtp_sender
 from . import queries as q
 from . import usage as u
@@ -125,14 +125,20 @@ def api_caller(handler: ApiHandler) -> Handler:
 
 
 def api_account(handler: Callable[[web.Request, Account], Awaitable[web.StreamResponse]]) -> Handler:
-    """An /api/me route about the caller's account: 404 no_account before their first request."""
+    """An /api/me route about the caller's account: 404 no_account before their first request;
+    403 account_erased, as at the gate, for an id whose data was erased (LGPD)."""
 
     @api_caller
     @functools.wraps(handler)
     async def wrapped(request: web.Request, user_id: str) -> web.StreamResponse:
-        account = await q.get_account(request.app[SERVICES].pool, user_id)
+        pool = request.app[SERVICES].pool
+        account = await q.get_account(pool, user_id)
         if account is None:
-            return json_error(404, "no_account", reader_context(request).t("me.no_account"))
+            ctx = reader_context(request)
+            async with pool.acquire() as conn:
+                if await erased_pseudonym(conn, user_id) is not None:
+                    return json_error(403, "account_erased", ctx.t("refusal.account_erased"))
+            return json_error(404, "no_account", ctx.t("me.no_account"))
         return await handler(request, account)
 
     return wrapped
@@ -466,9 +472,9 @@ async def api_usage(request: web.Request, user_id: str) -> web.StreamResponse:
     return json_response([r.as_json() for r in rows])
 
 
-@api_caller
-async def api_export(request: web.Request, user_id: str) -> web.StreamResponse:
-    return await export_response(request, user_id)
+@api_account
+async def api_export(request: web.Request, account: Account) -> web.StreamResponse:
+    return await export_response(request, account.user_id)
 
 
 def setup(app: web.Application) -> None:
