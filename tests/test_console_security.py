@@ -19,6 +19,7 @@ import aiohttp
 import asyncpg
 import pytest
 from redis.asyncio import Redis
+from support.browser import DESKTOP, PHONE, axe_violations, findings, missing_tools, report
 from support.gate import open_account
 from support.web import admin_browser, api, base, csrf_of
 from yarl import URL
@@ -430,6 +431,14 @@ async def test_me_link_requests_are_limited_whether_the_address_is_known_or_not(
         assert len(answers) == 1
         status, _, _ = await ask(stranger, 90)
         assert status == 429
+        # the page speaks the /me reader's language
+        async with s.get(base(limited) + "/me") as resp:
+            page = await resp.text()
+        async with s.post(base(limited) + "/me/login", headers={**addr(91), "accept-language": "en-US,en;q=0.9"},
+                          data={"csrf": csrf_of(page), "email": stranger}) as resp:
+            assert resp.status == 429
+            english = await resp.text()
+        assert "Too many sign-in attempts" in english and '<html lang="en">' in english
         # per address: four different e-mails from one address, then 429
         for n in range(4):
             status, _, _ = await ask(f"p{n}-{uuid.uuid4().hex[:6]}@example.com", 100)
@@ -561,3 +570,37 @@ async def test_revoking_sessions_in_chromium(browser, envoy, service, settings):
         "SELECT count(*) FROM web_sessions WHERE subject = $1 AND revoked_at IS NULL", f"jwt:{admin}") == 0
     for tab in (first, second):
         await tab.context.close()
+
+
+@pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))
+async def test_session_pages_and_the_429_page_pass_axe(browser, envoy, service, settings, limited, user):
+    """WCAG 2.1 AA (axe-core) on the pages this module adds, at desktop and phone width."""
+    await open_account(service, user, email=f"{user}@example.com")
+    me, _ = await me_client(service, user)
+    await me.close()
+    credential = mint_token(settings, f"axe-{uuid.uuid4().hex[:6]}", admin=True)
+    for viewport in (DESKTOP, PHONE):
+        context = await browser.new_context(viewport=viewport, locale="pt-BR", bypass_csp=True)
+        tab = await context.new_page()
+        tab.set_default_timeout(15_000)
+        try:
+            await tab.goto(envoy.url + "/admin")
+            await tab.get_by_label("Token de administrador ou JWT").fill(credential)
+            await tab.get_by_role("button", name="Entrar").click()
+            await tab.get_by_role("heading", name="Painel").wait_for()
+            for path in ("/admin/sessions", f"/admin/users/{user}/sessions", "/admin/sessions?done=revoked"):
+                await tab.goto(envoy.url + path)
+                rows = findings(await axe_violations(tab))
+                assert not rows, f"{path} at {viewport['width']}: \n" + report(rows)
+                assert await tab.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), path
+            email = f"axe-{uuid.uuid4().hex[:6]}@example.com"
+            for _ in range(limited.settings.signin_attempts_per_account + 1):
+                await tab.goto(base(limited) + "/me")
+                await tab.get_by_label("E-mail").fill(email)
+                await tab.get_by_role("button", name="Enviar link de acesso").click()
+                await tab.wait_for_load_state()
+            await tab.get_by_role("heading", name="Muitas tentativas de entrar").wait_for()
+            rows = findings(await axe_violations(tab))
+            assert not rows, f"429 page at {viewport['width']}: \n" + report(rows)
+        finally:
+            await context.close()

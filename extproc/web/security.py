@@ -44,6 +44,7 @@ from .kit import (
     json_error,
     json_response,
     path_segment,
+    reader_context,
 )
 from .sessions import (
     ADMIN_COOKIE,
@@ -272,7 +273,8 @@ async def signin_limits(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 def too_many(request: web.Request, area: str, retry_after: int) -> web.Response:
-    ctx = request.app[WEB]
+    """The 429 page, in the language of the page it answers: the console's, or /me's reader's."""
+    ctx = request.app[WEB] if area == "admin" else reader_context(request)
     minutes = max(1, math.ceil(retry_after / 60))
     return ctx.render("too_many.html", {
         "title": ctx.t("limit.title"), "message": ctx.t("limit.message", minutes=minutes), "area": area,
