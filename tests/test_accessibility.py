@@ -32,8 +32,11 @@ from support.browser import (
     PHONE,
     axe_violations,
     findings,
+    focus_outline,
     missing_tools,
     report,
+    tab_to,
+    visible_focus,
 )
 from support.gate import open_account, spend
 from support.mail import SmtpServer, link_in
@@ -99,6 +102,9 @@ async def stack(settings: Settings, upstream: Any, browser: Any,
     envoy_port = devstack.free_port()
     svc = Service(settings.replace(
         smtp_url=smtp.url, http_port=devstack.free_port(), public_url=f"http://127.0.0.1:{envoy_port}",
+        # Every page here signs in or asks for links from 127.0.0.1: only the per-account limit
+        # is reached, on purpose, by the 429 page.
+        signin_attempts_per_address=10_000, signin_attempts_per_account=3,
         stripe_secret_key=SECRET_KEY, stripe_webhook_secret=WEBHOOK_SECRET, stripe_api_base=stripe.url))
     await svc.start()
     proxy = devstack.Envoy(tmp_path_factory.mktemp("a11y-envoy"), upstream=("127.0.0.1", upstream.port),
@@ -184,6 +190,7 @@ class Page:
     name: str
     who: str  # "admin", "me" or "" (nobody signed in)
     visit: Visit
+    lang: str = "pt-BR"  # the browser's language (Accept-Language), which the page must declare
 
 
 def goto(path: str | Callable[[Stack], str]) -> Visit:
@@ -242,6 +249,32 @@ def forged_post(path: str) -> Visit:
     return visit
 
 
+def opened(path: str, summary: str) -> Visit:
+    """A page with a <details> (a chart's table) opened."""
+    async def visit(page: Any, s: Stack) -> None:
+        await page.goto(s.url + path)
+        await page.locator(summary).first.click()
+    return visit
+
+
+async def settings_refused(page: Any, s: Stack) -> None:
+    await page.goto(s.url + "/me/settings")
+    await page.locator("#personal_cap").fill("muito")
+    await page.locator("form[action='/me/settings'] button[type=submit]").click()
+    await page.locator("#personal_cap-error").wait_for()
+
+
+async def too_many_requests(page: Any, s: Stack) -> None:
+    """The sign-in limit's 429 page: link requests for one address past its limit."""
+    email = f"pressa.{uuid.uuid4().hex[:6]}@example.com"
+    for _ in range(s.service.settings.signin_attempts_per_account + 1):
+        await page.goto(s.url + "/me")
+        await page.locator("#email").fill(email)
+        await page.locator("form[action='/me/login'] button[type=submit]").click()
+        await page.wait_for_load_state()
+    assert await page.locator("h1").inner_text() != "", await page.content()
+
+
 async def older_statement(page: Any, s: Stack) -> None:
     await page.goto(s.url + "/me")
     await page.locator("nav.pager a[rel=next]").click()
@@ -266,6 +299,9 @@ PAGES = [
     Page("admin-404-user", "admin", goto("/admin/users/ninguem-com-este-id")),
     Page("admin-404-path", "admin", goto("/admin/nao-existe")),
     Page("admin-403-csrf", "admin", forged_post("/admin/logout")),
+    Page("dashboard-table-open", "admin", opened("/admin", "details summary")),
+    Page("admin-sessions", "admin", goto("/admin/sessions")),
+    Page("user-sessions", "admin", goto(lambda s: f"/admin/users/{s.me_user}/sessions")),
     Page("me-signin", "", goto("/me")),
     Page("me-signin-refused", "", me_signin_refused),
     Page("me-link-sent", "", link_sent),
@@ -275,22 +311,28 @@ PAGES = [
     Page("me-statement-older", "me", older_statement),
     Page("me-purchase-notice", "me", goto("/me?purchase=success")),
     Page("me-403-csrf", "me", forged_post("/me/logout")),
+    Page("me-usage-table-open", "me", opened("/me", ".usage-cycle details summary")),
+    Page("me-settings", "me", goto("/me/settings")),
+    Page("me-settings-refused", "me", settings_refused),
+    Page("me-429", "", too_many_requests),
+    Page("me-signin-en", "", goto("/me"), lang="en"),
+    Page("me-statement-en", "me", goto("/me"), lang="en"),
 ]
 
 
 # ---------------------------------------------------------------- axe on every page
 
 
-async def checked_context(browser: Any, s: Stack, who: str, viewport: dict[str, int]) -> Any:
-    state = {"admin": s.admin_state, "me": s.me_state}.get(who)
-    return await browser.new_context(viewport=viewport, storage_state=state, locale="pt-BR",
+async def checked_context(browser: Any, s: Stack, spec: Page, viewport: dict[str, int]) -> Any:
+    state = {"admin": s.admin_state, "me": s.me_state}.get(spec.who)
+    return await browser.new_context(viewport=viewport, storage_state=state, locale=spec.lang,
                                       bypass_csp=True, is_mobile=viewport is PHONE, has_touch=viewport is PHONE)
 
 
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("spec", PAGES, ids=[p.name for p in PAGES])
 async def test_no_axe_violations(browser, stack, shots: Path, spec: Page, width: str):
-    context = await checked_context(browser, stack, spec.who, WIDTHS[width])
+    context = await checked_context(browser, stack, spec, WIDTHS[width])
     page = await context.new_page()
     page.set_default_timeout(15_000)
     try:
@@ -300,8 +342,125 @@ async def test_no_axe_violations(browser, stack, shots: Path, spec: Page, width:
         rows = findings(await axe_violations(page))
         assert not rows, (f"{spec.name} at {width} width ({page.url}): {len(rows)} WCAG 2.1 AA violations\n"
                           + report(rows))
-        assert await page.evaluate("document.documentElement.lang") == "pt-BR"
+        assert await page.evaluate("document.documentElement.lang") == spec.lang
         assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), (
             f"{spec.name} scrolls sideways at {width} width")
     finally:
         await context.close()
+
+
+# ---------------------------------------------------------------- keyboard only
+
+
+@pytest.fixture
+async def keyboard_page(browser: Any) -> AsyncIterator[Any]:
+    """A tab with the pages' own CSP in force (no bypass): the flows must work under it."""
+    context = await browser.new_context(viewport=DESKTOP, locale="pt-BR", accept_downloads=True)
+    page = await context.new_page()
+    page.set_default_timeout(15_000)
+    blocked: list[str] = []
+    page.on("console", lambda msg: blocked.append(msg.text) if "Content Security Policy" in msg.text else None)
+    yield page
+    await context.close()
+    assert not blocked, blocked
+
+
+async def focused(page: Any, selector: str) -> bool:
+    return bool(await page.evaluate("s => document.activeElement.matches(s)", selector))
+
+
+async def skip_to_main(page: Any) -> None:
+    """The first Tab of a page reaches the skip link, shown on screen; Enter moves the focus
+    to the main content."""
+    await page.keyboard.press("Tab")
+    assert await focused(page, "a.skip[href='#main']"), await focus_outline(page)
+    box = await page.locator("a.skip").bounding_box()
+    assert box is not None and box["x"] >= 0 and box["y"] >= 0, f"the focused skip link is off screen: {box}"
+    assert visible_focus(await focus_outline(page))
+    await page.keyboard.press("Enter")
+    assert await focused(page, "main#main")
+
+
+async def test_admin_by_keyboard_alone(keyboard_page, stack):
+    page, s = keyboard_page, stack
+    await page.goto(s.url + "/admin/login")
+    assert await focused(page, "#token")  # the form's only field has the focus
+    await page.keyboard.type(s.service.settings.admin_token)
+    async with page.expect_navigation():
+        await page.keyboard.press("Enter")
+    assert page.url == s.url + "/admin"
+
+    await skip_to_main(page)
+    await tab_to(page, "a[href='/admin/users']", backwards=True)
+    async with page.expect_navigation():
+        await page.keyboard.press("Enter")
+    await tab_to(page, "#q")
+    await page.keyboard.type(f"maria.{s.tag}")
+    async with page.expect_navigation():
+        await page.keyboard.press("Enter")
+    assert "1 conta" in await page.locator("p.count").inner_text()
+    await tab_to(page, f"a[href='/admin/users/{s.user}']")
+    async with page.expect_navigation():
+        await page.keyboard.press("Enter")
+
+    opener = "a[data-dialog='credits-dialog']"
+    await tab_to(page, opener)
+    before = (await page.locator("#credits").inner_text()).strip()
+    await page.keyboard.press("Enter")
+    dialog = page.locator("#credits-dialog")
+    await dialog.wait_for()
+    assert await focused(page, "#credits-dialog *"), "the focus did not move into the dialog"
+    assert await focused(page, "#tokens")
+    await page.keyboard.press("Escape")
+    await dialog.wait_for(state="hidden")
+    assert await focused(page, opener), "the focus did not return to the button that opened the dialog"
+
+    await page.keyboard.press("Enter")
+    await dialog.wait_for()
+    await page.keyboard.type("1234")
+    await page.keyboard.press("Tab")
+    assert await focused(page, "#credit-reason")
+    assert visible_focus(await focus_outline(page))
+    await page.keyboard.type("ajuda por teclado")
+    async with page.expect_navigation():
+        await page.keyboard.press("Enter")
+    await page.locator("#notice").wait_for()
+    assert (await page.locator("#credits").inner_text()).strip() != before
+    assert "ajuda por teclado" in await page.locator("table.statement tbody tr").first.inner_text()
+
+    await tab_to(page, "form.logout button")
+    async with page.expect_navigation():
+        await page.keyboard.press("Enter")
+    await page.goto(s.url + "/admin/users")
+    assert await page.locator("#token").is_visible(), "still signed in after signing out"
+
+
+async def test_user_by_keyboard_alone(keyboard_page, stack):
+    page, s = keyboard_page, stack
+    email = f"teclado.{s.tag}@example.com"
+    await open_account(s.service, f"teclado-{s.tag}", email=email, name="Teclado")
+    await spend(s.service, f"teclado-{s.tag}", 500, 120)
+    await page.goto(s.url + "/me")
+    assert await focused(page, "#email")
+    await page.keyboard.type(email)
+    async with page.expect_navigation():
+        await page.keyboard.press("Enter")
+    await page.locator("[role=status]").wait_for()
+
+    await page.goto(link_in(await s.smtp.mailbox.wait_for(email)))  # the e-mailed link, opened
+    assert await focused(page, "form[action='/me/login/confirm'] button")
+    async with page.expect_navigation():
+        await page.keyboard.press("Enter")
+    assert page.url == s.url + "/me"
+
+    await skip_to_main(page)
+    await tab_to(page, "a[href='/me/statement.csv']")
+    async with page.expect_download() as info:
+        await page.keyboard.press("Enter")
+    assert (await info.value).suggested_filename.endswith(".csv")
+
+    await tab_to(page, "form.logout button", backwards=True)
+    async with page.expect_navigation():
+        await page.keyboard.press("Enter")
+    await page.goto(s.url + "/me")
+    assert await page.locator("#email").is_visible(), "still signed in after signing out"
