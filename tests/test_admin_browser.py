@@ -273,7 +273,7 @@ async def test_admin_sets_allowance_and_cap_sees_usage_and_erases_the_user(page,
     await page.get_by_role("link", name="Alterar franquia mensal").click()
     dialog = page.get_by_role("dialog", name="Alterar franquia mensal")
     await dialog.wait_for()
-    await dialog.get_by_label("Uma própria, só para este usuário").check()
+    await dialog.get_by_label("Franquia a partir do próximo ciclo").select_option("custom")
     await dialog.get_by_label("Tokens por mês (franquia própria)").fill("-10")
     await dialog.get_by_label("Motivo (obrigatório)").fill("projeto especial")
     await dialog.get_by_role("button", name="Salvar franquia").click()

@@ -171,6 +171,8 @@ async def test_admin_sets_and_clears_the_personal_cap_audited(http, service, set
             page = await resp.text()
         assert 'id="personal-cap">10.000<' in page and 'id="effective-limit">10.000<' in page
         assert 'id="alert-90">Desligado<' in page and 'id="language">Inglês<' in page
+        # The audit table names the preference that moved, not the whole object.
+        assert "preferences.alerts.90</span>: true → false" in page
         status, _, page = await form_post(browser, service, user, "cap", {"personal_cap": "10.000", "reason": "x"})
         assert status == 400 and "O usuário já tem este limite." in page
         status, _, page = await form_post(browser, service, user, "cap", {"personal_cap": "dez mil", "reason": "x"})

@@ -281,11 +281,22 @@ def chart(daily: list[dict[str, Any]], width: int = 720, height: int = 220) -> d
 
 
 def changes(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> list[tuple[str, Any, Any]]:
-    """The fields an audited change moved, for the audit table."""
-    before, after = before or {}, after or {}
+    """The fields an audited change moved, for the audit table; nested objects (an account's
+    preferences) by their leaves, so a turned-off alert reads "preferences.alerts.90: true → false"."""
+    old, new = _leaves(before or {}), _leaves(after or {})
     skip = {"used_pct", "cycle_start", "cycle_end"}
-    return [(k, before.get(k), after.get(k)) for k in sorted(set(before) | set(after))
-            if k not in skip and before.get(k) != after.get(k)]
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if k not in skip and old.get(k) != new.get(k)]
+
+
+def _leaves(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if isinstance(item, Mapping) and item:
+            out.update(_leaves(item, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = item
+    return out
 
 
 USERS_HEADER = ["user_id", "email", "name", "plan", "state", "state_reason", "available", "balance",
