@@ -108,7 +108,10 @@ async def test_a_valid_cookie_needs_a_live_row(service, settings):
         # revoked in the database: the well-signed cookie is refused from the next request on
         await service.pool.execute("UPDATE web_sessions SET revoked_at = now() WHERE sid_sha256 = $1",
                                    sid_hash(sid))
-        assert await status_of(s, base(service) + "/admin") == 401
+        async with s.get(base(service) + "/admin") as resp:
+            assert resp.status == 401
+            # the dead cookie is dropped from the browser
+            assert resp.cookies[ADMIN_COOKIE].value == "" and resp.cookies[ADMIN_COOKIE]["max-age"] == "0"
     finally:
         await s.close()
 
@@ -213,6 +216,12 @@ async def test_admin_lists_and_revokes_admin_sessions_audited(service, settings)
                                      "id": first_id}) as resp:
             assert resp.status == 303 and resp.headers["Location"] == "/admin/sessions?done=revoked"
         assert await status_of(first, base(service) + "/admin") == 401  # signed out on its next request
+        # an id revokes only a session of the kind and subject the form names
+        second_id = sid_hash(admin_sid(second, service))
+        async with second.post(base(service) + "/admin/sessions/revoke", allow_redirects=False,
+                               data={"csrf": csrf_of(page), "kind": "me", "subject": f"jwt:{admin}",
+                                     "id": second_id}) as resp:
+            assert resp.status == 303 and resp.headers["Location"].endswith("done=none")
         assert await status_of(second, base(service) + "/admin") == 200
         audit = await service.pool.fetchrow(
             "SELECT * FROM audit_log WHERE action = 'session_revoke' AND actor = $1 ORDER BY id DESC LIMIT 1",

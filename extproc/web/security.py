@@ -54,6 +54,7 @@ from .sessions import (
     AuthFailure,
     WebSession,
     admin_from_credential,
+    clear_cookie,
     read_session,
     revoke_sessions,
     session_alive,
@@ -101,7 +102,16 @@ async def session_check(request: web.Request, handler: Handler) -> web.StreamRes
             alive = session is not None and await session_alive(service.pool, audience, session,
                                                                 service.clock())
             verified[audience] = session if alive else None
-    return await handler(request)
+    response = await handler(request)
+    # A cookie whose row is gone is dropped from the browser, so it stops costing a lookup
+    # (unless this very response signs in again).
+    dead = [(cookie, prefix) for audience, cookie, prefix in AREAS
+            if audience in verified and verified[audience] is None and cookie not in response.cookies]
+    if dead and not response.prepared:
+        secure = request.app[WEB].secure_cookies
+        for cookie, prefix in dead:
+            clear_cookie(response, cookie, path=prefix, secure=secure)
+    return response
 
 
 # ---------------------------------------------------------------- sign-in rate limits
@@ -349,8 +359,9 @@ async def user_sessions_page(request: web.Request, session: WebSession) -> web.S
 
 @admin_page
 async def revoke_post(request: web.Request, session: WebSession) -> web.StreamResponse:
-    """One form for both pages: ``id`` revokes a session; ``kind`` + ``subject`` revoke them
-    all ("sign out everywhere"). The redirect goes back to the page of that kind and subject."""
+    """One form for both pages: ``id`` revokes that session of ``kind`` and ``subject``;
+    without ``id``, all of them ("sign out everywhere"). The redirect goes back to the page
+    of that kind and subject."""
     ctx, service = request.app[WEB], request.app[SERVICES]
     form = await request.post()
     kind, subject, sid = (str(form.get(k, "")) for k in ("kind", "subject", "id"))
@@ -358,7 +369,7 @@ async def revoke_post(request: web.Request, session: WebSession) -> web.StreamRe
         return ctx.error_page(ctx.t("sessions.bad_request"), status=400, nav=nav(ctx, session))
     revoked = await revoke_sessions(
         service.pool, actor=session.subject, source_ip=client_ip(request), now=service.clock(),
-        **({"sid_sha256": sid} if sid else {"kind": kind, "subject": subject}))
+        sid_sha256=sid or None, kind=kind, subject=subject)
     done = "none" if not revoked else "revoked" if sid else "revoked_all"
     raise web.HTTPSeeOther(f"{sessions_url(kind, subject)}?done={done}")
 

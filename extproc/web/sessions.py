@@ -300,15 +300,16 @@ class MagicLinks:
 async def revoke_sessions(pool: asyncpg.Pool, *, actor: str, source_ip: str | None, now: datetime,
                           sid_sha256: str | None = None, kind: str | None = None,
                           subject: str | None = None) -> int:
-    """An admin revokes one session (by its id, the SHA-256 the console shows) or every live
-    session of a subject ("sign out everywhere"), with the audit row in the same transaction
-    (I4). Returns how many were revoked; nothing revoked writes no audit row."""
-    assert (sid_sha256 is None) != (kind is None and subject is None), "one session, or a kind and subject"
+    """An admin revokes one session (by its id, the SHA-256 the console shows; ``kind`` and
+    ``subject``, when given, must match it) or every live session of a subject ("sign out
+    everywhere"), with the audit row in the same transaction (I4). Returns how many were
+    revoked; nothing revoked writes no audit row."""
+    assert sid_sha256 is not None or (kind is not None and subject is not None), "a session, or a subject"
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(
             "UPDATE web_sessions SET revoked_at = $1 WHERE revoked_at IS NULL AND expires_at > $1"
-            " AND (($2::text IS NOT NULL AND sid_sha256 = $2)"
-            "   OR ($2::text IS NULL AND kind = $3 AND subject = $4))"
+            " AND ($2::text IS NULL OR sid_sha256 = $2) AND ($3::text IS NULL OR kind = $3)"
+            " AND ($4::text IS NULL OR subject = $4)"
             " RETURNING sid_sha256, kind, subject, created_at, source_ip",
             now, sid_sha256, kind, subject)
         if not rows:
