@@ -319,3 +319,50 @@ async def test_admin_sets_allowance_and_cap_sees_usage_and_erases_the_user(page,
     assert (await page.locator("#credits").inner_text()).strip() == "0"
     response = await page.goto(envoy.url + "/admin/users/" + quote(user, safe=""))
     assert response is not None and response.status == 404
+
+
+async def test_the_user_sides_dialogs_and_the_erased_page_pass_axe(browser, envoy, service, settings):
+    """axe-core (WCAG 2.1 AA) on what this part of the console adds: the allowance, cap and
+    erase dialogs open, each with a validation error, and an erased account's page."""
+    from support.browser import AXE, axe_violations, findings, report
+
+    if not AXE.exists():
+        pytest.skip(f"{AXE} is missing (make test runs npm ci)")
+    tag = uuid.uuid4().hex[:6]
+    user = f"axe-{tag}"
+    await open_account(service, user, email=f"axe.{tag}@example.com", name="Axe")
+    await spend(service, user, 3_000, 1_000)
+    context = await browser.new_context(viewport={"width": 1280, "height": 900}, locale="pt-BR", bypass_csp=True)
+    page = await context.new_page()
+    page.set_default_timeout(15_000)
+    found: dict[str, str] = {}
+
+    async def check(name: str) -> None:
+        rows = findings(await axe_violations(page))
+        if rows:
+            found[name] = report(rows)
+
+    try:
+        await sign_in_admin(page, envoy.url, settings.admin_token)
+        await page.get_by_role("heading", name="Painel").wait_for()
+        url = envoy.url + "/admin/users/" + quote(user, safe="")
+        for name, field, bad in (("allowance", "#allowance-tokens", "-1"), ("cap", "#cap-tokens", "muito"),
+                                 ("erase", "#erase-confirm", "outro")):
+            await page.goto(url)
+            await page.locator(f"a[data-dialog='{name}-dialog']").click()
+            await page.locator(f"#{name}-dialog[open]").wait_for()
+            await check(f"{name}-dialog")
+            if name == "allowance":
+                await page.locator("#allowance-mode").select_option("custom")
+            await page.locator(field).fill(bad)
+            await page.locator(f"#{name}-dialog input[name=reason]").fill("axe")
+            await page.locator(f"#{name}-dialog button[type=submit]:not([formmethod])").click()
+            await page.locator(f"#{name}-dialog[open] .field-error").wait_for()
+            await check(f"{name}-refused")
+        pseudonym = await service.ledger.erase(user, actor="test", reason="axe")
+        await page.goto(envoy.url + "/admin/users/" + quote(pseudonym, safe="") + "?done=erase")
+        await page.locator("#erased").wait_for()
+        await check("erased-account")
+    finally:
+        await context.close()
+    assert not found, "\n".join(f"{name}:\n{text}" for name, text in found.items())
