@@ -19,7 +19,7 @@ import aiohttp
 import asyncpg
 import pytest
 from redis.asyncio import Redis
-from support.browser import DESKTOP, PHONE, axe_violations, findings, missing_tools, report
+from support.browser import DESKTOP, PHONE, axe_violations, findings, missing_tools, report, tab_to
 from support.gate import open_account
 from support.web import admin_browser, api, base, csrf_of
 from yarl import URL
@@ -613,3 +613,23 @@ async def test_session_pages_and_the_429_page_pass_axe(browser, envoy, service, 
             assert not rows, f"429 page at {viewport['width']}: \n" + report(rows)
         finally:
             await context.close()
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                    reason=f"{CHROMIUM} is not installed (apt-get install chromium; make test does)")
+async def test_revoking_a_me_session_by_keyboard_alone(browser, envoy, service, settings, user):
+    await open_account(service, user, email=f"{user}@example.com")
+    me, session = await me_client(service, user)
+    await me.close()
+    tab = await admin_tab(browser, envoy.url, settings.admin_token)
+    try:
+        await tab.goto(envoy.url + f"/admin/users/{user}")
+        await tab_to(tab, "#sessions-link")
+        await tab.keyboard.press("Enter")
+        await tab.get_by_role("heading", name=f"Sessões de {user}").wait_for()
+        await tab_to(tab, "td form button[type=submit]")
+        await tab.keyboard.press("Enter")
+        await tab.get_by_text("Sessão revogada.").wait_for()
+        assert (await row(service, session.sid))["revoked_at"] is not None
+    finally:
+        await tab.context.close()
