@@ -250,9 +250,6 @@ class AdmitRequest:
     model: str | None = None
 
 
-ADMISSION_STATUSES = ("ok", "insufficient", "suspended", "personal_cap", "erased")
-
-
 @dataclass(frozen=True)
 class Admission:
     """Outcome of admit(): ``ok``, ``insufficient`` (the balance), ``suspended`` (an admin),
