@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.browser import DESKTOP, PHONE, axe_violations, findings, missing_tools, report
+from support.browser import DESKTOP, PHONE, axe_violations, findings, missing_tools, report, tab_to
 from support.gate import open_account, spend
 from support.web import HOSTILE, api, base, csrf_of, me_signed_in
 
@@ -420,3 +420,34 @@ async def test_after_an_erasure_the_old_id_sees_nothing(service, settings, http,
     assert status == 200 and body == []  # the usage lives on under the pseudonym, not this id
     assert await service.pool.fetchval("SELECT count(*) FROM audit_log WHERE action = 'settings'"
                                        " AND target = $1", user) == 0
+
+
+async def test_settings_by_keyboard_alone(browser, service, user):
+    """The settings flow without a mouse: from the page's top, Tab to the settings link, the cap,
+    the 90 % box (Space), the language (arrow keys) and the button (Enter); every stop shows
+    its focus. The strict CSP stays on."""
+    await open_account(service, user, email=f"{user}@example.com")
+    context = await browser.new_context(viewport=DESKTOP, locale="pt-BR")
+    page = await context.new_page()
+    page.set_default_timeout(15_000)
+    try:
+        token = await MagicLinks(service.pool, Signer(service.settings)).issue(user, service.clock())
+        await page.goto(base(service) + "/me/login?token=" + token)
+        await tab_to(page, "button[type=submit]")
+        await page.keyboard.press("Enter")
+        await page.get_by_role("heading", name="Meu saldo e extrato").wait_for()
+        await tab_to(page, "a[href='/me/settings']")
+        await page.keyboard.press("Enter")
+        await page.get_by_role("heading", name="Preferências").wait_for()
+        await tab_to(page, "#personal_cap")
+        await page.keyboard.type("12.345")
+        await tab_to(page, "#notify_90")
+        await page.keyboard.press("Space")
+        await tab_to(page, "#language")
+        await page.keyboard.press("ArrowDown")  # automatic -> Português (Brasil)
+        await tab_to(page, "button[type=submit]")
+        await page.keyboard.press("Enter")
+        await page.get_by_text("Preferências salvas.").wait_for()
+    finally:
+        await context.close()
+    assert await settings_of(service, user) == (12_345, True, False, "pt-BR")
