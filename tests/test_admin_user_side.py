@@ -193,8 +193,9 @@ async def test_settings_api_refuses_bad_input(http, service, settings, user):
         ({"personal_cap": "10", "reason": "x"}, "personal_cap", "not_integer"),
         ({"personal_cap": 10**13, "reason": "x"}, "personal_cap", "too_large"),
         ({"alerts": {"80": "no"}, "reason": "x"}, "alerts.80", "not_boolean"),
-        ({"alerts": {"100": False}, "reason": "x"}, "alerts", "invalid"),
-        ({"alerts": [], "reason": "x"}, "alerts", "invalid"),
+        ({"personal_cap": 100_001, "reason": "x"}, "personal_cap", "above_budget"),
+        ({"alerts": {"100": False}, "reason": "x"}, "alerts.100", "unknown_field"),
+        ({"alerts": [], "reason": "x"}, "alerts", "not_object"),
         ({"language": "fr", "reason": "x"}, "language", "invalid_choice"),
         ({"cap": 10, "reason": "x"}, "cap", "unknown_field"),
         ({"reason": "x"}, "body", "no_settings"),
@@ -208,6 +209,12 @@ async def test_settings_api_refuses_bad_input(http, service, settings, user):
     status, answer = await api(http, f"{base(service)}/api/admin/users/nobody-{uuid.uuid4().hex}/settings",
                                "PUT", settings.admin_token, {"personal_cap": 10, "reason": "x"})
     assert status == 404
+    status, answer = await api(http, url, "PUT", settings.admin_token, {"personal_cap": 100_001, "reason": "x"})
+    assert answer["error"]["fields"]["personal_cap"]["message"] == (
+        "O limite não pode passar do orçamento deste ciclo (100.000 tokens): acima dele, não teria efeito.")
+    # A save that changes nothing writes nothing, like the user's own.
+    status, answer = await api(http, url, "PUT", settings.admin_token, {"alerts": {"80": True}, "reason": "x"})
+    assert status == 200 and answer["settings"]["alerts"]["80"] is True
     assert await audit_rows(service, user, "settings") == []
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from .. import accounting
-from ..formats import group_separator
+from ..formats import fmt_int, group_separator
 from ..ledger import Account, Ledger, UnknownPlan, UnknownUser
 from . import queries as q
 from . import usage as usage_
@@ -133,32 +133,49 @@ LANGUAGES = ("pt-BR", "en")
 THRESHOLDS = ("80", "90")  # the alerts a user may turn off; 100 % always goes out
 
 
-def parse_settings(data: Mapping[str, Any], lang: str) -> dict[str, Any]:
-    """The body of PUT /api/admin/users/{id}/settings (the shape of /api/me/settings, plus
-    "reason") as ``Ledger.set_settings`` keywords: only the keys present change. An unknown
-    key is refused, not ignored: a misspelt "personal_cap" must not answer 200 having done
-    nothing."""
-    unknown = sorted(set(data) - {*SETTINGS_KEYS, "reason"})
-    if unknown:
-        raise Invalid({str(k)[:64]: "unknown_field" for k in unknown[:5]})
+def parse_settings(data: Mapping[str, Any], lang: str, account: Account) -> dict[str, Any]:
+    """The body of PUT /api/admin/users/{id}/settings (the shape and the codes of
+    /api/me/settings, plus "reason") as ``Ledger.set_settings`` keywords: only the keys present
+    change. An unknown key is refused, not ignored: a misspelt "personal_cap" must not answer
+    200 having done nothing."""
+    errors: dict[str, str] = {str(k)[:64]: "unknown_field" for k in data if k not in (*SETTINGS_KEYS, "reason")}
     changes: dict[str, Any] = {}
     if "personal_cap" in data:
-        changes["personal_cap"] = parse_monthly(data["personal_cap"], lang, "personal_cap", from_form=False)
+        try:
+            changes["personal_cap"] = checked_cap(
+                parse_monthly(data["personal_cap"], lang, "personal_cap", from_form=False), account)
+        except Invalid as exc:
+            errors.update(exc.fields)
     if "alerts" in data:
         alerts = data["alerts"]
-        if not isinstance(alerts, dict) or not alerts or set(alerts) - set(THRESHOLDS):
-            raise Invalid({"alerts": "invalid"})
-        for threshold, on in alerts.items():
-            if not isinstance(on, bool):
-                raise Invalid({f"alerts.{threshold}": "not_boolean"})
-            changes[f"notify_{threshold}"] = on
+        if not isinstance(alerts, dict):
+            errors["alerts"] = "not_object"
+        else:
+            for threshold, on in alerts.items():
+                if threshold not in THRESHOLDS:
+                    errors[f"alerts.{str(threshold)[:8]}"] = "unknown_field"
+                elif not isinstance(on, bool):
+                    errors[f"alerts.{threshold}"] = "not_boolean"
+                else:
+                    changes[f"notify_{threshold}"] = on
     if "language" in data:
         if data["language"] is not None and data["language"] not in LANGUAGES:
-            raise Invalid({"language": "invalid_choice"})
-        changes["language"] = data["language"]
-    if not changes:
-        raise Invalid({"body": "no_settings"})
+            errors["language"] = "invalid_choice"
+        else:
+            changes["language"] = data["language"]
+    if not errors and not changes:
+        errors["body"] = "no_settings"
+    if errors:
+        raise Invalid(errors)
     return changes
+
+
+def checked_cap(cap: int | None, account: Account) -> int | None:
+    """The rule of /me: a cap above this cycle's budget would never bind, so it is refused
+    with the budget named rather than saved and silently useless (0 is allowed)."""
+    if cap is not None and cap > account.cycle_budget:
+        raise Invalid({"personal_cap": "above_budget"})
+    return cap
 
 
 def check_confirmation(account: Account, typed: Any) -> None:
@@ -174,19 +191,27 @@ def check_confirmation(account: Account, typed: Any) -> None:
 OWN_MESSAGES = {
     "negative": "user.err_negative", "unknown_field": "user.err_unknown_field",
     "not_boolean": "user.err_not_boolean", "no_settings": "cap.err_no_settings",
-    "same_allowance": "allowance.err_same", "same_cap": "cap.err_same",
+    "same_allowance": "allowance.err_same", "same_cap": "cap.err_same", "not_object": "cap.err_not_object",
+    "above_budget": "cap.err_above_budget",
     "confirm_mismatch": "erase.err_mismatch", "already_erased": "erase.err_already",
 }
 
 
-def own_messages(ctx: WebContext) -> dict[str, str]:
-    return {code: ctx.t(key) for code, key in OWN_MESSAGES.items()}
+def own_messages(ctx: WebContext, account: Account | None = None) -> dict[str, str]:
+    return {code: _own(ctx, key, account) for code, key in OWN_MESSAGES.items()}
 
 
-def messages(ctx: WebContext, fields: Mapping[str, str]) -> dict[str, str]:
+def messages(ctx: WebContext, fields: Mapping[str, str], account: Account | None = None) -> dict[str, str]:
     """Field -> sentence in the page's language (``field_messages`` plus this module's codes)."""
-    return {name: ctx.t(OWN_MESSAGES[code]) if code in OWN_MESSAGES else ctx.t(f"err.{code}")
+    return {name: _own(ctx, OWN_MESSAGES[code], account) if code in OWN_MESSAGES else ctx.t(f"err.{code}")
             for name, code in fields.items()}
+
+
+def _own(ctx: WebContext, key: str, account: Account | None) -> str:
+    """A text of this module; "{budget}" is the account's cycle budget, written the reader's way."""
+    if account is None or "{budget}" not in ctx.messages.get(key, ""):
+        return ctx.t(key)
+    return ctx.t(key, budget=fmt_int(account.cycle_budget, ctx.lang))
 
 
 def parse_key(raw: Any) -> str | None:
@@ -525,7 +550,7 @@ async def _form_failure(request: web.Request, session: WebSession, account: Acco
                         fields: dict[str, str], values: Mapping[str, Any]) -> web.Response:
     ctx = request.app[WEB]
     context = await user_context(request, session, account)
-    context.update(dialog=dialog, errors=messages(ctx, fields), values=dict(values),
+    context.update(dialog=dialog, errors=messages(ctx, fields, account), values=dict(values),
                    idempotency_key=str(values.get("idempotency_key") or context["idempotency_key"]))
     return ctx.render("admin/user.html", context, status=400)
 
@@ -646,7 +671,7 @@ async def cap_post(request: web.Request, session: WebSession) -> web.StreamRespo
     form = await request.post()
     values = {k: str(form.get(k, "")) for k in ("personal_cap", "reason")}
     try:
-        cap = parse_monthly(values["personal_cap"], ctx.lang, "personal_cap", from_form=True)
+        cap = checked_cap(parse_monthly(values["personal_cap"], ctx.lang, "personal_cap", from_form=True), account)
         if cap == account.personal_cap:
             raise Invalid({"personal_cap": "same_cap"})
         reason = parse_reason(values["reason"])
@@ -874,10 +899,14 @@ async def api_settings(request: web.Request, actor: str) -> web.StreamResponse:
     account = await api_account(request)
     if isinstance(account, web.Response):
         return account
-    changes = parse_settings(data, ctx.lang)
-    reason = parse_reason(data.get("reason"))
     try:
-        updated = await _set_settings(request, account, changes, actor=actor, reason=reason)
+        changes = parse_settings(data, ctx.lang, account)
+        reason = parse_reason(data.get("reason"))
+        # Like /me: a save that changes nothing writes nothing (no audit row for a no-op).
+        moved = {k: v for k, v in changes.items() if getattr(account, k) != v}
+        updated = await _set_settings(request, account, moved, actor=actor, reason=reason) if moved else account
+    except Invalid as exc:
+        return validation_error(ctx, exc.fields, own_messages(ctx, account))
     except UnknownUser:
         return json_error(404, "unknown_user", ctx.t("err.unknown_user"))
     body = updated.as_json()
