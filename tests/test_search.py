@@ -5,7 +5,9 @@ paging works with both, and at 100 000 accounts the plan uses the indexes."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from extproc.web import queries as q
 
 ACCOUNTS = 100_000
+MIGRATION = Path(q.__file__).resolve().parents[1] / "migrations" / "20261129000004_search.sql"
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +138,34 @@ async def test_the_prefix_fallback(big, make_database):
 def test_a_search_mode_is_one_of_two():
     assert q.UserFilter(mode="fuzzy").validate() == {"mode": "invalid_choice"}
     assert q.UserFilter(mode="prefix").validate() == {}
+
+
+async def test_the_migration_goes_on_when_the_role_may_not_create_the_extension(make_database):
+    """A role without CREATE on the database: pg_trgm is not created, the migration still
+    succeeds (with a notice), no trigram index is made, and search is by prefix."""
+    url = make_database(migrate=False)
+    up = MIGRATION.read_text().split("-- migrate:up")[1].split("-- migrate:down")[0]
+    role = f"solaris_nocreate_{uuid.uuid4().hex[:8]}"
+    owner = await asyncpg.connect(url)
+    try:
+        assert await owner.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'pg_trgm'") == 0
+        await owner.execute("CREATE TABLE accounts (user_id text PRIMARY KEY, email text, name text)")
+        await owner.execute(f'CREATE ROLE "{role}" LOGIN')
+        await owner.execute(f'GRANT ALL ON accounts TO "{role}"')
+        limited = await asyncpg.connect(url, user=role)
+        notices: list[str] = []
+        limited.add_log_listener(lambda _conn, message: notices.append(message.message))
+        try:
+            await limited.execute(up)
+        finally:
+            await limited.close()
+        assert any("stays by prefix" in n for n in notices), notices
+        assert await owner.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'pg_trgm'") == 0
+        assert await owner.fetchval("SELECT count(*) FROM pg_indexes WHERE indexname LIKE '%trgm'") == 0
+        # The same body run by a role that may: extension and indexes.
+        await owner.execute(up)
+        assert await owner.fetchval("SELECT count(*) FROM pg_indexes WHERE indexname = ANY($1::text[])",
+                                    list(q.TRGM_INDEXES)) == 3
+    finally:
+        await owner.execute(f'DROP OWNED BY "{role}"; DROP ROLE IF EXISTS "{role}"')
+        await owner.close()
