@@ -54,9 +54,10 @@ if TYPE_CHECKING:  # annotations only: the service's parts are read, never built
 
 __all__ = [
     "CSP", "OFFER", "SERVICES", "STATIC", "TEMPLATES", "WEB", "Invalid", "Offer", "OfferSource", "Services",
-    "WebContext", "api_identity", "client_ip", "csv_cell", "current_session", "entries_json", "field_messages",
-    "json_body", "json_error", "json_response", "page_language", "parse_day", "parse_int", "parse_tokens",
-    "path_segment", "reader_context", "signin_page", "statement_csv_response", "stream_csv", "validation_error",
+    "WebContext", "accepted_language", "api_identity", "client_ip", "csv_cell", "current_session", "download_name",
+    "entries_json", "field_messages", "json_body", "json_error", "json_response", "page_language", "parse_day",
+    "parse_int", "parse_tokens", "path_segment", "reader_context", "signin_page", "statement_csv_response",
+    "stream_csv", "validation_error",
 ]
 
 PACKAGE = Path(__file__).resolve().parent.parent  # extproc: templates/ and static/ stay there
@@ -404,6 +405,13 @@ def csv_cell(value: Any) -> Any:
     return "" if value is None else value
 
 
+def download_name(prefix: str, user_id: str, ext: str) -> str:
+    """A download's file name for one user: ids are arbitrary text, a file name in a header
+    must not be (quotes, slashes, control characters), so anything else becomes "_"."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64] or "user"
+    return f"{prefix}-{safe}.{ext}"
+
+
 async def stream_csv(request: web.Request, filename: str, header: Sequence[str],
                      rows: AsyncIterator[Sequence[Any]]) -> web.StreamResponse:
     """Write rows as they come (exports of 100 000 accounts never sit in memory whole)."""
@@ -484,8 +492,7 @@ async def statement_csv_response(request: web.Request, user_id: str, *, include_
             yield statement_row(ctx.readable([e])[0], include_actor=include_actor)
 
     header = [*STATEMENT_HEADER, "actor"] if include_actor else STATEMENT_HEADER
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64] or "user"
-    return await stream_csv(request, f"statement-{safe}.csv", header, rows())
+    return await stream_csv(request, download_name("statement", user_id, "csv"), header, rows())
 
 
 async def entries_json(request: web.Request, user_id: str, *, include_actor: bool) -> dict[str, Any]:

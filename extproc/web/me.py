@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
@@ -38,6 +37,7 @@ from .kit import (
     api_identity,
     client_ip,
     current_session,
+    download_name,
     entries_json,
     field_messages,
     json_body,
@@ -396,8 +396,8 @@ async def export_response(request: web.Request, user_id: str) -> web.Response:
     data = await request.app[SERVICES].ledger.export(user_id)
     if data is None:
         return json_error(404, "no_account", reader_context(request).t("me.no_account"))
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64] or "user"
-    return json_response(data, headers={"Content-Disposition": f'attachment; filename="solaris-data-{safe}.json"'})
+    name = download_name("solaris-data", user_id, "json")
+    return json_response(data, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 # ---------------------------------------------------------------- /api/me settings, usage and data

@@ -13,7 +13,6 @@ the sweep's reservation."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .. import accounting
-from .kit import Invalid, parse_int, stream_csv
+from .kit import Invalid, download_name, parse_int, stream_csv
 
 if TYPE_CHECKING:
     import asyncpg
@@ -204,5 +203,4 @@ async def usage_csv(request: web.Request, user_id: str, periods: Sequence[CycleU
                 yield [*line, r.estimate, r.real_tokens] if include_estimates else line
 
     header = [*CSV_HEADER, "estimate", "real_tokens"] if include_estimates else CSV_HEADER
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64] or "user"
-    return await stream_csv(request, f"usage-{safe}.csv", header, lines())
+    return await stream_csv(request, download_name("usage", user_id, "csv"), header, lines())
