@@ -182,11 +182,12 @@ class SigninLimiter:
         found = await self._redis(self._attempt, keys, [self.window * 1000])
         if found is None:
             found = self._local_attempt(keys)
-        worst = 0
-        for (count, ms_left), (_, limit) in zip(zip(found[::2], found[1::2], strict=True), counters, strict=True):
-            if int(count) > limit:
-                worst = max(worst, math.ceil(int(ms_left) / 1000))
-        return Verdict(worst == 0, max(worst, 1) if worst else 0)
+        waits = [math.ceil(int(ms_left) / 1000)
+                 for (count, ms_left), (_, limit) in zip(zip(found[::2], found[1::2], strict=True), counters,
+                                                         strict=True)
+                 if int(count) > limit]
+        # Retry-After speaks whole seconds, at least one: waiting it out always finds a new window.
+        return Verdict(False, max(1, *waits)) if waits else Verdict(True)
 
     async def forgive(self, counters: Sequence[str]) -> None:
         keys = [self.key(c) for c in counters]
