@@ -244,6 +244,13 @@ async def test_erase_by_api(http, service, settings, user):
     account = body["account"]
     assert account["email"] is None and account["name"] is None and account["erased_at"]
     assert account["credits"] == 7_000 and account["used"] == 1_500  # amounts stay
+    browser = await admin_browser(service, settings)
+    try:
+        async with browser.get(f"{base(service)}/admin/users?q={pseudonym}") as resp:
+            listed = await resp.text()
+        assert pseudonym in listed and "Dados pessoais apagados (LGPD)" in listed
+    finally:
+        await browser.close()
     status, answer = await api(http, f"{base(service)}/api/admin/users/{pseudonym}/erase", "POST",
                                settings.admin_token, {"reason": "de novo"})
     assert status == 409 and answer["error"]["code"] == "already_erased"
