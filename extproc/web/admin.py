@@ -18,17 +18,17 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from .. import accounting
-from ..formats import fmt_int, group_separator
+from ..formats import fmt_int
 from ..ledger import Account, Ledger, UnknownPlan, UnknownUser
 from . import queries as q
 from . import usage as usage_
 from .kit import (
-    DIGITS,
     MAX_ID,
     SERVICES,
     WEB,
     Invalid,
     WebContext,
+    checked_cap,
     client_ip,
     entries_json,
     field_messages,
@@ -37,7 +37,9 @@ from .kit import (
     json_response,
     parse_day,
     parse_int,
+    parse_tokens,
     path_segment,
+    settings_from_json,
     statement_csv_response,
     stream_csv,
     validation_error,
@@ -71,36 +73,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # ---------------------------------------------------------------- validation
 
 
-def _whole_tokens(raw: Any, lang: str, field: str, *, from_form: bool) -> int:
-    """A whole number of tokens, any sign. Forms may group thousands the locale's way
-    ("100.000" in pt-BR, "100,000" in en); JSON must be an integer."""
-    if from_form:
-        text = str(raw or "").strip().replace(" ", "").replace("\u00a0", "")
-        if not text:
-            raise Invalid({field: "required"})
-        sep = group_separator(lang)
-        negative = text.startswith("-")
-        body = text[1:] if negative else text
-        groups = body.split(sep)
-        grouped = len(groups) > 1 and 1 <= len(groups[0]) <= 3 and all(len(g) == 3 for g in groups[1:])
-        if not all(DIGITS.fullmatch(g) for g in groups) or (len(groups) > 1 and not grouped):
-            raise Invalid({field: "not_integer"})
-        return int("".join(groups)) * (-1 if negative else 1)
-    if raw is None:
-        raise Invalid({field: "required"})
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        raise Invalid({field: "not_integer"})
-    return raw
-
-
 def parse_amount(raw: Any, lang: str, *, from_form: bool) -> int:
-    """A positive whole number of tokens to grant."""
-    value = _whole_tokens(raw, lang, "tokens", from_form=from_form)
-    if value <= 0:
-        raise Invalid({"tokens": "not_positive"})
-    if value > MAX_GRANT:
-        raise Invalid({"tokens": "too_large"})
-    return value
+    """A positive whole number of tokens to grant (forms may group thousands the locale's way)."""
+    return parse_tokens(raw, lang, "tokens", from_form=from_form, low=1, high=MAX_GRANT)
 
 
 def parse_monthly(raw: Any, lang: str, field: str, *, from_form: bool) -> int | None:
@@ -109,12 +84,7 @@ def parse_monthly(raw: Any, lang: str, field: str, *, from_form: bool) -> int | 
     no cap). Bounded like a grant: a typo guard, far above any real month."""
     if raw is None or (from_form and not str(raw).strip()):
         return None
-    value = _whole_tokens(raw, lang, field, from_form=from_form)
-    if value < 0:
-        raise Invalid({field: "negative"})
-    if value > MAX_GRANT:
-        raise Invalid({field: "too_large"})
-    return value
+    return parse_tokens(raw, lang, field, from_form=from_form, low=0, high=MAX_GRANT)
 
 
 def parse_reason(raw: Any) -> str:
@@ -128,54 +98,13 @@ def parse_reason(raw: Any) -> str:
     return text
 
 
-SETTINGS_KEYS = ("personal_cap", "alerts", "language")
-LANGUAGES = ("pt-BR", "en")
-THRESHOLDS = ("80", "90")  # the alerts a user may turn off; 100 % always goes out
-
-
-def parse_settings(data: Mapping[str, Any], lang: str, account: Account) -> dict[str, Any]:
-    """The body of PUT /api/admin/users/{id}/settings (the shape and the codes of
-    /api/me/settings, plus "reason") as ``Ledger.set_settings`` keywords: only the keys present
-    change. An unknown key is refused, not ignored: a misspelt "personal_cap" must not answer
-    200 having done nothing."""
-    errors: dict[str, str] = {str(k)[:64]: "unknown_field" for k in data if k not in (*SETTINGS_KEYS, "reason")}
-    changes: dict[str, Any] = {}
-    if "personal_cap" in data:
-        try:
-            changes["personal_cap"] = checked_cap(
-                parse_monthly(data["personal_cap"], lang, "personal_cap", from_form=False), account)
-        except Invalid as exc:
-            errors.update(exc.fields)
-    if "alerts" in data:
-        alerts = data["alerts"]
-        if not isinstance(alerts, dict):
-            errors["alerts"] = "not_object"
-        else:
-            for threshold, on in alerts.items():
-                if threshold not in THRESHOLDS:
-                    errors[f"alerts.{str(threshold)[:8]}"] = "unknown_field"
-                elif not isinstance(on, bool):
-                    errors[f"alerts.{threshold}"] = "not_boolean"
-                else:
-                    changes[f"notify_{threshold}"] = on
-    if "language" in data:
-        if data["language"] is not None and data["language"] not in LANGUAGES:
-            errors["language"] = "invalid_choice"
-        else:
-            changes["language"] = data["language"]
-    if not errors and not changes:
-        errors["body"] = "no_settings"
-    if errors:
-        raise Invalid(errors)
+def parse_settings(data: Mapping[str, Any], account: Account) -> dict[str, Any]:
+    """The body of PUT /api/admin/users/{id}/settings: /api/me/settings' body (its rules and
+    codes: ``kit.settings_from_json``) plus "reason", and at least one setting to change."""
+    changes = settings_from_json(data, account, own=frozenset({"reason"}))
+    if not changes:
+        raise Invalid({"body": "no_settings"})
     return changes
-
-
-def checked_cap(cap: int | None, account: Account) -> int | None:
-    """The rule of /me: a cap above this cycle's budget would never bind, so it is refused
-    with the budget named rather than saved and silently useless (0 is allowed)."""
-    if cap is not None and cap > account.cycle_budget:
-        raise Invalid({"personal_cap": "above_budget"})
-    return cap
 
 
 def check_confirmation(account: Account, typed: Any) -> None:
@@ -900,7 +829,7 @@ async def api_settings(request: web.Request, actor: str) -> web.StreamResponse:
     if isinstance(account, web.Response):
         return account
     try:
-        changes = parse_settings(data, ctx.lang, account)
+        changes = parse_settings(data, account)
         reason = parse_reason(data.get("reason"))
         # Like /me: a save that changes nothing writes nothing (no audit row for a no-op).
         moved = {k: v for k, v in changes.items() if getattr(account, k) != v}

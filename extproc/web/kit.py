@@ -56,8 +56,8 @@ __all__ = [
     "CSP", "OFFER", "SERVICES", "STATIC", "TEMPLATES", "WEB", "Invalid", "Offer", "OfferSource", "Services",
     "WebContext", "accepted_language", "api_identity", "client_ip", "csv_cell", "current_session", "download_name",
     "entries_json", "field_messages", "json_body", "json_error", "json_response", "page_language", "parse_day",
-    "parse_int", "parse_tokens", "path_segment", "reader_context", "signin_page", "statement_csv_response",
-    "stream_csv", "validation_error",
+    "parse_int", "parse_tokens", "path_segment", "reader_context", "settings_from_json", "settings_json",
+    "signin_page", "statement_csv_response", "stream_csv", "validation_error",
 ]
 
 PACKAGE = Path(__file__).resolve().parent.parent  # extproc: templates/ and static/ stay there
@@ -319,6 +319,66 @@ def parse_tokens(raw: Any, lang: str, name: str, *, from_form: bool, low: int = 
     if high is not None and value > high:
         raise Invalid({name: "too_large"})
     return value
+
+
+# ---------------------------------------------------------------- a user's settings (/api/me and the admin API)
+
+
+MAX_CAP = 10**15  # the ledger's bound; a cap must anyway fit under the cycle's budget
+API_SETTINGS = frozenset({"personal_cap", "alerts", "language"})
+ALERTS = {"80": "notify_80", "90": "notify_90"}  # the e-mails a user may turn off; 100 % always goes out
+
+
+def checked_cap(cap: int | None, account: Account) -> int | None:
+    """A cap above this cycle's budget would never bind: refused with the budget named, rather
+    than saved and silently useless. (0 is allowed: a user may stop their own use.)"""
+    if cap is not None and cap > account.cycle_budget:
+        raise Invalid({"personal_cap": "above_budget"})
+    return cap
+
+
+def settings_from_json(data: Mapping[str, Any], account: Account, *,
+                       own: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The settings body of PUT /api/me/settings and of the admin's PUT .../settings ->
+    ``Ledger.set_settings`` keywords (only the keys given); Invalid naming each bad field: an
+    unknown key, a wrong type, a value out of range. ``own``: keys the caller reads itself
+    (the admin's "reason")."""
+    errors: dict[str, str] = {str(key)[:64]: "unknown_field" for key in data if key not in API_SETTINGS | own}
+    values: dict[str, Any] = {}
+    if "personal_cap" in data:
+        try:
+            cap = data["personal_cap"]
+            values["personal_cap"] = checked_cap(
+                None if cap is None else parse_tokens(cap, "en", "personal_cap", from_form=False, low=0,
+                                                      high=MAX_CAP), account)
+        except Invalid as exc:
+            errors.update(exc.fields)
+    if "alerts" in data:
+        alerts = data["alerts"]
+        if not isinstance(alerts, dict):
+            errors["alerts"] = "not_object"
+        else:
+            for key, value in alerts.items():
+                if key not in ALERTS:
+                    errors[f"alerts.{str(key)[:8]}"] = "unknown_field"
+                elif not isinstance(value, bool):
+                    errors[f"alerts.{key}"] = "not_boolean"
+                else:
+                    values[ALERTS[key]] = value
+    if "language" in data:
+        if data["language"] is not None and data["language"] not in LANGUAGES:
+            errors["language"] = "invalid_choice"
+        else:
+            values["language"] = data["language"]
+    if errors:
+        raise Invalid(errors)
+    return values
+
+
+def settings_json(account: Account) -> dict[str, Any]:
+    """The settings in PUT /api/me/settings' own shape."""
+    return {"personal_cap": account.personal_cap,
+            "alerts": {"80": account.notify_80, "90": account.notify_90}, "language": account.language}
 
 
 def parse_day(raw: str | None, name: str) -> date | None:

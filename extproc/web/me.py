@@ -28,6 +28,7 @@ from ..mail import smtp_sender
 from . import queries as q
 from . import usage as u
 from .kit import (
+    MAX_CAP,
     MAX_ID,
     OFFER,
     SERVICES,
@@ -35,6 +36,7 @@ from .kit import (
     Invalid,
     WebContext,
     api_identity,
+    checked_cap,
     client_ip,
     current_session,
     download_name,
@@ -46,6 +48,8 @@ from .kit import (
     parse_int,
     parse_tokens,
     reader_context,
+    settings_from_json,
+    settings_json,
     signin_page,
     statement_csv_response,
     validation_error,
@@ -288,21 +292,12 @@ async def api_statement_csv(request: web.Request, user_id: str) -> web.StreamRes
 
 
 SETTINGS_DONE = "saved"  # ?done= after a successful save: the page shows the notice
-MAX_CAP = 10**15  # the ledger's bound; a cap must anyway fit under the cycle's budget
 
 
 def settings_values(account: Account) -> dict[str, Any]:
     """The settings as the ledger names them (Ledger.set_settings' keywords)."""
     return {"personal_cap": account.personal_cap, "notify_80": account.notify_80,
             "notify_90": account.notify_90, "language": account.language}
-
-
-def checked_cap(cap: int | None, account: Account) -> int | None:
-    """A cap above this cycle's budget would never bind: refused with the budget named, rather
-    than saved and silently useless. (0 is allowed: a user may stop their own use.)"""
-    if cap is not None and cap > account.cycle_budget:
-        raise Invalid({"personal_cap": "above_budget"})
-    return cap
 
 
 def settings_from_form(form: Any, lang: str, account: Account) -> dict[str, Any]:
@@ -401,51 +396,6 @@ async def export_response(request: web.Request, user_id: str) -> web.Response:
 
 
 # ---------------------------------------------------------------- /api/me settings, usage and data
-
-
-API_SETTINGS = frozenset({"personal_cap", "alerts", "language"})
-ALERTS = {"80": "notify_80", "90": "notify_90"}
-
-
-def settings_from_json(data: dict[str, Any], account: Account) -> dict[str, Any]:
-    """PUT /api/me/settings' body -> ledger keywords (only the keys given); Invalid naming each
-    bad field: an unknown key, a wrong type, a value out of range."""
-    errors: dict[str, str] = {key: "unknown_field" for key in data if key not in API_SETTINGS}
-    values: dict[str, Any] = {}
-    if "personal_cap" in data:
-        try:
-            cap = data["personal_cap"]
-            values["personal_cap"] = checked_cap(
-                None if cap is None else parse_tokens(cap, "en", "personal_cap", from_form=False, low=0,
-                                                      high=MAX_CAP), account)
-        except Invalid as exc:
-            errors.update(exc.fields)
-    if "alerts" in data:
-        alerts = data["alerts"]
-        if not isinstance(alerts, dict):
-            errors["alerts"] = "not_object"
-        else:
-            for key, value in alerts.items():
-                if key not in ALERTS:
-                    errors[f"alerts.{key}"] = "unknown_field"
-                elif not isinstance(value, bool):
-                    errors[f"alerts.{key}"] = "not_boolean"
-                else:
-                    values[ALERTS[key]] = value
-    if "language" in data:
-        if data["language"] is not None and data["language"] not in LANGUAGES:
-            errors["language"] = "invalid_choice"
-        else:
-            values["language"] = data["language"]
-    if errors:
-        raise Invalid(errors)
-    return values
-
-
-def settings_json(account: Account) -> dict[str, Any]:
-    """The settings in PUT /api/me/settings' own shape."""
-    return {"personal_cap": account.personal_cap,
-            "alerts": {"80": account.notify_80, "90": account.notify_90}, "language": account.language}
 
 
 @api_account
