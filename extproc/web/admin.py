@@ -40,6 +40,7 @@ from .kit import (
     parse_tokens,
     path_segment,
     settings_from_json,
+    settings_json,
     statement_csv_response,
     stream_csv,
     validation_error,
@@ -484,46 +485,58 @@ async def _form_failure(request: web.Request, session: WebSession, account: Acco
     return ctx.render("admin/user.html", context, status=400)
 
 
-def _redirect_done(account: Account, done: str) -> web.HTTPSeeOther:
-    return web.HTTPSeeOther(f"/admin/users/{path_segment(account.user_id)}?done={done}")
+def _done(account: Account, done: str) -> str:
+    return f"/admin/users/{path_segment(account.user_id)}?done={done}"
+
+
+Apply = Callable[[Account, dict[str, str], str], Awaitable[str]]
+
+
+async def _dialog_post(request: web.Request, session: WebSession, dialog: str, names: tuple[str, ...],
+                       apply: Apply) -> web.StreamResponse:
+    """A dialog's form on the user page: its fields read, ``apply(account, values, actor)`` run
+    (it validates, writes and returns where to go next), or on a refusal the page again, 400,
+    with the dialog open, the values kept and each field's message."""
+    account = await account_or_404(request, session)
+    form = await request.post()
+    values = {k: str(form.get(k, "")) for k in names}
+    try:
+        location = await apply(account, values, session.subject)
+    except Invalid as exc:
+        return await _form_failure(request, session, account, dialog, exc.fields, values)
+    except UnknownUser:  # erased or gone since the page was read
+        return await _form_failure(request, session, account, dialog, {"user": "unknown_user"}, values)
+    raise web.HTTPSeeOther(location)
 
 
 @page
 async def credits_post(request: web.Request, session: WebSession) -> web.StreamResponse:
     ctx = request.app[WEB]
-    account = await account_or_404(request, session)
-    form = await request.post()
-    values = {k: str(form.get(k, "")) for k in ("tokens", "reason", "idempotency_key")}
-    try:
+
+    async def apply(account: Account, values: dict[str, str], actor: str) -> str:
         tokens = parse_amount(values["tokens"], ctx.lang, from_form=True)
         reason = parse_reason(values["reason"])
         key = parse_key(values["idempotency_key"])
-    except Invalid as exc:
-        return await _form_failure(request, session, account, "credits", exc.fields, values)
-    try:
-        _, applied = await ledger_of(request).grant(
-            account.user_id, tokens, actor=session.subject, reason=reason, idempotency_key=key,
-            source_ip=client_ip(request))
-    except UnknownUser:
-        return await _form_failure(request, session, account, "credits", {"user": "unknown_user"}, values)
-    raise _redirect_done(account, "credits" if applied else "credits_duplicate")
+        _, applied = await ledger_of(request).grant(account.user_id, tokens, actor=actor, reason=reason,
+                                                    idempotency_key=key, source_ip=client_ip(request))
+        return _done(account, "credits" if applied else "credits_duplicate")
+
+    return await _dialog_post(request, session, "credits", ("tokens", "reason", "idempotency_key"), apply)
 
 
 @page
 async def plan_post(request: web.Request, session: WebSession) -> web.StreamResponse:
-    account = await account_or_404(request, session)
-    form = await request.post()
-    values = {k: str(form.get(k, "")) for k in ("plan", "reason")}
-    try:
+    async def apply(account: Account, values: dict[str, str], actor: str) -> str:
         plan = await _checked_plan(request, account, values["plan"])
         reason = parse_reason(values["reason"])
-        await ledger_of(request).set_plan(account.user_id, plan, actor=session.subject, reason=reason,
-                                          source_ip=client_ip(request))
-    except Invalid as exc:
-        return await _form_failure(request, session, account, "plan", exc.fields, values)
-    except UnknownPlan:
-        return await _form_failure(request, session, account, "plan", {"plan": "unknown_plan"}, values)
-    raise _redirect_done(account, "plan")
+        try:
+            await ledger_of(request).set_plan(account.user_id, plan, actor=actor, reason=reason,
+                                              source_ip=client_ip(request))
+        except UnknownPlan:
+            raise Invalid({"plan": "unknown_plan"}) from None
+        return _done(account, "plan")
+
+    return await _dialog_post(request, session, "plan", ("plan", "reason"), apply)
 
 
 async def _checked_plan(request: web.Request, account: Account, plan: Any) -> str:
@@ -545,31 +558,24 @@ def _checked_suspension(account: Account, suspend: bool) -> None:
 
 @page
 async def suspension_post(request: web.Request, session: WebSession) -> web.StreamResponse:
-    account = await account_or_404(request, session)
-    form = await request.post()
-    values = {k: str(form.get(k, "")) for k in ("action", "reason")}
-    suspend = values["action"] == "suspend"
-    try:
+    async def apply(account: Account, values: dict[str, str], actor: str) -> str:
         if values["action"] not in ("suspend", "unsuspend"):
             raise Invalid({"action": "invalid_choice"})
+        suspend = values["action"] == "suspend"
         _checked_suspension(account, suspend)
         reason = parse_reason(values["reason"])
-        await ledger_of(request).set_suspended(account.user_id, suspend, actor=session.subject, reason=reason,
+        await ledger_of(request).set_suspended(account.user_id, suspend, actor=actor, reason=reason,
                                                source_ip=client_ip(request))
-    except Invalid as exc:
-        return await _form_failure(request, session, account, "suspension", exc.fields, values)
-    except UnknownUser:
-        return await _form_failure(request, session, account, "suspension", {"user": "unknown_user"}, values)
-    raise _redirect_done(account, values["action"])
+        return _done(account, values["action"])
+
+    return await _dialog_post(request, session, "suspension", ("action", "reason"), apply)
 
 
 @page
 async def allowance_post(request: web.Request, session: WebSession) -> web.StreamResponse:
     ctx = request.app[WEB]
-    account = await account_or_404(request, session)
-    form = await request.post()
-    values = {k: str(form.get(k, "")) for k in ("mode", "tokens", "reason")}
-    try:
+
+    async def apply(account: Account, values: dict[str, str], actor: str) -> str:
         if values["mode"] not in ("plan", "custom"):
             raise Invalid({"mode": "invalid_choice"})
         tokens = None
@@ -577,39 +583,29 @@ async def allowance_post(request: web.Request, session: WebSession) -> web.Strea
             tokens = parse_monthly(values["tokens"], ctx.lang, "tokens", from_form=True)
             if tokens is None:
                 raise Invalid({"tokens": "required"})
-        _checked_allowance(account, tokens)
+        if tokens == account.allowance_override:
+            raise Invalid({"tokens": "same_allowance"})
         reason = parse_reason(values["reason"])
-        await ledger_of(request).set_allowance(account.user_id, tokens, actor=session.subject, reason=reason,
+        await ledger_of(request).set_allowance(account.user_id, tokens, actor=actor, reason=reason,
                                                source_ip=client_ip(request))
-    except Invalid as exc:
-        return await _form_failure(request, session, account, "allowance", exc.fields, values)
-    except UnknownUser:
-        return await _form_failure(request, session, account, "allowance", {"user": "unknown_user"}, values)
-    raise _redirect_done(account, "allowance")
+        return _done(account, "allowance")
 
-
-def _checked_allowance(account: Account, tokens: int | None) -> None:
-    if tokens == account.allowance_override:
-        raise Invalid({"tokens": "same_allowance"})
+    return await _dialog_post(request, session, "allowance", ("mode", "tokens", "reason"), apply)
 
 
 @page
 async def cap_post(request: web.Request, session: WebSession) -> web.StreamResponse:
     ctx = request.app[WEB]
-    account = await account_or_404(request, session)
-    form = await request.post()
-    values = {k: str(form.get(k, "")) for k in ("personal_cap", "reason")}
-    try:
+
+    async def apply(account: Account, values: dict[str, str], actor: str) -> str:
         cap = checked_cap(parse_monthly(values["personal_cap"], ctx.lang, "personal_cap", from_form=True), account)
         if cap == account.personal_cap:
             raise Invalid({"personal_cap": "same_cap"})
         reason = parse_reason(values["reason"])
-        await _set_settings(request, account, {"personal_cap": cap}, actor=session.subject, reason=reason)
-    except Invalid as exc:
-        return await _form_failure(request, session, account, "cap", exc.fields, values)
-    except UnknownUser:
-        return await _form_failure(request, session, account, "cap", {"user": "unknown_user"}, values)
-    raise _redirect_done(account, "cap")
+        await _set_settings(request, account, {"personal_cap": cap}, actor=actor, reason=reason)
+        return _done(account, "cap")
+
+    return await _dialog_post(request, session, "cap", ("personal_cap", "reason"), apply)
 
 
 async def _set_settings(request: web.Request, account: Account, changes: dict[str, Any], *, actor: str,
@@ -625,22 +621,17 @@ async def _set_settings(request: web.Request, account: Account, changes: dict[st
 
 @page
 async def erase_post(request: web.Request, session: WebSession) -> web.StreamResponse:
-    account = await account_or_404(request, session)
-    form = await request.post()
-    values = {k: str(form.get(k, "")) for k in ("confirm", "reason")}
-    try:
+    async def apply(account: Account, values: dict[str, str], actor: str) -> str:
         if account.erased_at is not None:
             raise Invalid({"confirm": "already_erased"})
         check_confirmation(account, values["confirm"])
         reason = parse_reason(values["reason"])
-        pseudonym = await ledger_of(request).erase(account.user_id, actor=session.subject, reason=reason,
+        pseudonym = await ledger_of(request).erase(account.user_id, actor=actor, reason=reason,
                                                    source_ip=client_ip(request))
-    except Invalid as exc:
-        return await _form_failure(request, session, account, "erase", exc.fields, values)
-    except UnknownUser:
-        return await _form_failure(request, session, account, "erase", {"confirm": "unknown_user"}, values)
-    # The old id no longer exists: the account lives on under its pseudonym, amounts and all.
-    raise web.HTTPSeeOther(f"/admin/users/{path_segment(pseudonym)}?done=erase")
+        # The old id no longer exists: the account lives on under its pseudonym, amounts and all.
+        return f"/admin/users/{path_segment(pseudonym)}?done=erase"
+
+    return await _dialog_post(request, session, "erase", ("confirm", "reason"), apply)
 
 
 @page
@@ -838,9 +829,7 @@ async def api_settings(request: web.Request, actor: str) -> web.StreamResponse:
         return validation_error(ctx, exc.fields, own_messages(ctx, account))
     except UnknownUser:
         return json_error(404, "unknown_user", ctx.t("err.unknown_user"))
-    body = updated.as_json()
-    return json_response({"account": body, "settings": {"personal_cap": body["personal_cap"],
-                                                        **body["preferences"]}})
+    return json_response({"account": updated.as_json(), "settings": settings_json(updated)})
 
 
 @api
