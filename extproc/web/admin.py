@@ -674,15 +674,17 @@ def api(handler: Callable[[web.Request, str], Awaitable[web.StreamResponse]]) ->
             return validation_error(ctx, exc.fields, own_messages(ctx))
         except q.BadCursor:
             return validation_error(ctx, {"cursor": "bad_cursor"})
+        except UnknownUser:  # no such id, or erased or gone while the request ran
+            return json_error(404, "unknown_user", ctx.t("err.unknown_user"))
 
     return wrapped
 
 
-async def api_account(request: web.Request) -> Account | web.Response:
+async def api_account(request: web.Request) -> Account:
+    """The path's account; UnknownUser (the API's 404) when there is none."""
     account = await q.get_account(request.app[SERVICES].pool, request.match_info["user_id"])
     if account is None:
-        ctx = request.app[WEB]
-        return json_error(404, "unknown_user", ctx.t("err.unknown_user"))
+        raise UnknownUser(request.match_info["user_id"])
     return account
 
 
@@ -709,8 +711,6 @@ async def api_users_csv(request: web.Request, actor: str) -> web.StreamResponse:
 @api
 async def api_user(request: web.Request, actor: str) -> web.StreamResponse:
     account = await api_account(request)
-    if isinstance(account, web.Response):
-        return account
     return json_response({"account": account.as_json(),
                           "alerts": await q.alerts(request.app[SERVICES].pool, account.user_id)})
 
@@ -718,16 +718,12 @@ async def api_user(request: web.Request, actor: str) -> web.StreamResponse:
 @api
 async def api_entries(request: web.Request, actor: str) -> web.StreamResponse:
     account = await api_account(request)
-    if isinstance(account, web.Response):
-        return account
     return json_response(await entries_json(request, account.user_id, include_actor=True))
 
 
 @api
 async def api_statement_csv(request: web.Request, actor: str) -> web.StreamResponse:
     account = await api_account(request)
-    if isinstance(account, web.Response):
-        return account
     return await statement_csv_response(request, account.user_id, include_actor=True)
 
 
@@ -736,16 +732,11 @@ async def api_credits(request: web.Request, actor: str) -> web.StreamResponse:
     ctx = request.app[WEB]
     data = await json_body(request)
     account = await api_account(request)
-    if isinstance(account, web.Response):
-        return account
     tokens = parse_amount(data.get("tokens"), ctx.lang, from_form=False)
     reason = parse_reason(data.get("reason"))
     key = parse_key(data.get("idempotency_key"))
-    try:
-        updated, applied = await ledger_of(request).grant(
-            account.user_id, tokens, actor=actor, reason=reason, idempotency_key=key, source_ip=client_ip(request))
-    except UnknownUser:
-        return json_error(404, "unknown_user", ctx.t("err.unknown_user"))
+    updated, applied = await ledger_of(request).grant(
+        account.user_id, tokens, actor=actor, reason=reason, idempotency_key=key, source_ip=client_ip(request))
     return json_response({"account": updated.as_json(), "applied": applied})
 
 
@@ -753,8 +744,6 @@ async def api_credits(request: web.Request, actor: str) -> web.StreamResponse:
 async def api_plan(request: web.Request, actor: str) -> web.StreamResponse:
     data = await json_body(request)
     account = await api_account(request)
-    if isinstance(account, web.Response):
-        return account
     plan = await _checked_plan(request, account, data.get("plan"))
     reason = parse_reason(data.get("reason"))
     try:
@@ -766,18 +755,12 @@ async def api_plan(request: web.Request, actor: str) -> web.StreamResponse:
 
 
 async def _api_suspension(request: web.Request, actor: str, suspend: bool) -> web.StreamResponse:
-    ctx = request.app[WEB]
     data = await json_body(request)
     account = await api_account(request)
-    if isinstance(account, web.Response):
-        return account
     _checked_suspension(account, suspend)
     reason = parse_reason(data.get("reason"))
-    try:
-        updated = await ledger_of(request).set_suspended(account.user_id, suspend, actor=actor, reason=reason,
-                                                         source_ip=client_ip(request))
-    except UnknownUser:
-        return json_error(404, "unknown_user", ctx.t("err.unknown_user"))
+    updated = await ledger_of(request).set_suspended(account.user_id, suspend, actor=actor, reason=reason,
+                                                     source_ip=client_ip(request))
     return json_response({"account": updated.as_json()})
 
 
@@ -796,8 +779,6 @@ async def api_allowance(request: web.Request, actor: str) -> web.StreamResponse:
     ctx = request.app[WEB]
     data = await json_body(request)
     account = await api_account(request)
-    if isinstance(account, web.Response):
-        return account
     if "tokens" not in data:  # null is "back to the plan's": absent is a mistake, not a choice
         raise Invalid({"tokens": "required"})
     tokens = parse_monthly(data["tokens"], ctx.lang, "tokens", from_form=False)
@@ -805,9 +786,7 @@ async def api_allowance(request: web.Request, actor: str) -> web.StreamResponse:
     try:
         updated = await ledger_of(request).set_allowance(account.user_id, tokens, actor=actor, reason=reason,
                                                          source_ip=client_ip(request))
-    except UnknownUser:
-        return json_error(404, "unknown_user", ctx.t("err.unknown_user"))
-    except ValueError:
+    except ValueError:  # the ledger's own bound: the same 400 as ours, never a 500
         raise Invalid({"tokens": "invalid"}) from None
     return json_response({"account": updated.as_json()})
 
@@ -817,18 +796,14 @@ async def api_settings(request: web.Request, actor: str) -> web.StreamResponse:
     ctx = request.app[WEB]
     data = await json_body(request)
     account = await api_account(request)
-    if isinstance(account, web.Response):
-        return account
     try:
         changes = parse_settings(data, account)
         reason = parse_reason(data.get("reason"))
         # Like /me: a save that changes nothing writes nothing (no audit row for a no-op).
         moved = {k: v for k, v in changes.items() if getattr(account, k) != v}
         updated = await _set_settings(request, account, moved, actor=actor, reason=reason) if moved else account
-    except Invalid as exc:
+    except Invalid as exc:  # here, not in ``api``: the cap's message names this account's budget
         return validation_error(ctx, exc.fields, own_messages(ctx, account))
-    except UnknownUser:
-        return json_error(404, "unknown_user", ctx.t("err.unknown_user"))
     return json_response({"account": updated.as_json(), "settings": settings_json(updated)})
 
 
@@ -837,16 +812,11 @@ async def api_erase(request: web.Request, actor: str) -> web.StreamResponse:
     ctx = request.app[WEB]
     data = await json_body(request)
     account = await api_account(request)
-    if isinstance(account, web.Response):
-        return account
     if account.erased_at is not None:  # the pseudonym itself: nothing personal is left to erase
         return json_error(409, "already_erased", ctx.t("erase.err_already"))
     reason = parse_reason(data.get("reason"))
-    try:
-        pseudonym = await ledger_of(request).erase(account.user_id, actor=actor, reason=reason,
-                                                   source_ip=client_ip(request))
-    except UnknownUser:  # erased by another admin meanwhile
-        return json_error(404, "unknown_user", ctx.t("err.unknown_user"))
+    pseudonym = await ledger_of(request).erase(account.user_id, actor=actor, reason=reason,
+                                               source_ip=client_ip(request))
     return json_response({"pseudonym": pseudonym})
 
 
@@ -855,8 +825,6 @@ async def api_usage(request: web.Request, actor: str) -> web.StreamResponse:
     """Usage by UTC day and model; an admin also gets each row's estimate and real tokens."""
     days = usage_.parse_days(request.query.get("days"))
     account = await api_account(request)
-    if isinstance(account, web.Response):
-        return account
     service = request.app[SERVICES]
     rows = await usage_.last_days(service.pool, account.user_id, days, service.clock())
     return json_response([r.as_json(include_estimates=True) for r in rows])
