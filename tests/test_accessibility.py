@@ -31,6 +31,7 @@ from support.browser import (
     DESKTOP,
     PHONE,
     axe_violations,
+    dom_problems,
     findings,
     focus_outline,
     missing_tools,
@@ -65,6 +66,7 @@ class Stack:
     admin_state: dict[str, Any]  # a signed-in admin's cookies (Playwright storage state)
     me_state: dict[str, Any]  # a signed-in /me user's cookies
     confirm_link: str  # an unused sign-in link (its confirmation page)
+    erased: str  # the pseudonym of an account whose personal data was erased
 
     @property
     def user(self) -> str:
@@ -113,12 +115,12 @@ async def stack(settings: Settings, upstream: Any, browser: Any,
     proxy.start()
     try:
         tag = uuid.uuid4().hex[:6]
-        await people(svc, tag)
+        erased = await people(svc, tag)
         admin_state = await signed_in_admin(browser, proxy.url, settings.admin_token)
         me_state = await signed_in_user(browser, proxy.url, smtp, f"bia.{tag}@example.com")
         await svc.ledger.grant(f"caio-{tag}", 1, actor="test", reason="link")
         confirm_link = await requested_link(browser, proxy.url, smtp, f"caio.{tag}@example.com")
-        yield Stack(svc, proxy.url, smtp, tag, admin_state, me_state, confirm_link)
+        yield Stack(svc, proxy.url, smtp, tag, admin_state, me_state, confirm_link, erased)
     finally:
         proxy.stop()
         await svc.stop(grace=1)
@@ -126,9 +128,10 @@ async def stack(settings: Settings, upstream: Any, browser: Any,
         smtp.stop()
 
 
-async def people(svc: Service, tag: str) -> None:
+async def people(svc: Service, tag: str) -> str:
     """Maria (warned, with credits, statement, alerts, audit), Bia (a /me user whose statement
-    needs a pager), Caio (an unused link), and a few others for the lists."""
+    needs a pager), Caio (an unused link), Zé (erased: returns his pseudonym), and a few others
+    for the lists."""
     await open_account(svc, f"maria-{tag}", email=f"maria.{tag}@example.com", name=f"Maria {tag}")
     await spend(svc, f"maria-{tag}", 60_000, 22_000)  # 82 %: warned
     await svc.ledger.grant(f"maria-{tag}", 5_000, actor="admin-token", reason="bônus")
@@ -140,6 +143,9 @@ async def people(svc: Service, tag: str) -> None:
     for i in range(3):
         await open_account(svc, f"outro-{tag}-{i}", email=f"o{i}.{tag}@example.com")
         await spend(svc, f"outro-{tag}-{i}", 30_000 * (i + 1), 1_000)
+    await open_account(svc, f"ze-{tag}", email=f"ze.{tag}@example.com", name="Zé")
+    await spend(svc, f"ze-{tag}", 2_000, 500)
+    return await svc.ledger.erase(f"ze-{tag}", actor="admin-token", reason="pedido do titular (LGPD)")
 
 
 async def signed_in_admin(browser: Any, url: str, token: str) -> dict[str, Any]:
@@ -214,6 +220,20 @@ async def credits_refused(page: Any, s: Stack) -> None:
     await page.locator("#credit-reason").fill("teste")
     await page.locator("#credits-dialog button.primary").click()
     await page.locator("#tokens-error").wait_for()
+
+
+def dialog_refused(name: str, fields: dict[str, str]) -> Visit:
+    """A dialog sent with values the server refuses: it comes back open, with the errors."""
+    async def visit(page: Any, s: Stack) -> None:
+        await with_dialog(name)(page, s)
+        for selector, value in fields.items():
+            if await page.locator(selector).evaluate("e => e.tagName") == "SELECT":
+                await page.locator(selector).select_option(value)
+            else:
+                await page.locator(selector).fill(value)
+        await page.locator(f"#{name}-dialog button[type=submit]:not([formmethod])").click()
+        await page.locator(f"#{name}-dialog[open] .field-error").first.wait_for()
+    return visit
 
 
 async def admin_login_refused(page: Any, s: Stack) -> None:
@@ -294,6 +314,16 @@ PAGES = [
     Page("user-plan-dialog", "admin", with_dialog("plan")),
     Page("user-suspension-dialog", "admin", with_dialog("suspension")),
     Page("user-credits-refused", "admin", credits_refused),
+    Page("user-allowance-dialog", "admin", with_dialog("allowance")),
+    Page("user-allowance-refused", "admin", dialog_refused(
+        "allowance", {"#allowance-mode": "custom", "#allowance-tokens": "muitos", "#allowance-reason": "teste"})),
+    Page("user-cap-dialog", "admin", with_dialog("cap")),
+    Page("user-cap-refused", "admin", dialog_refused("cap", {"#cap-tokens": "-1", "#cap-reason": "teste"})),
+    Page("user-erase-dialog", "admin", with_dialog("erase")),
+    Page("user-erase-refused", "admin", dialog_refused(
+        "erase", {"#erase-confirm": "outra-pessoa", "#erase-reason": "teste"})),
+    Page("user-dialog-by-address", "admin", goto(lambda s: f"/admin/users/{s.user}?dialog=plan")),  # no script ran
+    Page("user-erased", "admin", goto(lambda s: f"/admin/users/{s.erased}")),
     Page("audit", "admin", goto("/admin/audit")),
     Page("audit-invalid-date", "admin", goto("/admin/audit?since=ontem")),
     Page("admin-404-user", "admin", goto("/admin/users/ninguem-com-este-id")),
@@ -339,14 +369,33 @@ async def test_no_axe_violations(browser, stack, shots: Path, spec: Page, width:
         await spec.visit(page, stack)
         await page.wait_for_load_state()
         await page.screenshot(path=str(shots / f"{spec.name}-{width}.png"), full_page=True)
-        rows = findings(await axe_violations(page))
-        assert not rows, (f"{spec.name} at {width} width ({page.url}): {len(rows)} WCAG 2.1 AA violations\n"
+        rows = findings(await axe_violations(page)) + await dom_problems(page)
+        assert not rows, (f"{spec.name} at {width} width ({page.url}): {len(rows)} WCAG 2.1 AA findings\n"
                           + report(rows))
         assert await page.evaluate("document.documentElement.lang") == spec.lang
         assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), (
             f"{spec.name} scrolls sideways at {width} width")
     finally:
         await context.close()
+
+
+async def test_axe_reports_what_it_finds(browser, stack):
+    """The check can fail: a page broken on purpose (a field without its label, grey on white,
+    no lang) is reported rule by rule, with the element and the help text."""
+    context = await checked_context(browser, stack, PAGES[0], DESKTOP)
+    page = await context.new_page()
+    try:
+        await page.goto(stack.url + "/admin/login")
+        await page.evaluate("""() => {
+            document.querySelector('label[for=token]').remove();
+            document.querySelector('.help').style.color = '#bbb';
+            document.documentElement.removeAttribute('lang'); }""")
+        rows = findings(await axe_violations(page))
+    finally:
+        await context.close()
+    assert {r[0] for r in rows} >= {"label", "color-contrast", "html-has-lang"}, rows
+    text = report(rows)
+    assert "[label] (critical) #token" in text and "Form elements must have labels" in text, text
 
 
 # ---------------------------------------------------------------- keyboard only

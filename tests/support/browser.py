@@ -88,3 +88,36 @@ async def tab_to(page: Any, selector: str, *, backwards: bool = False) -> dict[s
         if await page.evaluate("s => document.activeElement.matches(s)", selector):
             return style
     raise AssertionError(f"{selector} not reached with {MAX_TABS} × {key}; focus went through {passed}")
+
+
+# What axe 4.x no longer checks or leaves to judgement, checked here: ids unique and every id a
+# label or description points at present (WCAG 2.1's 4.1.1 and 1.3.1), every data table named
+# (a caption or aria-label/labelledby) with its column headers scoped.
+DOM_CHECKS = """() => {
+    const rows = [];
+    const seen = new Map();
+    document.querySelectorAll('[id]').forEach(el => seen.set(el.id, (seen.get(el.id) || 0) + 1));
+    seen.forEach((n, id) => { if (n > 1) rows.push(['duplicate-id', '#' + id, n + ' elements share this id']); });
+    const describe = el => el.id ? '#' + el.id : el.tagName.toLowerCase() + (el.name ? `[name=${el.name}]` : '');
+    document.querySelectorAll('[for], [aria-describedby], [aria-labelledby], [aria-controls]').forEach(el => {
+        for (const attr of ['for', 'aria-describedby', 'aria-labelledby', 'aria-controls']) {
+            for (const id of (el.getAttribute(attr) || '').split(/\\s+/).filter(Boolean)) {
+                if (!document.getElementById(id)) rows.push(['idref', describe(el), `${attr} names a missing #${id}`]);
+            }
+        }
+    });
+    document.querySelectorAll('table').forEach((table, i) => {
+        const where = (table.className ? 'table.' + table.className.split(' ')[0] : 'table') + ` (table ${i + 1})`;
+        const named = table.querySelector('caption') || table.getAttribute('aria-label')
+            || table.getAttribute('aria-labelledby');
+        if (!named) rows.push(['table-name', where, 'a data table needs a caption (or aria-label)']);
+        table.querySelectorAll('thead th:not([scope])').forEach(
+            () => rows.push(['th-scope', where, 'a column header needs scope="col"']));
+    });
+    return rows;
+}"""
+
+
+async def dom_problems(page: Any) -> list[tuple[str, str, str, str, str]]:
+    """The DOM checks' findings, shaped like ``findings`` (rule, impact, target, help, detail)."""
+    return [(rule, "serious", target, detail, "") for rule, target, detail in await page.evaluate(DOM_CHECKS)]
