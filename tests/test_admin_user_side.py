@@ -352,3 +352,52 @@ async def test_usage_by_day_and_model_with_estimates_for_admins(http, service, s
         assert any(",gpt-4o,1,2500," in line for line in lines[1:])
     finally:
         await browser.close()
+
+
+async def test_odd_input_to_the_new_routes_is_never_a_500(http, service, settings, user):
+    await open_account(service, user)
+    token = settings.admin_token
+    root = f"{base(service)}/api/admin/users"
+    odd: list[Any] = [None, [], "x" * 10_000, {"a": {"b": {"c": []}}}, 10**400, -0.0, "１２３", "\u0000"]
+    for path, method, key in (("allowance", "PUT", "tokens"), ("settings", "PUT", "personal_cap"),
+                              ("settings", "PUT", "alerts"), ("settings", "PUT", "language")):
+        for value in odd:
+            status, answer = await api(http, f"{root}/{user}/{path}", method, token, {key: value, "reason": "x"})
+            assert status in (200, 400), (path, key, value, status, answer)
+            if status == 400:
+                assert answer["error"]["code"] == "validation_failed"
+    # Reasons: every one of these is refused (a NUL would have reached PostgreSQL, which refuses it).
+    for reason in (None, [], "x" * 10_000, {"a": 1}, 10**400, -0.0, "\u0000", "a\u0000b", "\u0007"):
+        for path, method, extra in (("erase", "POST", {}), ("allowance", "PUT", {"tokens": 5}),
+                                    ("settings", "PUT", {"personal_cap": 5}), ("credits", "POST", {"tokens": 5})):
+            status, answer = await api(http, f"{root}/{user}/{path}", method, token, {**extra, "reason": reason})
+            assert status == 400 and "reason" in answer["error"]["fields"], (path, reason, status, answer)
+    for raw in (b"", b"null", b"\xff", b"{" * 5_000):
+        for path, method in (("allowance", "PUT"), ("settings", "PUT"), ("erase", "POST")):
+            status, _ = await api(http, f"{root}/{user}/{path}", method, token, raw=raw)
+            assert status == 400, (path, raw[:10])
+    for days in ("1e3", "٣", " 7", "7.0", "-0"):
+        status, _ = await api(http, f"{root}/{user}/usage?days={days}", token=token)
+        assert status in (200, 400), days
+    assert (await service.ledger.account(user)).erased_at is None  # nothing above erased anything
+    # NUL cannot be stored in PostgreSQL's text: never sent to it, so a 404 or a 400, not a 500.
+    for path in ("a%00b", "a%00b/usage", "a%00b/entries", "a%00b/statement.csv"):
+        assert (await api(http, f"{root}/{path}", token=token))[0] == 404, path
+    assert (await api(http, f"{root}/a%00b/erase", "POST", token, {"reason": "x"}))[0] == 404
+    for query in ("users?q=a%00b", "users.csv?q=%00", "audit?target=a%00b", "audit?actor=%00"):
+        assert (await api(http, f"{base(service)}/api/admin/{query}", token=token))[0] == 400, query
+    browser = await admin_browser(service, settings)
+    try:
+        for what, data in (("allowance", {"mode": "custom", "tokens": "１２３", "reason": "x"}),
+                           ("allowance", {"mode": "??", "reason": "x"}),
+                           ("cap", {"personal_cap": "1.2.3", "reason": "x" * 600}),
+                           ("erase", {"confirm": "\u0000", "reason": "x"}),
+                           ("erase", {"confirm": user, "reason": "a\u0000b"})):
+            status, _, page = await form_post(browser, service, user, what, data)
+            assert status == 400 and 'role="alert"' in page, (what, data)
+        for url, expected in (("/admin/users/a%00b", 404), ("/admin/users?q=a%00b", 400),
+                              ("/admin/audit?target=%00", 400), ("/admin/users.csv?q=%00", 400)):
+            async with browser.get(base(service) + url) as resp:
+                assert resp.status == expected, url
+    finally:
+        await browser.close()

@@ -94,6 +94,8 @@ def parse_reason(raw: Any) -> str:
     text = " ".join((raw or "").split())  # one line: it is shown in tables and CSV
     if not text:
         raise Invalid({"reason": "required"})
+    if not text.isprintable():  # control characters (PostgreSQL refuses NUL in text: a 500)
+        raise Invalid({"reason": "invalid"})
     if len(text) > MAX_REASON:
         raise Invalid({"reason": "too_long"})
     return text
@@ -153,7 +155,16 @@ def parse_key(raw: Any) -> str | None:
     return f"admin:{raw}"
 
 
+def no_nul(query: Mapping[str, str]) -> None:
+    """PostgreSQL's text cannot hold NUL: a parameter carrying one is refused here (400), not
+    sent to the database (a 500)."""
+    bad = {k[:64].replace("\x00", ""): "invalid" for k, v in query.items() if "\x00" in k or "\x00" in v}
+    if bad:
+        raise Invalid(bad)
+
+
 def user_filter(query: Mapping[str, str]) -> q.UserFilter:
+    no_nul(query)
     f = q.UserFilter(
         q=query.get("q", "").strip(), state=query.get("state", ""), plan=query.get("plan", ""),
         band=query.get("band", ""), sort=query.get("sort", "") or "user",
@@ -168,6 +179,7 @@ def user_filter(query: Mapping[str, str]) -> q.UserFilter:
 
 
 def audit_filter(query: Mapping[str, str]) -> q.AuditFilter:
+    no_nul(query)
     return q.AuditFilter(
         actor=query.get("actor", "").strip()[:300], action=query.get("action", "").strip()[:64],
         target=query.get("target", "").strip()[:300],
@@ -440,8 +452,14 @@ def notice(ctx: WebContext, query: Mapping[str, str]) -> str | None:
     return None
 
 
+async def path_account(request: web.Request) -> Account | None:
+    """The account the path names; None for an id no account can have (NUL: see ``no_nul``)."""
+    user_id = request.match_info["user_id"]
+    return None if "\x00" in user_id else await q.get_account(request.app[SERVICES].pool, user_id)
+
+
 async def account_or_404(request: web.Request, session: WebSession | None) -> Account:
-    account = await q.get_account(request.app[SERVICES].pool, request.match_info["user_id"])
+    account = await path_account(request)
     if account is None:
         ctx = request.app[WEB]
         page_ = ctx.error_page(ctx.t("err.unknown_user"), status=404,
@@ -682,7 +700,7 @@ def api(handler: Callable[[web.Request, str], Awaitable[web.StreamResponse]]) ->
 
 async def api_account(request: web.Request) -> Account:
     """The path's account; UnknownUser (the API's 404) when there is none."""
-    account = await q.get_account(request.app[SERVICES].pool, request.match_info["user_id"])
+    account = await path_account(request)
     if account is None:
         raise UnknownUser(request.match_info["user_id"])
     return account
