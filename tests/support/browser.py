@@ -17,8 +17,11 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 AXE = Path(__file__).resolve().parents[2] / "node_modules" / "axe-core" / "axe.min.js"
 AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]
+# On a phone, fingers: WCAG 2.2's target size (24 × 24 CSS px, or spaced apart) as well.
+PHONE_TAGS = [*AXE_TAGS, "wcag22aa"]
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
+REFLOW = {"width": 320, "height": 256}  # WCAG 1.4.10: 1280 CSS px zoomed to 400 %
 MAX_TABS = 60  # a flow that needs more Tab presses to reach its target is itself a finding
 
 
@@ -31,13 +34,13 @@ def missing_tools() -> str | None:
     return None
 
 
-async def axe_violations(page: Any) -> list[dict[str, Any]]:
+async def axe_violations(page: Any, tags: list[str] = AXE_TAGS) -> list[dict[str, Any]]:
     """axe-core's violations on the page as it is now (dialogs open, errors shown...)."""
     if not await page.evaluate("typeof window.axe !== 'undefined'"):
         await page.add_script_tag(path=str(AXE))
     result = await page.evaluate(
         "tags => axe.run(document, {runOnly: {type: 'tag', values: tags}, resultTypes: ['violations']})",
-        AXE_TAGS)
+        tags)
     return result["violations"]
 
 
