@@ -344,6 +344,7 @@ PAGES = [
     Page("me-statement-older", "me", older_statement),
     Page("me-purchase-notice", "me", goto("/me?purchase=success")),
     Page("me-403-csrf", "me", forged_post("/me/logout")),
+    Page("me-405", "me", goto("/me/logout")),  # a POST-only address, opened
     Page("me-usage-table-open", "me", opened("/me", ".usage-cycle details summary")),
     Page("me-settings", "me", goto("/me/settings")),
     Page("me-settings-refused", "me", settings_refused),

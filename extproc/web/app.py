@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..ledger import UNAVAILABLE_ERRORS, LedgerUnavailable
 from ..migrate import expected_versions
 from . import admin, billing, me, security
-from .kit import CSP, SERVICES, STATIC, WEB, Services, WebContext, json_error
+from .kit import CSP, SERVICES, STATIC, WEB, Services, WebContext, json_error, reader_context
 
 __all__ = ["build_app"]
 
@@ -90,8 +90,7 @@ async def ui_middleware(request: web.Request,
             raise
         # aiohttp's answer to a path or method no route takes is plain text: the console's
         # error page instead (a title, the page's language, a way back), like every other page.
-        ctx = request.app[WEB]
-        response = ctx.error_page(ctx.t("a11y.not_found"), status=exc.status)
+        response = _error_page(request, exc.status, "a11y.not_found")
     except (LedgerUnavailable, *UNAVAILABLE_ERRORS) as exc:
         log.warning("console: database unavailable: %s", type(exc).__name__)
         response = _failure(request, 503, "unavailable")
@@ -114,11 +113,18 @@ def _secure(request: web.Request, headers: Any) -> None:
 
 
 def _failure(request: web.Request, status: int, code: str) -> web.StreamResponse:
-    ctx = request.app[WEB]
-    message = ctx.t(f"error.{code}")
     if _wants_json(request):
-        return json_error(status, code, message)
-    return ctx.error_page(message, status=status)
+        return json_error(status, code, request.app[WEB].t(f"error.{code}"))
+    return _error_page(request, status, f"error.{code}")
+
+
+def _error_page(request: web.Request, status: int, key: str) -> web.Response:
+    """The error page of the area the path is in, with that area's header and way back (no
+    handler ran, so no signed-in header); /me's in the reader's language, like its pages."""
+    area = "admin" if request.path.startswith("/admin") else "me"
+    ctx = request.app[WEB] if area == "admin" else reader_context(request)
+    return ctx.render("error.html", {"title": ctx.t("error.title"), "message": ctx.t(key), "nav": None,
+                                     "area": area}, status=status)
 
 
 # ---------------------------------------------------------------- the application
