@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+import yaml
 from redis.asyncio import Redis
 from support.browser import DESKTOP, PHONE, axe_violations, findings, missing_tools, report, tab_to
 from support.gate import open_account
@@ -408,6 +409,31 @@ async def test_admin_sign_in_is_limited_per_address_and_success_is_not_counted(l
         assert status == 303
     finally:
         await s.close()
+
+
+async def test_the_address_limit_counts_the_hop_envoy_appended_not_what_the_client_wrote(limited):
+    """Envoy appends the address it accepted to X-Forwarded-For (use_remote_address): a client
+    that writes another address of its own before it on every attempt is still one address."""
+    s = client()
+    try:
+        for n in range(4):
+            status, _ = await login_attempt(s, limited, mint_token(limited.settings, f"y{n}"),
+                                            **{"x-forwarded-for": f"198.51.100.{n}, 203.0.113.70"})
+            assert status == 403
+        status, _ = await login_attempt(s, limited, "guess", **{"x-forwarded-for": "198.51.100.99, 203.0.113.70"})
+        assert status == 429
+        status, _ = await login_attempt(s, limited, "guess", **{"x-forwarded-for": "203.0.113.70, 203.0.113.71"})
+        assert status == 401  # the hop Envoy saw is another one
+    finally:
+        await s.close()
+
+
+def test_the_gateway_appends_the_connecting_address():
+    root = Path(__file__).resolve().parent.parent
+    for path in (root / "extproc/envoy.yaml", root / "deploy/envoy.compose.yaml"):
+        config = yaml.safe_load(path.read_text())
+        manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        assert manager["use_remote_address"] is True, path
 
 
 async def test_me_link_requests_are_limited_whether_the_address_is_known_or_not(limited):

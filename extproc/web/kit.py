@@ -54,7 +54,8 @@ if TYPE_CHECKING:  # annotations only: the service's parts are read, never built
 
 __all__ = [
     "CSP", "OFFER", "SERVICES", "STATIC", "TEMPLATES", "WEB", "Invalid", "Offer", "OfferSource", "Services",
-    "WebContext", "accepted_language", "api_identity", "client_ip", "csv_cell", "current_session", "download_name",
+    "WebContext", "accepted_language", "api_identity", "client_ip", "connecting_address", "csv_cell",
+    "current_session", "download_name",
     "entries_json", "field_messages", "json_body", "json_error", "json_response", "page_language", "parse_day",
     "parse_int", "parse_tokens", "path_segment", "reader_context", "settings_from_json", "settings_json",
     "signin_page", "statement_csv_response", "stream_csv", "validation_error",
@@ -403,6 +404,19 @@ async def json_body(request: web.Request) -> dict[str, Any]:
 
 def field_messages(ctx: WebContext, fields: Mapping[str, str]) -> dict[str, str]:
     return {name: ctx.t(f"err.{code}") for name, code in fields.items()}
+
+
+def connecting_address(request: web.Request) -> str:
+    """The address the connection to Envoy came from: the last X-Forwarded-For hop, which
+    Envoy appends itself (``use_remote_address``), else the TCP peer (a direct connection).
+    What a client writes in X-Forwarded-For comes before it, so a limit keyed on this address
+    cannot be dodged by writing another one. The web port itself is never published: only
+    Envoy reaches it (docker-compose.yml)."""
+    forwarded = request.headers.get("x-forwarded-for", "")
+    last = forwarded.rsplit(",", 1)[-1].strip() if forwarded else ""
+    if last and len(last) <= 64 and all(c.isalnum() or c in ".:[]" for c in last):
+        return last
+    return request.remote or "unknown"
 
 
 def client_ip(request: web.Request) -> str:

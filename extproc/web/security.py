@@ -40,6 +40,7 @@ from .kit import (
     Invalid,
     WebContext,
     client_ip,
+    connecting_address,
     json_body,
     json_error,
     json_response,
@@ -244,7 +245,7 @@ def admin_account(credential: Any) -> str:
 
 
 def signin_counters(area: str, form: Mapping[str, Any], request: web.Request) -> list[str]:
-    address = f"addr:{client_ip(request)}"
+    address = f"addr:{connecting_address(request)}"
     if area == "admin":
         return [address, f"admin:{admin_account(form.get('token'))}"]
     email = form.get("email")
