@@ -508,7 +508,14 @@ async def test_admin_by_keyboard_alone(keyboard_page, stack):
     assert (await page.locator("#credits").inner_text()).strip() != before
     assert "ajuda por teclado" in await page.locator("table.statement tbody tr").first.inner_text()
 
-    await tab_to(page, "form.logout button")
+    # A dialog the server opened (as after a refused form): Escape, and the focus is on its button.
+    await page.goto(f"{s.url}/admin/users/{s.user}?dialog=plan")
+    assert await focused(page, "#plan-dialog *")
+    await page.keyboard.press("Escape")
+    await page.locator("#plan-dialog").wait_for(state="hidden")
+    assert await focused(page, "a[data-dialog='plan-dialog']"), await focus_outline(page)
+
+    await tab_to(page, "form.logout button", backwards=True)
     async with page.expect_navigation():
         await page.keyboard.press("Enter")
     await page.goto(s.url + "/admin/users")

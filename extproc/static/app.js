@@ -1,7 +1,8 @@
 // Progressive enhancement only: every page works without this file.
 // - [data-dialog] links open their <dialog> as a modal (focus trapped, Esc closes) instead of
 //   reloading the page with ?dialog=...;
-// - a dialog rendered open by the server (validation errors) becomes modal;
+// - a dialog rendered open by the server (validation errors) becomes modal, and gives the
+//   focus to its button when it closes;
 // - forms marked [data-once] disable their submit button once sent (the server's idempotency
 //   key is what really prevents a double grant);
 // - a table wider than the screen scrolls inside its .table-wrap: while it does, that region
@@ -42,12 +43,22 @@ document.addEventListener("DOMContentLoaded", function () {
     details.addEventListener("toggle", scrollableTables);  // a table inside shows only when opened
   });
   document.querySelectorAll("a[data-dialog]").forEach(function (link) {
+    var dialog = document.getElementById(link.getAttribute("data-dialog"));
+    if (!dialog || typeof dialog.showModal !== "function") { return; }
+    link.setAttribute("aria-haspopup", "dialog");  // announced as opening a dialog, not a page
     link.addEventListener("click", function (event) {
-      var dialog = document.getElementById(link.getAttribute("data-dialog"));
-      if (dialog && typeof dialog.showModal === "function") {
-        event.preventDefault();
-        dialog.showModal();
-      }
+      event.preventDefault();
+      dialog.showModal();
+    });
+  });
+  document.querySelectorAll("dialog").forEach(function (dialog) {
+    // The browser gives the focus back to what opened a dialog; one the server opened (a
+    // refused form) had no opener, so its button takes the focus rather than the page's start.
+    dialog.addEventListener("close", function () {
+      var active = document.activeElement;
+      if (active && active !== document.body && !dialog.contains(active)) { return; }
+      var opener = document.querySelector("a[data-dialog='" + dialog.id + "']");
+      if (opener) { opener.focus(); }
     });
   });
   document.querySelectorAll("dialog[open]").forEach(function (dialog) {
