@@ -28,6 +28,7 @@ from .kit import (
     WEB,
     Invalid,
     WebContext,
+    admin_actor,
     checked_cap,
     client_ip,
     entries_json,
@@ -678,16 +679,11 @@ def api(handler: Callable[[web.Request, str], Awaitable[web.StreamResponse]]) ->
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         ctx = request.app[WEB]
-        header = request.headers.get("authorization", "")
-        credential = header[7:] if header[:7].lower() == "bearer " else ""
+        actor = await admin_actor(request)
+        if isinstance(actor, web.Response):
+            return actor
         try:
-            admin = await admin_from_credential(ctx.settings, ctx.authenticator, credential)
-        except AuthFailure as exc:
-            return json_error(exc.status, exc.code, ctx.t(f"login.{exc.code}"),
-                              headers={"WWW-Authenticate": 'Bearer realm="solaris-admin"'}
-                              if exc.status == 401 else None)
-        try:
-            return await handler(request, admin.actor)
+            return await handler(request, actor)
         except Invalid as exc:
             return validation_error(ctx, exc.fields, own_messages(ctx))
         except q.BadCursor:

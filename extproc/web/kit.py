@@ -39,8 +39,10 @@ from .sessions import (
     ME_COOKIE,
     PRE_COOKIE,
     PRE_SESSION_SECONDS,
+    AuthFailure,
     Signer,
     WebSession,
+    admin_from_credential,
     pre_session,
     read_session,
     set_cookie,
@@ -54,7 +56,7 @@ if TYPE_CHECKING:  # annotations only: the service's parts are read, never built
 
 __all__ = [
     "CSP", "OFFER", "SERVICES", "STATIC", "TEMPLATES", "WEB", "Invalid", "Offer", "OfferSource", "Services",
-    "WebContext", "accepted_language", "api_identity", "client_ip", "connecting_address", "csv_cell",
+    "WebContext", "accepted_language", "admin_actor", "api_identity", "client_ip", "connecting_address", "csv_cell",
     "current_session", "download_name",
     "entries_json", "field_messages", "json_body", "json_error", "json_response", "page_language", "parse_day",
     "parse_int", "parse_tokens", "path_segment", "reader_context", "settings_from_json", "settings_json",
@@ -525,6 +527,21 @@ def signin_page(request: web.Request, *, status: int = 200, errors: dict[str, st
     ctx = reader_context(request)
     return ctx.render_with_pre(request, "me/signin.html", {
         "title": ctx.t("me.signin_title"), "errors": errors or {}, "email": email}, status=status)
+
+
+async def admin_actor(request: web.Request) -> str | web.Response:
+    """The admin behind ``Authorization: Bearer <admin token or admin JWT>`` (/api/admin),
+    or the 401 / 403 to answer. Cookies are not accepted there, so the API needs no CSRF."""
+    ctx = request.app[WEB]
+    header = request.headers.get("authorization", "")
+    credential = header[7:] if header[:7].lower() == "bearer " else ""
+    try:
+        admin = await admin_from_credential(ctx.settings, ctx.authenticator, credential)
+    except AuthFailure as exc:
+        return json_error(exc.status, exc.code, ctx.t(f"login.{exc.code}"),
+                          headers={"WWW-Authenticate": 'Bearer realm="solaris-admin"'}
+                          if exc.status == 401 else None)
+    return admin.actor
 
 
 async def api_identity(request: web.Request) -> str | web.Response:

@@ -39,6 +39,7 @@ from .kit import (
     WEB,
     Invalid,
     WebContext,
+    admin_actor,
     client_ip,
     connecting_address,
     json_body,
@@ -52,9 +53,7 @@ from .sessions import (
     ME_COOKIE,
     PRE_COOKIE,
     VERIFIED,
-    AuthFailure,
     WebSession,
-    admin_from_credential,
     clear_cookie,
     read_session,
     revoke_sessions,
@@ -384,16 +383,10 @@ def admin_api(handler: Callable[[web.Request, str], Awaitable[web.StreamResponse
 
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        ctx = request.app[WEB]
-        header = request.headers.get("authorization", "")
-        credential = header[7:] if header[:7].lower() == "bearer " else ""
-        try:
-            admin = await admin_from_credential(ctx.settings, ctx.authenticator, credential)
-        except AuthFailure as exc:
-            return json_error(exc.status, exc.code, ctx.t(f"login.{exc.code}"),
-                              headers={"WWW-Authenticate": 'Bearer realm="solaris-admin"'}
-                              if exc.status == 401 else None)
-        return await handler(request, admin.actor)
+        actor = await admin_actor(request)
+        if isinstance(actor, web.Response):
+            return actor
+        return await handler(request, actor)
 
     return wrapped
 
