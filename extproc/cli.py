@@ -37,9 +37,9 @@ def _with_ledger(settings: Settings, work: Callable[[Ledger], Awaitable[int]]) -
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from .app import serve
+    from .app import run
 
-    asyncio.run(serve(settings, noop=args.noop))
+    run(settings, noop=args.noop)  # on GATE_EVENT_LOOP's loop
     return 0
 
 

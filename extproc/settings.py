@@ -100,6 +100,9 @@ FIELDS: list[tuple[str, str, str]] = [
     ("GATE_OPEN_PATHS", "open_paths",
      "Extra path prefixes passed through unmetered (explicit opt-in; e.g. `/v1/audio`)."),
     ("GATE_LOG_LEVEL", "log_level", "Python log level."),
+    ("GATE_EVENT_LOOP", "event_loop",
+     "Event loop of `extproc serve`: `uvloop` (libuv's, less CPU per message; asyncio's, with a "
+     "warning in the log, when uvloop is not installed) or `asyncio` (the standard library's)."),
     ("STRIPE_SECRET_KEY", "stripe_secret_key", "Stripe API key; billing is on only when both Stripe keys are set."),
     ("STRIPE_WEBHOOK_SECRET", "stripe_webhook_secret", "Stripe webhook signing secret."),
     ("STRIPE_API_BASE", "stripe_api_base", "Override of Stripe's API base URL (tests)."),
@@ -189,6 +192,7 @@ class Settings:
     public_url: str = "http://localhost:8080"
     open_paths: str = ""
     log_level: str = "INFO"
+    event_loop: str = "uvloop"
     stripe_secret_key: str = ""
     stripe_webhook_secret: str = ""
     stripe_api_base: str = ""
@@ -230,6 +234,8 @@ class Settings:
             raise ValueError("GATE_FAIL_MODE must be closed or open")
         if self.language not in ("pt-BR", "en"):
             raise ValueError("GATE_LANGUAGE must be pt-BR or en")
+        if self.event_loop not in ("uvloop", "asyncio"):
+            raise ValueError("GATE_EVENT_LOOP must be uvloop or asyncio")
         if not 0 < self.conversion_factor <= 10:
             raise ValueError("GATE_CONVERSION_FACTOR must be in (0, 10]")
         if self.jwks_url and not self.jwt_audience:
