@@ -5,6 +5,9 @@
   (b) noop    Envoy + `extproc serve --noop` (answers every phase, touches nothing)
   (c) gate    Envoy + `extproc serve` (JWT, Redis rate limit, Postgres reserve and settle)
 
+The processors run on uvloop (GATE_EVENT_LOOP's default); `noop-asyncio` and `gate-asyncio` are the
+same stacks on asyncio's standard loop, to compare the loops within one run (--mode).
+
 Each stack runs three passes of POST /v1/chat/completions, rotating over --users users' JWTs:
   throughput  --concurrency connections flat out (closed loop): requests/s, p50, p99
   latency     one connection flat out: the per-request latency with nothing queued
@@ -64,8 +67,14 @@ STREAM_CHUNKS = [3]
 UPSTREAM = ROOT / "tests" / "support" / "upstream.py"
 PATH = "/v1/chat/completions"
 PROMPT = "Say hello to the Solaris benchmark in one short sentence, please."
-SCENARIOS = ("direct", "noop", "gate")
-LABELS = {"direct": "(a) envoy direct", "noop": "(b) envoy + noop", "gate": "(c) envoy + gate"}
+SCENARIOS = ("direct", "noop-asyncio", "noop", "gate-asyncio", "gate")
+DEFAULT_SCENARIOS = ("direct", "noop", "gate")
+LABELS = {"direct": "(a) envoy direct", "noop": "(b) envoy + noop", "gate": "(c) envoy + gate",
+          "noop-asyncio": "(b) noop, asyncio", "gate-asyncio": "(c) gate, asyncio"}
+# Short names in the ratios: c/b is the issue's figure (gate over the four-message no-op).
+KEYS = {"direct": "a", "noop-asyncio": "b_asyncio", "noop": "b", "gate-asyncio": "c_asyncio", "gate": "c"}
+RATIO_PAIRS = (("c", "b"), ("c", "a"), ("b", "a"), ("c_asyncio", "b_asyncio"), ("c_asyncio", "a"),
+               ("b_asyncio", "a"), ("c", "b_asyncio"), ("c", "c_asyncio"), ("b", "b_asyncio"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 COMPONENTS = ("processors", "envoy", "upstream", "postgres", "redis", "loadgen")
 GOAL_THROUGHPUT = 0.70  # c >= 70 % of b
@@ -292,12 +301,13 @@ def http_status(url: str, timeout: float = 1.0) -> int:
 class Processor:
     """One `extproc serve [--noop]` child process on its own ports."""
 
-    def __init__(self, env: dict[str, str], noop: bool, logdir: Path, index: int) -> None:
+    def __init__(self, env: dict[str, str], noop: bool, logdir: Path, index: int, loop: str = "uvloop") -> None:
         self.noop = noop
         self.grpc_port = devstack.free_port()
         self.http_port = devstack.free_port()
-        self.env = {**env, "GATE_GRPC_PORT": str(self.grpc_port), "GATE_HTTP_PORT": str(self.http_port)}
-        self.log_path = logdir / f"{'noop' if noop else 'gate'}-{index}.log"
+        self.env = {**env, "GATE_GRPC_PORT": str(self.grpc_port), "GATE_HTTP_PORT": str(self.http_port),
+                    "GATE_EVENT_LOOP": loop}
+        self.log_path = logdir / f"{'noop' if noop else 'gate'}-{loop}-{index}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -340,6 +350,10 @@ class Stack:
     @property
     def url(self) -> str:
         return self.envoy.url
+
+    @property
+    def is_gate(self) -> bool:
+        return self.name.startswith("gate")
 
     picked: dict[str, int] = field(default_factory=dict)  # pass name -> round reported (--pick quietest)
 
@@ -464,13 +478,14 @@ class Bench:
         procs: list[Processor] = []
         if name != "direct":
             env = self.processor_env()
-            procs = [Processor(env, name == "noop", self.logdir, i).start()
+            loop = "asyncio" if name.endswith("-asyncio") else "uvloop"
+            procs = [Processor(env, name.startswith("noop"), self.logdir, i, loop).start()
                      for i in range(self.args.processors)]
             for p in procs:
                 self.stack.callback(p.stop)
             for p in procs:
                 p.wait_ready()
-        http = ("127.0.0.1", procs[0].http_port) if name == "gate" else upstream
+        http = ("127.0.0.1", procs[0].http_port) if name.startswith("gate") else upstream
         envoy = devstack.Envoy(
             self.workdir / f"envoy-{name}", upstream=upstream,
             extproc=[("127.0.0.1", p.grpc_port) for p in procs] if procs else None,
@@ -494,7 +509,7 @@ class Bench:
             status, headers, text = exc.code, exc.headers, exc.read().decode(errors="replace")
         if status != 200:
             raise RuntimeError(f"smoke request through {stack.name} got {status}: {text[:500]}")
-        if stack.name == "gate" and "x-solaris-tokens-remaining" not in headers:
+        if stack.is_gate and "x-solaris-tokens-remaining" not in headers:
             raise RuntimeError("smoke request through the gate lacks x-solaris-tokens-remaining: "
                                "it did not pass the gate")
         stack.extra_ok += 1
@@ -507,7 +522,7 @@ class Bench:
         snap = {"processors": sum(proc_cpu_seconds(p.pid) for p in stack.processors),
                 "envoy": proc_cpu_seconds(stack.envoy.proc.pid) if stack.envoy.proc else 0.0,
                 "upstream": proc_cpu_seconds(self.upstream_pid)}
-        if stack.name == "gate":
+        if stack.is_gate:
             snap.update({f"pg:{pid}": proc_cpu_seconds(pid) for pid in self.postgres_backends()})
             snap["redis"] = self.redis_cpu()
         snap["machine"] = machine_busy_seconds()
@@ -570,7 +585,7 @@ class Bench:
 
     def scrape(self, stack: Stack) -> dict[str, float]:
         """The gate processors' own counters (/metrics), summed over the processes."""
-        if stack.name != "gate":
+        if not stack.is_gate:
             return {}
         out: dict[str, float] = {}
         for p in stack.processors:
@@ -596,11 +611,11 @@ class Bench:
 
     def throughput_pass(self, stack: Stack, round_no: int) -> None:
         args = self.args
-        profile = args.profile and stack.name == "gate" and round_no == 0
+        profile = args.profile and stack.is_gate and round_no == 0
         profiler = self.start_profiler(stack) if profile else None
         self.load(stack, "throughput", args.concurrency, args.duration, round_no=round_no)
         if profiler is not None:
-            self.finish_profiler(*profiler)
+            self.finish_profiler(stack, *profiler)
 
     def report_load(self, stack: Stack, pass_name: str, load: Load) -> None:
         log(f"  {stack.name:6} {pass_name:10} c={load.concurrency:<3} {load.rps:8.1f} req/s"
@@ -642,8 +657,9 @@ class Bench:
                     self.load(stack, "paced", args.concurrency, args.duration, think, round_no=r)
         if args.pick == "quietest":
             self.pick_quietest()
-        if "gate" in self.stacks:
-            self.verify_money(self.stacks["gate"])
+        gates = [s for s in self.stacks.values() if s.is_gate]
+        if gates:
+            self.verify_money(gates)
         self.print_report()
         if args.json:
             Path(args.json).write_text(json.dumps(self.as_json(), indent=2, default=str))
@@ -668,7 +684,8 @@ class Bench:
         if self.args.rate:
             return float(self.args.rate)
         tp = [s.loads["throughput"].rps for s in self.stacks.values() if "throughput" in s.loads]
-        base = self.stacks["gate"].loads["throughput"].rps if "gate" in self.stacks else min(tp or [0])
+        gate = self.stacks.get("gate") or next((s for s in self.stacks.values() if s.is_gate), None)
+        base = gate.loads["throughput"].rps if gate is not None else min(tp or [0])
         return round(base * self.args.paced_fraction)
 
     # ------------------------------------------------------------ profiling
@@ -679,17 +696,17 @@ class Bench:
             raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
         procs, outs = [], []
         for i, p in enumerate(stack.processors):
-            out = self.workdir / f"profile-gate-{i}.txt"
+            out = self.workdir / f"profile-{stack.name}-{i}.txt"
             cmd = [pyspy, "record", "--pid", str(p.pid), "--duration", str(round(self.args.duration)),
                    "--rate", str(self.args.profile_rate), "--format", "raw", "--output", str(out)]
             # --native must pause the process to unwind C frames; without it, sample politely.
             cmd.append("--native" if self.args.profile_native else "--nonblocking")
-            with (self.logdir / f"py-spy-{i}.log").open("wb") as err:
+            with (self.logdir / f"py-spy-{stack.name}-{i}.log").open("wb") as err:
                 procs.append(subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT))
             outs.append(out)
         return procs, outs
 
-    def finish_profiler(self, procs: list[subprocess.Popen[bytes]], outs: list[Path]) -> None:
+    def finish_profiler(self, stack: Stack, procs: list[subprocess.Popen[bytes]], outs: list[Path]) -> None:
         for proc in procs:
             try:
                 proc.wait(30)
@@ -698,31 +715,33 @@ class Bench:
         stacks: list[tuple[list[str], int]] = []
         for i, out in enumerate(outs):
             if not out.exists():
-                log(f"py-spy wrote no profile: {devstack.tail(self.logdir / f'py-spy-{i}.log', 5)}")
+                log(f"py-spy wrote no profile: {devstack.tail(self.logdir / f'py-spy-{stack.name}-{i}.log', 5)}")
             else:
                 for line in out.read_text(errors="replace").splitlines():
                     frames, _, count = line.rpartition(" ")
                     if frames and count.isdigit():
                         stacks.append((frames.split(";"), int(count)))
-        self.profile = summarize_profile(stacks)
+        self.profile[stack.name] = summarize_profile(stacks)
         dest = Path(self.args.profile)
         dest.mkdir(parents=True, exist_ok=True)
         for out in outs:
             if out.exists():
                 shutil.copy(out, dest / out.name)
-        (dest / "summary.json").write_text(json.dumps(self.profile, indent=2))
+        (dest / f"summary-{stack.name}.json").write_text(json.dumps(self.profile[stack.name], indent=2))
         log(f"profile (collapsed stacks, for flamegraph.pl or speedscope) in {dest}")
 
     # ------------------------------------------------------------ money
 
-    def verify_money(self, stack: Stack) -> None:
-        """Stop the gate's processors gracefully (in-flight settles finish), then: reconcile
+    def verify_money(self, stacks: Sequence[Stack]) -> None:
+        """Stop the gates' processors gracefully (in-flight settles finish), then: reconcile
         finds no drift, every exchange appears once, no reservation is left held, and there is a
-        usage entry for every 2xx the load generator saw."""
+        usage entry for every 2xx the load generator saw. The gate stacks (one per event loop)
+        share the database and the users: the counts are over all of them."""
         log("stopping the gate's processors gracefully, then checking the ledger")
-        stack.envoy.stop()
-        for p in stack.processors:
-            p.stop()
+        for stack in stacks:
+            stack.envoy.stop()
+            for p in stack.processors:
+                p.stop()
         env = self.processor_env()
         rec = subprocess.run([devstack.binary("extproc"), "reconcile"], env=env,
                              capture_output=True, text=True, check=False)
@@ -744,12 +763,13 @@ class Bench:
                 await conn.close()
 
         data = asyncio.run(counts())
-        ok = stack.extra_ok + sum(load.ok for load in stack.all_loads())
-        cutoff_bound = sum(c for c, _ in stack.runs)  # requests in flight when a load run stopped
+        ok = sum(stack.extra_ok + sum(load.ok for load in stack.all_loads()) for stack in stacks)
+        runs = [run for stack in stacks for run in stack.runs]
+        cutoff_bound = sum(c for c, _ in runs)  # requests in flight when a load run stopped
         held_at = data.pop("held_at")
         # A reservation made in the last moments of a load run: its client went away while
         # the gate was admitting it (the load generator stops mid-request).
-        data["held_at_cutoff"] = sum(any(0 <= end - t < 2.0 for _, end in stack.runs) for t in held_at)
+        data["held_at_cutoff"] = sum(any(0 <= end - t < 2.0 for _, end in runs) for t in held_at)
         data.update({
             "reconcile_exit": rec.returncode, "reconcile_output": (rec.stdout + rec.stderr).strip(),
             "ok_responses": ok, "cutoff_bound": cutoff_bound,
@@ -787,7 +807,7 @@ class Bench:
         elif args.rounds > 1:
             print(f"Median of {args.rounds} rounds (by req/s for throughput, by p50 otherwise); "
                   "every round is in the log above.")
-        header = (f"{'scenario':18} {'pass':10} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} "
+        header = (f"{'scenario':19} {'pass':10} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} "
                   f"{'p99 ms':>8} {'non-2xx':>8} {'sock err':>8} {'other cores':>11}")
         print(header)
         print("-" * len(header))
@@ -796,22 +816,23 @@ class Bench:
                 load = stack.loads.get(pass_name)
                 if load is None:
                     continue
-                print(f"{LABELS[name]:18} {pass_name:10} {load.concurrency:>5} {load.rps:>9.1f} "
+                print(f"{LABELS[name]:19} {pass_name:10} {load.concurrency:>5} {load.rps:>9.1f} "
                       f"{load.p50_ms:>8.2f} {load.p90_ms:>8.2f} {load.p99_ms:>8.2f} {load.non2xx:>8} "
                       f"{load.socket_errors:>8} {load.foreign_cores:>11.2f}")
         print("(other cores: CPU used meanwhile by processes outside the stack, e.g. other users' jobs)")
         print()
         print("CPU per request in the throughput pass (ms of CPU; all share the same cores):")
-        print(f"{'scenario':18} " + " ".join(f"{c:>10}" for c in COMPONENTS) + f" {'total':>8}")
+        print(f"{'scenario':19} " + " ".join(f"{c:>10}" for c in COMPONENTS) + f" {'total':>8}")
         for name, stack in self.stacks.items():
             if "throughput" not in stack.loads:
                 continue
             cpu = stack.loads["throughput"].cpu_ms_per_request()
             cells = " ".join(f"{cpu[c]:>10.3f}" if c in cpu else f"{'-':>10}" for c in COMPONENTS)
-            print(f"{LABELS[name]:18} {cells} {sum(cpu.values()):>8.3f}")
+            print(f"{LABELS[name]:19} {cells} {sum(cpu.values()):>8.3f}")
         self.print_ratios()
-        if "gate" in self.stacks:
-            self.print_gate_view(self.stacks["gate"])
+        for stack in self.stacks.values():
+            if stack.is_gate:
+                self.print_gate_view(stack)
         if self.money:
             m = self.money
             print()
@@ -822,9 +843,10 @@ class Bench:
                   f"(+{m['usage_entries'] - m['ok_responses']} settled for requests cut off when a load run "
                   f"stopped; at most {m['cutoff_bound']}); reservations {m['reservations']}; "
                   f"{m['accounts']} accounts; {-m['tokens_debited']} tokens debited")
-        if self.profile:
+        for name, profile in self.profile.items():
             print()
-            print_profile(self.profile)
+            print(f"{LABELS[name]}:")
+            print_profile(profile)
         print()
         if self.failures:
             print("FAILURES:")
@@ -837,7 +859,7 @@ class Bench:
         """Mean time per ext_proc phase and per ledger call as the gate measured them, and how
         often the rate limiter gave up on Redis (its timeout is short by design)."""
         print()
-        print("The gate's own view (/metrics deltas; mean ms per message / per call):")
+        print(f"The gate's own view, {LABELS[stack.name]} (/metrics deltas; mean ms per message / per call):")
         phases = ("request_headers", "request_body", "response_headers", "response_body")
         ops = ("admit", "settle")
         print(f"{'pass':10} " + " ".join(f"{p:>16}" for p in phases) + " " + " ".join(f"{o:>8}" for o in ops)
@@ -863,22 +885,21 @@ class Bench:
                   + f" {fallback:>11.0f} {redis_err:>9.0f} {db_err:>6.0f}")
 
     def ratios(self) -> dict[str, float]:
+        """Throughput ratios of the pairs present (c/b is the issue's: gate over the four-message
+        no-op) and p50/p99 overheads over bare Envoy; keys name stacks a, b, c, b_asyncio, c_asyncio."""
         out: dict[str, float] = {}
-        tp = {n: s.loads["throughput"] for n, s in self.stacks.items() if "throughput" in s.loads}
-        if "gate" in tp and "noop" in tp and tp["noop"].rps:
-            out["throughput_c_over_b"] = tp["gate"].rps / tp["noop"].rps
-        if "gate" in tp and "direct" in tp and tp["direct"].rps:
-            out["throughput_c_over_a"] = tp["gate"].rps / tp["direct"].rps
-        if "noop" in tp and "direct" in tp and tp["direct"].rps:
-            out["throughput_b_over_a"] = tp["noop"].rps / tp["direct"].rps
+        tp = {KEYS[n]: s.loads["throughput"] for n, s in self.stacks.items() if "throughput" in s.loads}
+        for x, y in RATIO_PAIRS:
+            if x in tp and y in tp and tp[y].rps:
+                out[f"throughput_{x}_over_{y}"] = tp[x].rps / tp[y].rps
         for pass_name in ("paced", "latency", "throughput"):
-            loads = {n: s.loads[pass_name] for n, s in self.stacks.items() if pass_name in s.loads}
-            if "direct" not in loads:
+            loads = {KEYS[n]: s.loads[pass_name] for n, s in self.stacks.items() if pass_name in s.loads}
+            if "a" not in loads:
                 continue
-            for name, key in (("gate", "c"), ("noop", "b")):
-                if name in loads:
-                    out[f"p50_overhead_{key}_minus_a_{pass_name}_ms"] = loads[name].p50_ms - loads["direct"].p50_ms
-                    out[f"p99_overhead_{key}_minus_a_{pass_name}_ms"] = loads[name].p99_ms - loads["direct"].p99_ms
+            for key, load in loads.items():
+                if key != "a":
+                    out[f"p50_overhead_{key}_minus_a_{pass_name}_ms"] = load.p50_ms - loads["a"].p50_ms
+                    out[f"p99_overhead_{key}_minus_a_{pass_name}_ms"] = load.p99_ms - loads["a"].p99_ms
         return out
 
     def print_ratios(self) -> None:
@@ -886,28 +907,27 @@ class Bench:
         if not r:
             return
         print()
-        if "throughput_c_over_b" in r:
-            verdict = "meets" if r["throughput_c_over_b"] >= GOAL_THROUGHPUT else "MISSES"
-            print(f"throughput c/b = {r['throughput_c_over_b']:.2f}  ({verdict} the goal >= {GOAL_THROUGHPUT:.2f})")
-        if "throughput_c_over_a" in r:
-            print(f"throughput c/a = {r['throughput_c_over_a']:.2f}")
-        if "throughput_b_over_a" in r:
-            print(f"throughput b/a = {r['throughput_b_over_a']:.2f}")
+        for x, y in RATIO_PAIRS:
+            value = r.get(f"throughput_{x}_over_{y}")
+            if value is None:
+                continue
+            goal = ""
+            if x.startswith("c") and y.startswith("b"):
+                goal = f"  ({'meets' if value >= GOAL_THROUGHPUT else 'MISSES'} the goal >= {GOAL_THROUGHPUT:.2f})"
+            print(f"throughput {x}/{y} = {value:.2f}{goal}")
         for pass_name, what in (("paced", "moderate load (paced)"), ("latency", "1 connection"),
                                 ("throughput", "saturation")):
-            c = r.get(f"p50_overhead_c_minus_a_{pass_name}_ms")
-            b = r.get(f"p50_overhead_b_minus_a_{pass_name}_ms")
-            if c is None and b is None:
-                continue
             parts = []
-            if c is not None:
+            for key in KEYS.values():
+                value = r.get(f"p50_overhead_{key}_minus_a_{pass_name}_ms")
+                if value is None:
+                    continue
                 goal = ""
-                if pass_name == "paced":
-                    goal = f" ({'meets' if c < GOAL_P50_MS else 'MISSES'} the goal < {GOAL_P50_MS:.0f} ms)"
-                parts.append(f"c-a {c:+.2f} ms{goal}")
-            if b is not None:
-                parts.append(f"b-a {b:+.2f} ms")
-            print(f"p50 overhead at {what}: " + ", ".join(parts))
+                if pass_name == "paced" and key.startswith("c"):
+                    goal = f" ({'meets' if value < GOAL_P50_MS else 'MISSES'} the goal < {GOAL_P50_MS:.0f} ms)"
+                parts.append(f"{key}-a {value:+.2f} ms{goal}")
+            if parts:
+                print(f"p50 overhead at {what}: " + ", ".join(parts))
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -1024,7 +1044,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="all",
-                   help="direct, noop, gate, or a comma-separated list; default all three")
+                   help="direct, noop, gate, noop-asyncio, gate-asyncio (the same on asyncio's loop), or a "
+                        "comma-separated list; default (all): direct, noop, gate")
     p.add_argument("--processors", type=int, default=1, help="processor processes per stack (b, c)")
     p.add_argument("--users", type=int, default=100, help="distinct users (JWTs) the load rotates over")
     p.add_argument("--duration", type=float, default=12, help="seconds of the throughput and paced passes")
@@ -1058,7 +1079,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--keep-db", action="store_true", help="do not drop the bench database (for inspection)")
     args = p.parse_args(argv)
-    modes = SCENARIOS if args.mode == "all" else tuple(m.strip() for m in args.mode.split(",") if m.strip())
+    modes = DEFAULT_SCENARIOS if args.mode == "all" else tuple(m.strip() for m in args.mode.split(",") if m.strip())
     unknown = [m for m in modes if m not in SCENARIOS]
     if unknown or not modes:
         p.error(f"--mode: unknown {unknown}; use {', '.join(SCENARIOS)} or all")
