@@ -47,6 +47,7 @@ from support.mail import SmtpServer, link_in
 from support.stripe_api import SECRET_KEY, WEBHOOK_SECRET, FakeStripe
 
 from extproc.app import Service
+from extproc.identity import mint_token
 from extproc.settings import Settings
 from extproc_dev import devstack
 
@@ -240,8 +241,10 @@ def dialog_refused(name: str, fields: dict[str, str]) -> Visit:
 
 
 async def admin_login_refused(page: Any, s: Stack) -> None:
+    """A signed JWT of someone who is not an admin: refused with a message. (A wrong token
+    would count against the admin token's own sign-in limit, which the other tests need.)"""
     await page.goto(s.url + "/admin/login")
-    await page.locator("#token").fill("not-the-token")
+    await page.locator("#token").fill(mint_token(s.service.settings, f"joao-{uuid.uuid4().hex[:6]}"))
     await page.locator("form[action='/admin/login'] button[type=submit]").click()
     await page.locator("#login-error").wait_for()
 
