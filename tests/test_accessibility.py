@@ -26,14 +26,13 @@ from typing import Any
 
 import pytest
 from support.browser import (
-    ARGS,
     AXE_TAGS,
-    CHROMIUM,
     DESKTOP,
     PHONE,
     PHONE_TAGS,
     REFLOW,
     axe_violations,
+    chromium,
     dom_problems,
     findings,
     focus_outline,
@@ -89,12 +88,8 @@ def shots() -> Path:
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield chromium
-        await chromium.close()
+    async with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture(scope="module")
@@ -152,41 +147,36 @@ async def people(svc: Service, tag: str) -> str:
     return await svc.ledger.erase(f"ze-{tag}", actor="admin-token", reason="pedido do titular (LGPD)")
 
 
-async def signed_in_admin(browser: Any, url: str, token: str) -> dict[str, Any]:
+async def cookies_after_form(browser: Any, start: str, action: str, landing: str,
+                             fields: dict[str, str] | None = None) -> dict[str, Any]:
+    """Open ``start`` in a fresh browser, fill ``fields`` (selector -> text), send the form
+    posting to ``action``, check it lands on ``landing``: the cookies it leaves."""
     context = await browser.new_context()
     page = await context.new_page()
-    await page.goto(url + "/admin/login")
-    await page.locator("#token").fill(token)
-    async with page.expect_navigation():
-        await page.locator("form[action='/admin/login'] button[type=submit]").click()
-    assert page.url == url + "/admin", f"admin sign-in failed: {page.url}\n{await page.inner_text('body')}"
-    state = await context.storage_state()
-    await context.close()
-    return state
+    try:
+        await page.goto(start)
+        for selector, text in (fields or {}).items():
+            await page.locator(selector).fill(text)
+        async with page.expect_navigation():
+            await page.locator(f"form[action='{action}'] button[type=submit]").click()
+        assert page.url.endswith(landing), f"{action} failed: {page.url}\n{await page.inner_text('body')}"
+        return await context.storage_state()
+    finally:
+        await context.close()
+
+
+async def signed_in_admin(browser: Any, url: str, token: str) -> dict[str, Any]:
+    return await cookies_after_form(browser, url + "/admin/login", "/admin/login", "/admin", {"#token": token})
 
 
 async def requested_link(browser: Any, url: str, smtp: SmtpServer, email: str) -> str:
-    context = await browser.new_context()
-    page = await context.new_page()
-    await page.goto(url + "/me")
-    await page.locator("#email").fill(email)
-    await page.locator("form[action='/me/login'] button[type=submit]").click()
-    await page.wait_for_load_state()
-    await context.close()
+    await cookies_after_form(browser, url + "/me", "/me/login", "/me/login", {"#email": email})
     return link_in(await smtp.mailbox.wait_for(email))
 
 
 async def signed_in_user(browser: Any, url: str, smtp: SmtpServer, email: str) -> dict[str, Any]:
     link = await requested_link(browser, url, smtp, email)
-    context = await browser.new_context()
-    page = await context.new_page()
-    await page.goto(link)
-    async with page.expect_navigation():
-        await page.locator("form[action='/me/login/confirm'] button[type=submit]").click()
-    assert page.url == url + "/me", f"/me sign-in failed: {page.url}\n{await page.inner_text('body')}"
-    state = await context.storage_state()
-    await context.close()
-    return state
+    return await cookies_after_form(browser, link, "/me/login/confirm", "/me")
 
 
 # ---------------------------------------------------------------- the pages

@@ -8,7 +8,9 @@ AA. The page's CSP forbids inline scripts, so the contexts that run axe bypass i
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,20 @@ def missing_tools() -> str | None:
     if not AXE.exists():
         return f"{AXE} is missing: install Node.js and npm, then `make js` (make test runs npm ci)"
     return None
+
+
+@contextlib.asynccontextmanager
+async def chromium() -> AsyncIterator[Any]:
+    """Debian's Chromium, headless, driven by Playwright's async API (the processor runs in
+    the test's event loop: a blocking call would starve it)."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            await browser.close()
 
 
 async def axe_violations(page: Any, tags: list[str] = AXE_TAGS) -> list[dict[str, Any]]:
