@@ -33,6 +33,7 @@ from support.browser import (
     REFLOW,
     axe_violations,
     chromium,
+    csp_checked_tab,
     dom_problems,
     findings,
     focus_outline,
@@ -428,14 +429,8 @@ async def test_axe_reports_what_it_finds(browser, stack):
 @pytest.fixture
 async def keyboard_page(browser: Any) -> AsyncIterator[Any]:
     """A tab with the pages' own CSP in force (no bypass): the flows must work under it."""
-    context = await browser.new_context(viewport=DESKTOP, locale="pt-BR", accept_downloads=True)
-    page = await context.new_page()
-    page.set_default_timeout(15_000)
-    blocked: list[str] = []
-    page.on("console", lambda msg: blocked.append(msg.text) if "Content Security Policy" in msg.text else None)
-    yield page
-    await context.close()
-    assert not blocked, blocked
+    async with csp_checked_tab(browser, viewport=DESKTOP, locale="pt-BR", accept_downloads=True) as page:
+        yield page
 
 
 async def focused(page: Any, selector: str) -> bool:

@@ -50,6 +50,22 @@ async def chromium() -> AsyncIterator[Any]:
             await browser.close()
 
 
+@contextlib.asynccontextmanager
+async def csp_checked_tab(browser: Any, **context_options: Any) -> AsyncIterator[Any]:
+    """A tab in a fresh context, under the pages' own CSP (no bypass); fails, on closing, if
+    anything broke the CSP (an inline script or style, a foreign resource)."""
+    context = await browser.new_context(**context_options)
+    page = await context.new_page()
+    page.set_default_timeout(15_000)
+    blocked: list[str] = []
+    page.on("console", lambda msg: blocked.append(msg.text) if "Content Security Policy" in msg.text else None)
+    try:
+        yield page
+    finally:
+        await context.close()
+    assert not blocked, blocked
+
+
 async def axe_violations(page: Any, tags: list[str] = AXE_TAGS) -> list[dict[str, Any]]:
     """axe-core's violations on the page as it is now (dialogs open, errors shown...)."""
     if not await page.evaluate("typeof window.axe !== 'undefined'"):
