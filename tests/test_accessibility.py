@@ -7,8 +7,10 @@
 2. The main flows by keyboard alone (``keyboard.press``/``type``, no click): the admin signs in,
    searches, opens a user, grants credits through the dialog (focus moves in, Escape closes it
    and gives focus back) and signs out; a user asks for a link, signs in, reaches the statement
-   and its CSV by the skip link, and signs out. Every element the focus reaches shows a visible
-   indicator.
+   and its CSV by the skip link, sets a personal cap, and signs out. Every element the focus
+   reaches shows a visible indicator.
+3. What axe cannot see: reflow at 320 CSS px, unique ids and present id references, named
+   tables.
 
 Skipped, with the reason, without Chromium or without node_modules/axe-core (`make test`
 installs both). Screenshots of every page checked go to ``A11Y_SHOTS`` (not docs/screenshots).
@@ -533,6 +535,16 @@ async def test_user_by_keyboard_alone(keyboard_page, stack):
     async with page.expect_download() as info:
         await page.keyboard.press("Enter")
     assert (await info.value).suggested_filename.endswith(".csv")
+
+    await tab_to(page, "a[href='/me/settings']", backwards=True)  # the header's link
+    async with page.expect_navigation():
+        await page.keyboard.press("Enter")
+    await tab_to(page, "#personal_cap")
+    await page.keyboard.type("50000")
+    async with page.expect_navigation():
+        await page.keyboard.press("Enter")
+    await page.locator("#settings-notice").wait_for()
+    assert (await s.service.ledger.account(f"teclado-{s.tag}")).personal_cap == 50_000
 
     await tab_to(page, "form.logout button", backwards=True)
     async with page.expect_navigation():
