@@ -107,8 +107,9 @@ async def stack(settings: Settings, upstream: Any, browser: Any,
     svc = Service(settings.replace(
         smtp_url=smtp.url, http_port=devstack.free_port(), public_url=f"http://127.0.0.1:{envoy_port}",
         # Every page here signs in or asks for links from 127.0.0.1: only the per-account limit
-        # is reached, on purpose, by the 429 page.
+        # is reached, on purpose, by the 429 page; own counters, whatever other modules spent.
         signin_attempts_per_address=10_000, signin_attempts_per_account=3,
+        redis_prefix=f"solaris-a11y-{uuid.uuid4().hex[:8]}:",
         stripe_secret_key=SECRET_KEY, stripe_webhook_secret=WEBHOOK_SECRET, stripe_api_base=stripe.url))
     await svc.start()
     proxy = devstack.Envoy(tmp_path_factory.mktemp("a11y-envoy"), upstream=("127.0.0.1", upstream.port),
