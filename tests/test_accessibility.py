@@ -552,3 +552,20 @@ async def test_user_by_keyboard_alone(keyboard_page, stack):
         await page.keyboard.press("Enter")
     await page.goto(s.url + "/me")
     assert await page.locator("#email").is_visible(), "still signed in after signing out"
+
+
+async def test_wide_table_scrolls_by_keyboard_on_a_phone(browser, stack):
+    """A table wider than the phone scrolls in its own region: the region takes the focus (named
+    after its table) and the arrow keys scroll it; on a desktop, where nothing scrolls, it is no
+    tab stop."""
+    async with csp_checked_tab(browser, viewport=PHONE, locale="pt-BR", storage_state=stack.me_state,
+                               is_mobile=True, has_touch=True) as page:
+        await page.goto(stack.url + "/me")
+        await tab_to(page, ".table-wrap[data-scrolls]:has(table.statement)")
+        assert await page.evaluate("document.activeElement.getAttribute('aria-label')") == "Extrato"
+        for _ in range(5):
+            await page.keyboard.press("ArrowRight")
+        assert await page.evaluate("document.activeElement.scrollLeft") > 0
+    async with csp_checked_tab(browser, viewport=DESKTOP, locale="pt-BR", storage_state=stack.me_state) as page:
+        await page.goto(stack.url + "/me")
+        assert await page.locator(".table-wrap:has(table.statement)").get_attribute("tabindex") is None
