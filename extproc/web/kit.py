@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import io
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -60,7 +61,7 @@ __all__ = [
     "current_session", "download_name",
     "entries_json", "field_messages", "json_body", "json_error", "json_response", "page_language", "parse_day",
     "parse_int", "parse_tokens", "path_segment", "reader_context", "settings_from_json", "settings_json",
-    "signin_page", "statement_csv_response", "stream_csv", "validation_error",
+    "signin_page", "statement_csv_response", "stream_csv", "validation_error", "with_caller",
 ]
 
 PACKAGE = Path(__file__).resolve().parent.parent  # extproc: templates/ and static/ stay there
@@ -527,6 +528,28 @@ def signin_page(request: web.Request, *, status: int = 200, errors: dict[str, st
     ctx = reader_context(request)
     return ctx.render_with_pre(request, "me/signin.html", {
         "title": ctx.t("me.signin_title"), "errors": errors or {}, "email": email}, status=status)
+
+
+CallerHandler = Callable[[web.Request, str], Awaitable[web.StreamResponse]]
+
+
+def with_caller(
+    identify: Callable[[web.Request], Awaitable[str | web.Response]],
+) -> Callable[[CallerHandler], Callable[[web.Request], Awaitable[web.StreamResponse]]]:
+    """An API route whose handler gets who calls (``identify``'s answer: a user id for
+    /api/me, an admin for /api/admin), or answers ``identify``'s refusal (401/403) itself."""
+
+    def decorate(handler: CallerHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        @functools.wraps(handler)
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            caller = await identify(request)
+            if isinstance(caller, web.Response):
+                return caller
+            return await handler(request, caller)
+
+        return wrapped
+
+    return decorate
 
 
 async def admin_actor(request: web.Request) -> str | web.Response:

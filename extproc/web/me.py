@@ -53,6 +53,7 @@ from .kit import (
     signin_page,
     statement_csv_response,
     validation_error,
+    with_caller,
 )
 from .sessions import (
     MAGIC_LINK_SECONDS,
@@ -115,17 +116,8 @@ def signed_in(status: int = 200) -> Callable[[PageHandler], Handler]:
     return decorate
 
 
-def api_caller(handler: ApiHandler) -> Handler:
-    """An /api/me route: the handler gets the caller's user id (``kit.api_identity``), or 401."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        user_id = await api_identity(request)
-        if isinstance(user_id, web.Response):
-            return user_id
-        return await handler(request, user_id)
-
-    return wrapped
+# An /api/me route: the handler gets the caller's user id (``kit.api_identity``), or 401.
+api_caller = with_caller(api_identity)
 
 
 def api_account(handler: Callable[[web.Request, Account], Awaitable[web.StreamResponse]]) -> Handler:

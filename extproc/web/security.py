@@ -47,6 +47,7 @@ from .kit import (
     json_response,
     path_segment,
     reader_context,
+    with_caller,
 )
 from .sessions import (
     ADMIN_COOKIE,
@@ -378,17 +379,8 @@ async def revoke_post(request: web.Request, session: WebSession) -> web.StreamRe
 # ---------------------------------------------------------------- JSON API
 
 
-def admin_api(handler: Callable[[web.Request, str], Awaitable[web.StreamResponse]]) -> Handler:
-    """Authorization: Bearer <admin token or admin JWT>, as the rest of /api/admin."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        actor = await admin_actor(request)
-        if isinstance(actor, web.Response):
-            return actor
-        return await handler(request, actor)
-
-    return wrapped
+# Authorization: Bearer <admin token or admin JWT>, as the rest of /api/admin.
+admin_api = with_caller(admin_actor)
 
 
 def _bad(ctx: WebContext, field: str) -> web.Response:
