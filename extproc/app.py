@@ -71,15 +71,20 @@ class Service:
             self.pool = await create_pool(s)
             self.admit_pool = await create_pool(s, asynchronous_commit=True)
             # No client-side retries: a dead Redis must fail fast so the limiter's circuit
-            # breaker can take over (money never waits on Redis).
+            # breaker can take over (money never waits on Redis). The read timeout is only a
+            # backstop above the limiter's own bound (at most 5 x 50 ms, see below): redis-py's
+            # timer, like any, also fires for loop lag, which must not count as a Redis fault.
             self.redis = aioredis.Redis.from_url(
-                s.redis_url, socket_timeout=0.05, socket_connect_timeout=0.05,
+                s.redis_url, socket_timeout=0.3, socket_connect_timeout=0.05,
                 retry=Retry(NoBackoff(), 0))
             self.ledger = Ledger(self.pool, s, self.clock, admit_pool=self.admit_pool)
-            # 50 ms: under load the timeout also measures event-loop lag, and a tighter one
-            # would drop to per-process limits (N processes = N x the limit) for no Redis fault.
-            # A dead Redis still costs one request per second at most (circuit breaker).
-            limiter = RedisRateLimiter(self.redis, self.metrics, prefix=s.redis_prefix, timeout=0.05)
+            # 50 ms of Redis time: the limiter does not count the loop's lag (a deadline the
+            # loop runs late is extended, up to 5 x), so a busy processor keeps the shared limit
+            # instead of dropping to per-process ones (N processes = N x the limit). A dead Redis
+            # still costs one request per second at most (circuit breaker). Leases keep users
+            # far below their limit off Redis (GATE_RATE_LIMIT_LEASE).
+            limiter = RedisRateLimiter(self.redis, self.metrics, prefix=s.redis_prefix, timeout=0.05,
+                                       lease=s.rate_limit_lease)
             # One per service: its background JWKS refresh is started here, closed in stop().
             self.authenticator = Authenticator(s)
             await self.authenticator.start()

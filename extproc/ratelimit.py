@@ -13,6 +13,20 @@ breaker), so a dead Redis costs nothing per request. While Redis is down each pr
 the limit on its own, so N processes allow up to N x limit: a deliberate trade against refusing
 everyone or letting everyone through.
 
+Leases take Redis off the path of users far below their limit. With ``lease`` > 1 a process
+may ask for several cells (requests) in one call; the script grants them only while the user
+keeps at least half of the minute's burst after the grant, else it decides the one request
+exactly as without leases. The process then answers the user's next requests from the lease, in
+memory, until the lease is spent or ``lease_seconds`` have passed (unspent cells are dropped:
+charged, not served, which only ever tightens the limit). Since a lease is charged in Redis
+before its requests are made, a request served from a lease counts as if it came up to
+``lease_seconds`` earlier: with N processes, at most N x lease requests beyond the limit in any
+window (each process holds at most one lease per user), and never while the user is in the
+upper half of the limit, where every request is decided by Redis. A lease is at most 1/20 of the
+limit (1/20 of a minute's requests per process), and grows from 1 (doubling) only while the
+user spends each lease within its validity, so a user sending a request now and then gets one
+exact Redis call per request, as without leases.
+
 Arithmetic is done in integer microseconds. Milliseconds as floats would accumulate rounding
 over a burst (``limit`` additions of 60000/limit), which shows up as an off-by-one in the last
 request of a burst. Integers below 2**53 are exact in Lua's doubles as well, so the Lua and the
@@ -92,15 +106,19 @@ GcraResult = tuple[bool, float, int, int, int]
 #
 # KEYS[1]  the user's TAT key; its value is the TAT in milliseconds, "%.3f" (exact microseconds).
 # ARGV[1]  limit per minute, an integer >= 1.
-# ARGV[2]  now in milliseconds, for tests only. Production omits it and the script reads the Redis
-#          clock, so that every process (whatever its own clock says) judges against one clock.
-#          TIME followed by a write is allowed because scripts are replicated by effects
-#          (default since Redis 5, the only mode since 7).
-# Returns  {allowed 1|0, TAT after the call (string), remaining, reset ms, retry-after ms}.
+# ARGV[2]  now in milliseconds, for tests only. Production omits it (or sends "") and the script
+#          reads the Redis clock, so that every process (whatever its own clock says) judges
+#          against one clock. TIME followed by a write is allowed because scripts are replicated
+#          by effects (default since Redis 5, the only mode since 7).
+# ARGV[3]  optional: cells wanted (a lease, >= 1); granted only while the user keeps at least
+#          half of the burst after it, else one cell, decided exactly as without it.
+# Returns  {allowed 1|0, TAT after the call (string), remaining, reset ms, retry-after ms}, and
+#          with ARGV[3] the cells granted (0 when refused) as a sixth element.
 GCRA_LUA = """
 local limit = tonumber(ARGV[1])
+local want = tonumber(ARGV[3] or '1')
 local now
-if ARGV[2] then
+if ARGV[2] and ARGV[2] ~= '' then
   now = math.floor(tonumber(ARGV[2]) * 1000 + 0.5)
 else
   local t = redis.call('TIME')
@@ -117,12 +135,21 @@ if raw then
 end
 local new_tat = tat + interval
 if new_tat - now > window then
-  return {0, raw, 0, math.ceil((tat - now) / 1000), math.ceil((new_tat - window - now) / 1000)}
+  local refused = {0, raw, 0, math.ceil((tat - now) / 1000), math.ceil((new_tat - window - now) / 1000)}
+  if ARGV[3] then refused[6] = 0 end
+  return refused
+end
+local granted = 1
+if want > 1 and 2 * (tat + want * interval - now) <= window then
+  new_tat = tat + want * interval
+  granted = want
 end
 local stored = string.format('%.3f', new_tat / 1000)
 local ttl = math.ceil((new_tat - now) / 1000)
 redis.call('SET', KEYS[1], stored, 'PX', ttl)
-return {1, stored, math.floor((window - (new_tat - now)) / interval), ttl, 0}
+local reply = {1, stored, math.floor((window - (new_tat - now)) / interval), ttl, 0}
+if ARGV[3] then reply[6] = granted end
+return reply
 """
 
 
@@ -144,6 +171,13 @@ def gcra(tat_ms: float | None, now_ms: float, limit: int) -> GcraResult:
     the time until the full burst is available again; ``retry_after_ms`` the time until the next
     request would pass (0 when allowed). KEEP IN SYNC with GCRA_LUA.
     """
+    return gcra_lease(tat_ms, now_ms, limit, 1)[0]
+
+
+def gcra_lease(tat_ms: float | None, now_ms: float, limit: int, want: int) -> tuple[GcraResult, int]:
+    """gcra() asking for ``want`` cells at once: (result, cells granted). ``want`` is granted when
+    the user keeps at least half of the burst after it, else one cell is decided exactly as by
+    gcra(); 0 when refused. KEEP IN SYNC with GCRA_LUA (its ARGV[3])."""
     if limit < 1:
         raise ValueError("gcra needs a limit >= 1")
     now = _to_us(now_ms)
@@ -161,9 +195,13 @@ def gcra(tat_ms: float | None, now_ms: float, limit: int) -> GcraResult:
     new_tat = tat + interval
     if new_tat - now > window:
         assert tat_ms is not None  # a fresh user always fits: interval <= window
-        return False, tat_ms, 0, _ceil_ms(tat - now), _ceil_ms(new_tat - window - now)
+        return (False, tat_ms, 0, _ceil_ms(tat - now), _ceil_ms(new_tat - window - now)), 0
+    granted = 1
+    if want > 1 and 2 * (tat + want * interval - now) <= window:
+        new_tat = tat + want * interval
+        granted = want
     remaining = (window - (new_tat - now)) // interval
-    return True, new_tat / 1000, remaining, _ceil_ms(new_tat - now), 0
+    return (True, new_tat / 1000, remaining, _ceil_ms(new_tat - now), 0), granted
 
 
 def _decision(limit: int, allowed: bool, remaining: int, reset_ms: int,
@@ -238,8 +276,32 @@ class LocalRateLimiter:
                 del self._tat[user]
 
 
+# A lease is at most this share of the per-minute limit (1/20: 5 requests of 100 per minute).
+LEASE_SHARE = 20
+# A Redis call's deadline (see _redis_call): loop rounds granted before it is cut off, and how
+# often a deadline the loop ran late grants the call its timeout again.
+DEADLINE_ROUNDS = 3
+MAX_EXTENSIONS = 4
+
+
+class _Lease:
+    """Cells a process took from Redis for one user, spent from memory."""
+
+    __slots__ = ("expires", "left", "limit", "remaining", "reset_ms", "size")
+
+    def __init__(self, limit: int, size: int, left: int, expires: float, remaining: int,
+                 reset_ms: int) -> None:
+        self.limit = limit
+        self.size = size  # cells asked for last time: grows while spent in time, shrinks if not
+        self.left = left
+        self.expires = expires
+        self.remaining = remaining  # what Redis said was left after the grant
+        self.reset_ms = reset_ms
+
+
 class RedisRateLimiter:
-    """GCRA in Redis (one EVALSHA per hit), falling back to process memory when Redis fails."""
+    """GCRA in Redis (one EVALSHA per hit, or per lease), falling back to process memory when
+    Redis fails."""
 
     def __init__(
         self,
@@ -250,6 +312,9 @@ class RedisRateLimiter:
         timeout: float = 0.005,
         retry_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
+        lease: int = 0,
+        lease_seconds: float = 1.0,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
     ) -> None:
         self.redis = redis
         self.metrics = metrics
@@ -257,6 +322,10 @@ class RedisRateLimiter:
         self.timeout = timeout
         self.retry_interval = retry_interval
         self._clock = clock
+        self.lease = lease  # most cells per lease; below 2: one Redis call per request
+        self.lease_seconds = lease_seconds
+        self.max_entries = max_entries
+        self._leases: dict[str, _Lease] = {}
         self._script = redis.register_script(GCRA_LUA)
         self.fallback = LocalRateLimiter(clock=clock)
         # Circuit breaker: Redis is skipped while opened_at <= now < opened_at + retry_interval.
@@ -277,28 +346,108 @@ class RedisRateLimiter:
         if limit_per_minute < 1:
             return _refuse_all(limit_per_minute)
         now = self._clock()
+        lease = self._leases.get(user_id)
+        if lease is not None and lease.left > 0 and lease.limit == limit_per_minute and now < lease.expires:
+            # Far below the limit (Redis granted the lease only then): no round trip.
+            lease.left -= 1
+            return _decision(limit_per_minute, True, lease.remaining + lease.left, lease.reset_ms, 0)
+        want = self._want(lease, limit_per_minute, now)
         if not self._breaker_open(now):
+            args: list[Any] = [limit_per_minute] if want < 2 else [limit_per_minute, "", want]
             try:
-                # asyncio.timeout rather than wait_for: same bound, but no extra Task per call.
-                async with asyncio.timeout(self.timeout):
-                    reply = await self._script(
-                        keys=[self.key(user_id)], args=[limit_per_minute])
+                reply = await self._redis_call(keys=[self.key(user_id)], args=args)
             except (RedisError, TimeoutError, OSError) as exc:
                 self._trip(now, exc)
             else:
-                return self._from_redis(user_id, limit_per_minute, reply)
+                return self._from_redis(user_id, limit_per_minute, reply, want, now)
         self.metrics.ratelimit_fallbacks.inc()
         return self.fallback.hit_now(user_id, limit_per_minute)
 
-    def _from_redis(self, user_id: str, limit: int, reply: Any) -> RateDecision:
-        allowed, tat, remaining, reset_ms, retry_ms = reply
+    def _want(self, lease: _Lease | None, limit: int, now: float) -> int:
+        """Cells to ask for: 1 for a user not seen lately; doubled when the last lease was spent
+        before it expired, halved when it expired unspent; at most ``lease`` and limit/20."""
+        cap = min(self.lease, limit // LEASE_SHARE)
+        if cap < 2:
+            return 1
+        if lease is None or lease.limit != limit:
+            return 1
+        if lease.left == 0 and now < lease.expires:
+            return min(cap, lease.size * 2)
+        if lease.left > 0:
+            return max(1, min(cap, lease.size // 2))
+        return min(cap, lease.size)
+
+    async def _redis_call(self, *, keys: list[str], args: list[Any]) -> Any:
+        """The script, cut off when Redis has not answered within ``timeout`` of the loop's own
+        time. A busy loop runs due timers before it reads its sockets (uvloop always; asyncio's
+        loop in the round where both are due), so a plain asyncio.timeout also measured the
+        loop's lag: under load it threw away replies that had arrived in time and fell back to
+        per-process limits for no fault of Redis. Here a deadline timer that runs late (the loop
+        was busy) grants the call ``timeout`` again, at most MAX_EXTENSIONS times, and a deadline
+        that stands still gives the loop DEADLINE_ROUNDS more rounds to read a reply that is
+        already there. A Redis that does not answer on an idle loop is cut off after about
+        ``timeout``; on a lagging one after at most (1 + MAX_EXTENSIONS) x ``timeout``."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        done = [False, False]  # [the call returned, we cancelled it]
+
+        def deadline(due: float, extensions: int) -> None:
+            if done[0]:
+                return
+            now = loop.time()
+            if extensions and now - due > self.timeout / 2:
+                handles.append(loop.call_at(now + self.timeout, deadline, now + self.timeout, extensions - 1))
+                return
+            rounds(DEADLINE_ROUNDS)
+
+        def rounds(left: int) -> None:
+            if done[0]:
+                return
+            if left:
+                loop.call_soon(rounds, left - 1)
+                return
+            done[1] = True
+            task.cancel()
+
+        due = loop.time() + self.timeout
+        handles = [loop.call_at(due, deadline, due, MAX_EXTENSIONS)]
+        try:
+            return await self._script(keys=keys, args=args)
+        except asyncio.CancelledError:
+            if done[1] and task.uncancel() <= cancelling:
+                raise TimeoutError(f"Redis did not answer within {self.timeout * 1000:.0f} ms") from None
+            raise
+        finally:
+            done[0] = True
+            handles[-1].cancel()
+
+    def _from_redis(self, user_id: str, limit: int, reply: Any, want: int, now: float) -> RateDecision:
+        allowed, tat, remaining, reset_ms, retry_ms = reply[:5]
         if self._opened_at is not None:
             self._opened_at = None
             log.info("rate limiter: Redis is answering again, leaving in-process fallback")
         if isinstance(tat, bytes):
             tat = tat.decode()
         self.fallback.seed(user_id, float(tat))
+        if self.lease >= 2 and limit // LEASE_SHARE >= 2:
+            granted = int(reply[5]) if len(reply) > 5 else int(bool(allowed))
+            self._remember(user_id, _Lease(limit, want, max(0, granted - 1), now + self.lease_seconds,
+                                           int(remaining), int(reset_ms)))
+            remaining = int(remaining) + max(0, granted - 1)
         return _decision(limit, bool(allowed), int(remaining), int(reset_ms), int(retry_ms))
+
+    def _remember(self, user_id: str, lease: _Lease) -> None:
+        self._leases.pop(user_id, None)
+        self._leases[user_id] = lease
+        if len(self._leases) > self.max_entries:
+            # Bounded memory: drop expired leases, then the least recently renewed ones (their
+            # users start again at one cell per call).
+            now = self._clock()
+            self._leases = {u: x for u, x in self._leases.items() if x.expires > now}
+            for user in list(self._leases)[:len(self._leases) - self.max_entries * 3 // 4]:
+                del self._leases[user]
 
     def _breaker_open(self, now: float) -> bool:
         opened = self._opened_at

@@ -83,6 +83,11 @@ FIELDS: list[tuple[str, str, str]] = [
      "Largest request body accepted (413 above it)."),
     ("GATE_RATE_LIMIT_PER_MINUTE", "rate_limit_per_minute",
      "Requests per user per minute (default; plans may override)."),
+    ("GATE_RATE_LIMIT_LEASE", "rate_limit_lease",
+     "Requests a processor may take at once (one Redis call) from a user's per-minute limit and "
+     "count in memory for up to 1 s: only while the user has more than half of the limit left, "
+     "at most 1/20 of it, and growing from 1 only for users who spend each lease in time. N "
+     "processes let at most N x this many requests past a limit; 0: one Redis call per request."),
     ("GATE_ALERT_THRESHOLDS", "alert_thresholds", "Usage % that trigger alerts."),
     ("GATE_FAIL_MODE", "fail_mode",
      "Ledger unreachable at admission: `closed` (503) or `open` (admit, settle later)."),
@@ -179,6 +184,7 @@ class Settings:
     sweep_interval_seconds: int = 30
     max_body_bytes: int = 8 * 1024 * 1024
     rate_limit_per_minute: int = 100
+    rate_limit_lease: int = 16
     alert_thresholds: str = "80,90,100"
     fail_mode: str = "closed"
     spool_dir: str = "spool"
@@ -234,6 +240,8 @@ class Settings:
             raise ValueError("GATE_FAIL_MODE must be closed or open")
         if self.language not in ("pt-BR", "en"):
             raise ValueError("GATE_LANGUAGE must be pt-BR or en")
+        if self.rate_limit_lease < 0:
+            raise ValueError("GATE_RATE_LIMIT_LEASE must be >= 0")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ValueError("GATE_EVENT_LOOP must be uvloop or asyncio")
         if not 0 < self.conversion_factor <= 10:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import math
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -29,6 +33,7 @@ from extproc.ratelimit import (
     LocalRateLimiter,
     RedisRateLimiter,
     gcra,
+    gcra_lease,
 )
 
 EPOCH_MS = 1_700_000_000_000.0  # realistic magnitudes: float rounding bites here, not at t=0
@@ -485,3 +490,202 @@ async def test_redis_going_away_and_coming_back(private_redis: PrivateRedis) -> 
         assert await client.exists("private:rl:ivy")
     finally:
         await client.aclose()
+
+
+# ------------------------------------------------------------------ 7. the timeout measures Redis
+
+
+class SlowRedis:
+    """A Redis stand-in on a thread (it answers while the test's loop is blocked): every EVALSHA
+    gets the same allowed GCRA reply ``delay`` seconds after it arrived; the rest gets +OK."""
+
+    REPLY = b"*5\r\n:1\r\n$15\r\n1700000000000.0\r\n:9\r\n:6000\r\n:0\r\n"
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.evals = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        with contextlib.suppress(OSError, ValueError), conn:
+            while line := reader.readline():
+                args = [reader.read(int(reader.readline()[1:])) + reader.readline()[:0]
+                        for _ in range(int(line[1:]))]
+                if args[0].upper() == b"EVALSHA":
+                    self.evals += 1
+                    time.sleep(self.delay)
+                    conn.sendall(self.REPLY)
+                else:
+                    conn.sendall(b"+OK\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("rounds_later", [0, 1, 2])
+async def test_loop_lag_is_not_a_redis_timeout(rounds_later: int) -> None:
+    """Redis answers in 5 ms, within the 10 ms timeout, but the loop is busy elsewhere for 50 ms
+    soon after the call was sent: the reply is the answer, no fallback, no breaker. A plain
+    asyncio.timeout cut such calls off (the loop ran the expired timer before it looked at the
+    reply that had arrived meanwhile)."""
+    server = SlowRedis(delay=0.005)
+    client = Redis.from_url(f"redis://127.0.0.1:{server.port}/0", protocol=2)
+    metrics = Metrics()
+    limiter = RedisRateLimiter(client, metrics, prefix="lag:", timeout=0.01)
+    loop = asyncio.get_running_loop()
+    try:
+        await limiter.hit("warm-up", 10)  # connected
+        for user in ("ivan", "jane", "kim"):
+            busy: Any = functools.partial(time.sleep, 0.05)
+            for _ in range(rounds_later):
+                busy = functools.partial(loop.call_soon, busy)
+            loop.call_soon(busy)
+            decision = await limiter.hit(user, 10)
+            assert decision.allowed and decision.remaining == 9
+        assert server.evals == 4
+        assert fallbacks(metrics) == 0 and errors(metrics) == 0 and not limiter.degraded
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def test_slow_redis_is_cut_off_soon_after_the_timeout() -> None:
+    """Redis itself slow (200 ms) while the loop is idle: cut off after about the timeout."""
+    server = SlowRedis(delay=0.2)
+    client = Redis.from_url(f"redis://127.0.0.1:{server.port}/0", protocol=2)
+    metrics = Metrics()
+    limiter = RedisRateLimiter(client, metrics, prefix="slow:", timeout=0.02)
+    try:
+        await client.ping()
+        started = time.perf_counter()
+        decision = await limiter.hit("lou", 10)
+        assert time.perf_counter() - started < 0.1
+        assert decision.allowed and fallbacks(metrics) == 1 and errors(metrics) == 1
+    finally:
+        await client.aclose()
+        server.close()
+
+
+# ------------------------------------------------------------------ 8. leases
+
+
+def test_gcra_lease_grants_only_far_below_the_limit() -> None:
+    limit, now = 100, EPOCH_MS
+    (allowed, tat, remaining, _, _), granted = gcra_lease(None, now, limit, 5)
+    assert (allowed, granted, remaining) == (True, 5, 95)
+    served = 5
+    while True:
+        (allowed, tat2, remaining, _, _), granted = gcra_lease(tat, now, limit, 5)
+        if not allowed:
+            break
+        if granted == 1:  # the upper half: decided one by one, exactly as gcra()
+            assert gcra(tat, now, limit)[:3] == (True, tat2, remaining)
+            assert 100 - (remaining + 1) >= 50
+        tat = tat2
+        served += granted
+    assert served == limit and granted == 0  # a burst never passes the limit
+    assert gcra_lease(None, now, limit, 1) == (gcra(None, now, limit), 1)
+
+
+async def test_lua_and_python_agree_with_leases(rl_redis: Redis, rl_prefix: str) -> None:
+    script = rl_redis.register_script(GCRA_LUA)
+    rng = random.Random(20261129)
+    key = f"{rl_prefix}agree-lease"
+    now, tat, limit = EPOCH_MS, None, 200
+    for step in range(600):
+        if rng.random() < 0.03:
+            limit = rng.choice([1, 20, 40, 100, 200, 1000])
+        want = rng.choice([1, 2, 3, 5, 8, 16, 50])
+        if rng.random() < 0.6:
+            now += rng.uniform(0, 3 * 60_000 / limit)
+        expected, granted = gcra_lease(tat, now, limit, want)
+        reply = await script(keys=[key], args=[limit, repr(now), want])
+        await rl_redis.persist(key)
+        allowed, lua_tat, remaining, reset_ms, retry_ms, lua_granted = reply
+        got = (bool(allowed), float(lua_tat), remaining, reset_ms, retry_ms)
+        assert (got, lua_granted) == (expected, granted), f"step {step} now={now!r} limit={limit} want={want}"
+        tat = expected[1]
+
+
+def _counting(limiter: RedisRateLimiter) -> list[int]:
+    calls: list[int] = []
+    real_script = limiter._script
+
+    async def counting_script(**kwargs: Any) -> Any:
+        calls.append(kwargs["args"][2] if len(kwargs["args"]) > 2 else 1)
+        return await real_script(**kwargs)
+
+    limiter._script = counting_script  # type: ignore[assignment]
+    return calls
+
+
+async def test_lease_takes_redis_off_the_path_of_a_busy_user(rl_redis: Redis, rl_prefix: str) -> None:
+    metrics = Metrics()
+    limiter = RedisRateLimiter(rl_redis, metrics, prefix=rl_prefix, timeout=1.0, lease=16)
+    calls = _counting(limiter)
+    decisions = [await limiter.hit("lena", 1000) for _ in range(200)]
+    assert all(d.allowed for d in decisions)
+    assert calls[:6] == [1, 2, 4, 8, 16, 16]  # grows while each lease is spent in time
+    assert len(calls) <= 20  # instead of 200 round trips
+    remaining = [d.remaining for d in decisions]
+    assert remaining == sorted(remaining, reverse=True) and remaining[0] == 999
+    # Redis was charged every request served (and at most one lease more).
+    tat_ms = float(await rl_redis.get(limiter.key("lena")))
+    charged = round((tat_ms - time.time() * 1000) / 60)  # 60 ms per request at 1000/min
+    assert 200 - 3 <= charged <= 200 + 16 + 3
+    assert fallbacks(metrics) == 0
+
+
+async def test_leases_of_two_processes_never_pass_a_burst_limit(
+    rl_redis: Redis, rl_redis_url: str, rl_prefix: str
+) -> None:
+    other = Redis.from_url(rl_redis_url)  # a second process
+    try:
+        a = RedisRateLimiter(rl_redis, Metrics(), prefix=rl_prefix, timeout=1.0, lease=16)
+        b = RedisRateLimiter(other, Metrics(), prefix=rl_prefix, timeout=1.0, lease=16)
+        calls_a, calls_b = _counting(a), _counting(b)
+        limit = 200  # leases of at most 10 (1/20 of the limit)
+        decisions = []
+        for _ in range(150):
+            decisions += [await a.hit("mona", limit), await b.hit("mona", limit)]
+        assert sum(d.allowed for d in decisions) == limit  # cells charged in Redis = cells served
+        assert not (await a.hit("mona", limit)).allowed and not (await b.hit("mona", limit)).allowed
+        assert max(calls_a + calls_b) == limit // 20
+        # In the upper half of the limit every request went to Redis one by one.
+        assert len(calls_a) + len(calls_b) >= limit // 2
+    finally:
+        await other.aclose()
+
+
+async def test_lease_expires_and_shrinks_for_a_slowing_user(rl_redis: Redis, rl_prefix: str) -> None:
+    clock = FakeClock()
+    limiter = RedisRateLimiter(rl_redis, Metrics(), prefix=rl_prefix, timeout=1.0, lease=16,
+                               lease_seconds=1.0, clock=clock)
+    calls = _counting(limiter)
+    for _ in range(1 + 2 + 4 + 1):  # leases of 1, 2, 4, then 8 of which one cell is spent
+        await limiter.hit("nina", 1000)
+    assert calls == [1, 2, 4, 8]
+    await limiter.hit("nina", 1000)
+    assert len(calls) == 4  # served from the lease
+    clock.t += 1.5  # the lease expired with 6 cells unspent: dropped, and the next one halves
+    await limiter.hit("nina", 1000)
+    assert calls == [1, 2, 4, 8, 4]
+    assert (await limiter.hit("nina", 2000)).limit == 2000  # another limit: not this lease
+    assert calls[-1] == 1
+
+
+async def test_small_limits_are_never_leased(rl_redis: Redis, rl_prefix: str) -> None:
+    limiter = RedisRateLimiter(rl_redis, Metrics(), prefix=rl_prefix, timeout=1.0, lease=16)
+    calls = _counting(limiter)
+    decisions = [await limiter.hit("omar", 39) for _ in range(40)]  # 39 // 20 < 2
+    assert [d.allowed for d in decisions] == [True] * 39 + [False]
+    assert calls == [1] * 40 and limiter._leases == {}
