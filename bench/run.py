@@ -6,7 +6,8 @@
   (c) gate    Envoy + `extproc serve` (JWT, Redis rate limit, Postgres reserve and settle)
 
 The processors run on uvloop (GATE_EVENT_LOOP's default); `noop-asyncio` and `gate-asyncio` are the
-same stacks on asyncio's standard loop, to compare the loops within one run (--mode).
+same stacks on asyncio's standard loop, to compare the loops within one run (--mode), and
+`gate-nolease` is the gate with one Redis call per request (GATE_RATE_LIMIT_LEASE=0).
 
 Each stack runs three passes of POST /v1/chat/completions, rotating over --users users' JWTs:
   throughput  --concurrency connections flat out (closed loop): requests/s, p50, p99
@@ -67,14 +68,20 @@ STREAM_CHUNKS = [3]
 UPSTREAM = ROOT / "tests" / "support" / "upstream.py"
 PATH = "/v1/chat/completions"
 PROMPT = "Say hello to the Solaris benchmark in one short sentence, please."
-SCENARIOS = ("direct", "noop-asyncio", "noop", "gate-asyncio", "gate")
+SCENARIOS = ("direct", "noop-asyncio", "noop", "gate-asyncio", "gate-nolease", "gate")
 DEFAULT_SCENARIOS = ("direct", "noop", "gate")
 LABELS = {"direct": "(a) envoy direct", "noop": "(b) envoy + noop", "gate": "(c) envoy + gate",
-          "noop-asyncio": "(b) noop, asyncio", "gate-asyncio": "(c) gate, asyncio"}
+          "noop-asyncio": "(b) noop, asyncio", "gate-asyncio": "(c) gate, asyncio",
+          "gate-nolease": "(c) gate, no lease"}
+# The variants' settings (the processors' environment) on top of the defaults.
+SCENARIO_ENV = {"noop-asyncio": {"GATE_EVENT_LOOP": "asyncio"}, "gate-asyncio": {"GATE_EVENT_LOOP": "asyncio"},
+                "gate-nolease": {"GATE_RATE_LIMIT_LEASE": "0"}}
 # Short names in the ratios: c/b is the issue's figure (gate over the four-message no-op).
-KEYS = {"direct": "a", "noop-asyncio": "b_asyncio", "noop": "b", "gate-asyncio": "c_asyncio", "gate": "c"}
+KEYS = {"direct": "a", "noop-asyncio": "b_asyncio", "noop": "b", "gate-asyncio": "c_asyncio",
+        "gate-nolease": "c_nolease", "gate": "c"}
 RATIO_PAIRS = (("c", "b"), ("c", "a"), ("b", "a"), ("c_asyncio", "b_asyncio"), ("c_asyncio", "a"),
-               ("b_asyncio", "a"), ("c", "b_asyncio"), ("c", "c_asyncio"), ("b", "b_asyncio"))
+               ("b_asyncio", "a"), ("c", "b_asyncio"), ("c", "c_asyncio"), ("b", "b_asyncio"),
+               ("c_nolease", "b"), ("c", "c_nolease"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 COMPONENTS = ("processors", "envoy", "upstream", "postgres", "redis", "loadgen")
 GOAL_THROUGHPUT = 0.70  # c >= 70 % of b
@@ -301,13 +308,13 @@ def http_status(url: str, timeout: float = 1.0) -> int:
 class Processor:
     """One `extproc serve [--noop]` child process on its own ports."""
 
-    def __init__(self, env: dict[str, str], noop: bool, logdir: Path, index: int, loop: str = "uvloop") -> None:
+    def __init__(self, env: dict[str, str], noop: bool, logdir: Path, index: int, name: str = "") -> None:
         self.noop = noop
         self.grpc_port = devstack.free_port()
         self.http_port = devstack.free_port()
         self.env = {**env, "GATE_GRPC_PORT": str(self.grpc_port), "GATE_HTTP_PORT": str(self.http_port),
-                    "GATE_EVENT_LOOP": loop}
-        self.log_path = logdir / f"{'noop' if noop else 'gate'}-{loop}-{index}.log"
+                    **SCENARIO_ENV.get(name, {})}
+        self.log_path = logdir / f"{name or ('noop' if noop else 'gate')}-{index}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -462,6 +469,8 @@ class Bench:
             GATE_DEFAULT_MONTHLY_TOKENS=str(10**15),
             GATE_SPOOL_DIR=str(self.workdir / "spool"),
             GATE_LOG_LEVEL=self.args.log_level,
+            # The defaults, whatever this shell says; the variants set their own (SCENARIO_ENV).
+            GATE_EVENT_LOOP="", GATE_RATE_LIMIT_LEASE="",
         )
 
     def start_upstream(self) -> tuple[str, int]:
@@ -478,8 +487,7 @@ class Bench:
         procs: list[Processor] = []
         if name != "direct":
             env = self.processor_env()
-            loop = "asyncio" if name.endswith("-asyncio") else "uvloop"
-            procs = [Processor(env, name.startswith("noop"), self.logdir, i, loop).start()
+            procs = [Processor(env, name.startswith("noop"), self.logdir, i, name).start()
                      for i in range(self.args.processors)]
             for p in procs:
                 self.stack.callback(p.stop)
@@ -1044,8 +1052,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="all",
-                   help="direct, noop, gate, noop-asyncio, gate-asyncio (the same on asyncio's loop), or a "
-                        "comma-separated list; default (all): direct, noop, gate")
+                   help="direct, noop, gate, noop-asyncio, gate-asyncio (the same on asyncio's loop), "
+                        "gate-nolease (one Redis call per request), or a comma-separated list; "
+                        "default (all): direct, noop, gate")
     p.add_argument("--processors", type=int, default=1, help="processor processes per stack (b, c)")
     p.add_argument("--users", type=int, default=100, help="distinct users (JWTs) the load rotates over")
     p.add_argument("--duration", type=float, default=12, help="seconds of the throughput and paced passes")
