@@ -106,8 +106,9 @@ FIELDS: list[tuple[str, str, str]] = [
      "Extra path prefixes passed through unmetered (explicit opt-in; e.g. `/v1/audio`)."),
     ("GATE_LOG_LEVEL", "log_level", "Python log level."),
     ("GATE_EVENT_LOOP", "event_loop",
-     "Event loop of `extproc serve`: `uvloop` (libuv's, less CPU per message; asyncio's, with a "
-     "warning in the log, when uvloop is not installed) or `asyncio` (the standard library's)."),
+     "Event loop of `extproc serve`: `uvloop` (libuv's: lower latency at low and moderate load; "
+     "asyncio's, with a warning in the log, when uvloop is not installed) or `asyncio` (the "
+     "standard library's)."),
     ("STRIPE_SECRET_KEY", "stripe_secret_key", "Stripe API key; billing is on only when both Stripe keys are set."),
     ("STRIPE_WEBHOOK_SECRET", "stripe_webhook_secret", "Stripe webhook signing secret."),
     ("STRIPE_API_BASE", "stripe_api_base", "Override of Stripe's API base URL (tests)."),
