@@ -7,7 +7,8 @@ can therefore send ``limit`` requests at once, then one per interval. Unlike fix
 is no window edge, so a user can never get 2 x limit across a boundary.
 
 Redis holds the TAT so that every ext_proc process shares one limit. Redis is never allowed to
-slow a request down or take the gateway down with it: every call is bounded by ``timeout``, and
+slow a request down or take the gateway down with it: every call is bounded by ``timeout`` (of
+Redis's time: the processor's own loop lag extends it, at most 5 x, see _redis_call), and
 after a failure the limiter answers from process memory for ``retry_interval`` seconds (circuit
 breaker), so a dead Redis costs nothing per request. While Redis is down each process enforces
 the limit on its own, so N processes allow up to N x limit: a deliberate trade against refusing
