@@ -565,7 +565,8 @@ async def test_wide_table_scrolls_by_keyboard_on_a_phone(browser, stack):
         assert await page.evaluate("document.activeElement.getAttribute('aria-label')") == "Extrato"
         for _ in range(5):
             await page.keyboard.press("ArrowRight")
-        assert await page.evaluate("document.activeElement.scrollLeft") > 0
+        # Keyboard scrolling is animated: wait for it rather than read it at once.
+        await page.wait_for_function("document.activeElement.scrollLeft > 0", timeout=5_000)
     async with csp_checked_tab(browser, viewport=DESKTOP, locale="pt-BR", storage_state=stack.me_state) as page:
         await page.goto(stack.url + "/me")
         assert await page.locator(".table-wrap:has(table.statement)").get_attribute("tabindex") is None
