@@ -13,6 +13,7 @@ import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -407,6 +408,29 @@ async def test_blocked_alert_goes_to_the_user_and_the_admins(pool, base, smtp, u
         billing = AlertTemplates(settings.replace(stripe_secret_key="sk_test_x", language=language))
         _, text, html = billing.render("user_alert", alert)
         assert offer in text and "https://gate.solaris.test/me" in html
+
+
+def test_an_alert_against_the_users_own_cap_says_so_and_not_to_ask_the_admin(settings):
+    """Measured against a personal cap (the alert's budget is the cap): the e-mail names the
+    cap and where to change it; at 100 % it does not say the account is blocked or to ask an
+    administrator for credits, since raising their own cap is all the user needs."""
+    start, end = datetime(2026, 3, 10, tzinfo=UTC), datetime(2026, 4, 10, tzinfo=UTC)
+    templates = AlertTemplates(settings.replace(public_url="https://gate.solaris.test", admin_emails="boss@x.test"))
+    capped = Alert(1, "u", "u@x.test", "Ana", 100, 100.0, 40_000, 40_000, 0, start, end, start,
+                   personal_cap=40_000)
+    subject, text, html = templates.render("user_alert", capped, "pt-BR")
+    assert subject == "Solaris: você chegou ao limite pessoal que definiu para este ciclo"
+    assert "seu limite pessoal de 40.000 tokens por ciclo, definido por você" in text
+    assert "https://gate.solaris.test/me" in text and "limite pessoal de 40.000 tokens</strong>" in html
+    assert "bloqueada" not in text + html and "pedir mais créditos" not in text + html
+    subject, text, _ = templates.render("user_alert", replace(capped, threshold=80, used_pct=80.0, used=32_000,
+                                                              remaining=8_000), "en")
+    assert subject == "Solaris: you have used 80% of this cycle's tokens"
+    assert "your personal cap of 40,000 tokens a cycle, which you set yourself" in text
+    # A cap above the cycle's budget is not what the alert was measured against: no mention.
+    uncapped = replace(capped, personal_cap=90_000, budget=50_000)
+    subject, text, _ = templates.render("user_alert", uncapped, "en")
+    assert "personal cap" not in subject + text and "your account is blocked" in text
 
 
 # ---------------------------------------------------------------- the user's preferences

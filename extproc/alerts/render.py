@@ -45,6 +45,13 @@ class Alert:
     cycle_end: datetime
     created_at: datetime
     language: str | None = None  # the account's own (accounts.language); None: the deployment's
+    # The user's personal cap now; the alert was measured against it when its budget equals it
+    # (the effective limit is the lower of the cycle's budget and the cap).
+    personal_cap: int | None = None
+
+    @property
+    def capped(self) -> bool:
+        return self.personal_cap is not None and self.budget == self.personal_cap
 
     @property
     def blocked(self) -> bool:
@@ -100,6 +107,7 @@ class AlertTemplates:
             "cycle_start": alert.cycle_start,
             "cycle_end": alert.cycle_end,
             "blocked": alert.blocked,
+            "capped": alert.capped,
             "me_url": self.me_url,
             "admin_url": self.admin_url,
             "admin_contacts": self.admins,

@@ -117,7 +117,7 @@ WITH c AS (
                   ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
     RETURNING d.id, d.outbox_id, d.channel, d.audience, d.recipient, d.attempts)
 SELECT c.*, o.user_id, o.threshold, o.used_pct, o.used, o.budget, o.remaining, o.cycle_start,
-       o.cycle_end, o.created_at, a.email, a.name, a.language
+       o.cycle_end, o.created_at, a.email, a.name, a.language, a.personal_cap
 FROM c JOIN alert_outbox o ON o.id = c.outbox_id JOIN accounts a ON a.user_id = o.user_id
 """
 
@@ -344,6 +344,7 @@ class AlertWorker:
             threshold=row["threshold"], used_pct=float(row["used_pct"]), used=row["used"],
             budget=row["budget"], remaining=row["remaining"], cycle_start=row["cycle_start"],
             cycle_end=row["cycle_end"], created_at=row["created_at"], language=row["language"],
+            personal_cap=row["personal_cap"],
         )
         return Job(row["id"], row["channel"], row["audience"], row["recipient"], row["attempts"], alert)
 
