@@ -689,3 +689,10 @@ async def test_small_limits_are_never_leased(rl_redis: Redis, rl_prefix: str) ->
     decisions = [await limiter.hit("omar", 39) for _ in range(40)]  # 39 // 20 < 2
     assert [d.allowed for d in decisions] == [True] * 39 + [False]
     assert calls == [1] * 40 and limiter._leases == {}
+
+
+async def test_served_gate_uses_leases_and_the_50_ms_redis_budget(service: Any) -> None:
+    limiter = service.gate.limiter
+    assert isinstance(limiter, RedisRateLimiter)
+    assert limiter.lease == service.settings.rate_limit_lease == 16  # GATE_RATE_LIMIT_LEASE's default
+    assert limiter.timeout == 0.05
