@@ -89,6 +89,21 @@ async def test_api_me_shows_only_the_callers_account(http, envoy, service, setti
     assert status == 400
 
 
+async def test_api_statement_reasons_speak_the_users_language(http, envoy, service, settings):
+    """A pt-BR gate; this user chose English: the coded reasons of their statement (API page
+    and CSV) are in English; before the choice, in the gate's Portuguese."""
+    user = f"eve-{uuid.uuid4().hex[:8]}"
+    await open_account(service, user)
+    token = mint_token(settings, user)
+    _, body = await api(http, envoy.url + "/api/me/entries", token=token)
+    assert [e["reason"] for e in body["entries"]] == ["conta aberta"]
+    await service.ledger.set_settings(user, language="en", actor=f"user:{user}")
+    _, body = await api(http, envoy.url + "/api/me/entries", token=token)
+    assert [e["reason"] for e in body["entries"]] == ["account opened"]
+    async with http.get(envoy.url + "/api/me/statement.csv", headers={"authorization": f"Bearer {token}"}) as resp:
+        assert [r["reason"] for r in csv.DictReader(io.StringIO(await resp.text()))] == ["account opened"]
+
+
 # ---------------------------------------------------------------- the e-mailed link
 
 

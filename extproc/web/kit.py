@@ -597,9 +597,11 @@ def statement_row(e: Mapping[str, Any], *, include_actor: bool) -> list[Any]:
     return [*row, e["actor"]] if include_actor else row
 
 
-async def statement_csv_response(request: web.Request, user_id: str, *, include_actor: bool) -> web.StreamResponse:
-    """The whole statement of ``user_id`` as CSV (``include_actor``: the admin's view)."""
-    pool, ctx = request.app[SERVICES].pool, request.app[WEB]
+async def statement_csv_response(request: web.Request, user_id: str, *, include_actor: bool,
+                                 ctx: WebContext | None = None) -> web.StreamResponse:
+    """The whole statement of ``user_id`` as CSV (``include_actor``: the admin's view), its
+    reasons in ``ctx``'s language (default: the console's)."""
+    pool, ctx = request.app[SERVICES].pool, ctx or request.app[WEB]
 
     async def rows() -> AsyncIterator[list[Any]]:
         async for e in q.iter_entries(pool, user_id):
@@ -609,8 +611,10 @@ async def statement_csv_response(request: web.Request, user_id: str, *, include_
     return await stream_csv(request, download_name("statement", user_id, "csv"), header, rows())
 
 
-async def entries_json(request: web.Request, user_id: str, *, include_actor: bool) -> dict[str, Any]:
-    """One statement page for the API (/api/me hides the admin's name: ``include_actor``)."""
+async def entries_json(request: web.Request, user_id: str, *, include_actor: bool,
+                       ctx: WebContext | None = None) -> dict[str, Any]:
+    """One statement page for the API (/api/me hides the admin's name: ``include_actor``), its
+    reasons in ``ctx``'s language (default: the console's)."""
     query = request.query
     page = await q.entries_page(
         request.app[SERVICES].pool, user_id,
@@ -618,5 +622,5 @@ async def entries_json(request: web.Request, user_id: str, *, include_actor: boo
         before_id=parse_int(query.get("before_id"), "before_id", low=1, high=MAX_ID),
         after_id=parse_int(query.get("after_id"), "after_id", low=1, high=MAX_ID))
     entries = [e if include_actor else {k: v for k, v in e.items() if k != "actor"}
-               for e in request.app[WEB].readable(page.entries)]
+               for e in (ctx or request.app[WEB]).readable(page.entries)]
     return {"entries": entries, "next_before_id": page.older, "prev_after_id": page.newer}

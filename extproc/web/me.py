@@ -255,7 +255,14 @@ async def logout(request: web.Request) -> web.StreamResponse:
 
 @signed_in(status=401)
 async def statement_csv(request: web.Request, session: WebSession, account: Account) -> web.StreamResponse:
-    return await statement_csv_response(request, account.user_id, include_actor=False)
+    return await statement_csv_response(request, account.user_id, include_actor=False,
+                                        ctx=reader_context(request, account))
+
+
+async def reader_of(request: web.Request, user_id: str) -> WebContext:
+    """The context in the caller's language (their saved choice, else Accept-Language, else
+    GATE_LANGUAGE), for the API's texts about their own statement."""
+    return reader_context(request, await q.get_account(request.app[SERVICES].pool, user_id))
 
 
 # ---------------------------------------------------------------- /api/me (the gate's identity)
@@ -270,14 +277,15 @@ async def api_me(request: web.Request, account: Account) -> web.StreamResponse:
 async def api_entries(request: web.Request, user_id: str) -> web.StreamResponse:
     ctx = request.app[WEB]
     try:
-        return json_response(await entries_json(request, user_id, include_actor=False))
+        return json_response(await entries_json(request, user_id, include_actor=False,
+                                                ctx=await reader_of(request, user_id)))
     except Invalid as exc:
         return validation_error(ctx, exc.fields)
 
 
 @api_caller
 async def api_statement_csv(request: web.Request, user_id: str) -> web.StreamResponse:
-    return await statement_csv_response(request, user_id, include_actor=False)
+    return await statement_csv_response(request, user_id, include_actor=False, ctx=await reader_of(request, user_id))
 
 
 # ---------------------------------------------------------------- settings, usage and data (pages)
