@@ -70,6 +70,11 @@ class Metrics:
             "solaris_ratelimit_fallback_total",
             "Rate-limit checks answered by the in-process limiter (Redis unavailable).",
             registry=r)
+        self.ratelimit_leased = Counter(
+            "solaris_ratelimit_leased_total",
+            "Rate-limit checks answered from a lease this process took from Redis (no round trip; "
+            "GATE_RATE_LIMIT_LEASE).",
+            registry=r)
         self.alerts = Counter(
             "solaris_alerts_total", "Threshold alerts by threshold and event.",
             ["threshold", "event"], registry=r)

@@ -351,6 +351,7 @@ class RedisRateLimiter:
         if lease is not None and lease.left > 0 and lease.limit == limit_per_minute and now < lease.expires:
             # Far below the limit (Redis granted the lease only then): no round trip.
             lease.left -= 1
+            self.metrics.ratelimit_leased.inc()
             return _decision(limit_per_minute, True, lease.remaining + lease.left, lease.reset_ms, 0)
         want = self._want(lease, limit_per_minute, now)
         if not self._breaker_open(now):

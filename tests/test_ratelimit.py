@@ -636,6 +636,8 @@ async def test_lease_takes_redis_off_the_path_of_a_busy_user(rl_redis: Redis, rl
     assert all(d.allowed for d in decisions)
     assert calls[:6] == [1, 2, 4, 8, 16, 16]  # grows while each lease is spent in time
     assert len(calls) <= 20  # instead of 200 round trips
+    # Every check Redis did not see is counted as leased (operators see the leases work).
+    assert metrics.registry.get_sample_value("solaris_ratelimit_leased_total") == 200 - len(calls)
     remaining = [d.remaining for d in decisions]
     assert remaining == sorted(remaining, reverse=True) and remaining[0] == 999
     # Redis was charged every request served (and at most one lease more).
