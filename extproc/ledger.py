@@ -1095,7 +1095,8 @@ class Ledger:
         """Rewrite the free texts that may quote the erased id, e-mail or name: the account's
         entries (reason, reason codes' parameters, actor), its alerts' delivery errors (they
         name the recipient) and the audit trail (rows about the user, by the user, or that
-        mention any of the three anywhere). The values are rewritten in Python, string by
+        mention their id or e-mail anywhere; in those rows the name too — a name alone does not
+        make a row theirs, another person may bear it). The values are rewritten in Python, string by
         string inside the JSON, so JSON escaping and numbers are never touched."""
         needles = scrub.needles()
         for r in await conn.fetch(
@@ -1314,11 +1315,15 @@ class Scrubber:
         swaps.sort(key=lambda s: -len(s[0]))  # the longest first: an e-mail may contain the id
         self.swaps = dict(swaps)
         self.pattern = re.compile("|".join(re.escape(v) for v in self.swaps)) if swaps else None
+        # A name is not an identifier: another person may share it (their own account's
+        # snapshots carry it). So it is rewritten only in rows found by the id or the e-mail.
+        self.name = name if name and name.strip() else None
 
     def needles(self) -> list[str]:
-        """What a text must contain to need rewriting (for the SQL that finds the rows), also
-        as it reads inside JSON text (quotes and backslashes escaped)."""
-        plain = [*self.swaps, *self.whole]
+        """What marks a row as about this person (for the SQL that finds the rows): the id and
+        the e-mail, also as they read inside JSON text (quotes and backslashes escaped); never
+        the name alone (see ``name``)."""
+        plain = [*(v for v in self.swaps if v != self.name), *self.whole]
         return sorted({*plain, *(json.dumps(v, ensure_ascii=False)[1:-1] for v in plain)})
 
     def text(self, value: str | None) -> str | None:
