@@ -365,10 +365,15 @@ class RedisRateLimiter:
         self.metrics.ratelimit_fallbacks.inc()
         return self.fallback.hit_now(user_id, limit_per_minute)
 
+    def _lease_cap(self, limit: int) -> int:
+        """The most cells one lease may hold for this limit: ``lease`` and limit/20; below 2,
+        this limit is never leased (every request goes to Redis)."""
+        return min(self.lease, limit // LEASE_SHARE)
+
     def _want(self, lease: _Lease | None, limit: int, now: float) -> int:
         """Cells to ask for: 1 for a user not seen lately; doubled when the last lease was spent
-        before it expired, halved when it expired unspent; at most ``lease`` and limit/20."""
-        cap = min(self.lease, limit // LEASE_SHARE)
+        before it expired, halved when it expired unspent; at most ``_lease_cap``."""
+        cap = self._lease_cap(limit)
         if cap < 2:
             return 1
         if lease is None or lease.limit != limit:
@@ -433,7 +438,7 @@ class RedisRateLimiter:
         if isinstance(tat, bytes):
             tat = tat.decode()
         self.fallback.seed(user_id, float(tat))
-        if self.lease >= 2 and limit // LEASE_SHARE >= 2:
+        if self._lease_cap(limit) >= 2:
             granted = int(reply[5]) if len(reply) > 5 else int(bool(allowed))
             self._remember(user_id, _Lease(limit, want, max(0, granted - 1), now + self.lease_seconds,
                                            int(remaining), int(reset_ms)))
