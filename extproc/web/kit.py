@@ -45,6 +45,7 @@ from .sessions import (
     WebSession,
     admin_from_credential,
     pre_session,
+    printable,
     read_session,
     set_cookie,
 )
@@ -423,13 +424,13 @@ def connecting_address(request: web.Request) -> str:
 
 
 def client_ip(request: web.Request) -> str:
-    """The audit log's source address: the TCP peer, plus what the proxy says it forwarded
-    for (Envoy passes X-Forwarded-For through; only the peer is not client-controlled)."""
+    """The audit log's source address: the TCP peer, plus X-Forwarded-For as it arrived (what
+    the client wrote, then the address Envoy appended; ``connecting_address`` is the one hop a
+    client cannot choose)."""
     peer = request.remote or "unknown"
     forwarded = request.headers.get("x-forwarded-for", "").strip()
     if forwarded:
-        forwarded = "".join(c for c in forwarded if c.isprintable())[:200]
-        return f"{forwarded} via {peer}"
+        return f"{printable(forwarded, 200) or ''} via {peer}"
     return peer
 
 

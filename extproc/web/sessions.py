@@ -150,7 +150,9 @@ def read_session(signer: Signer, audience: str, request: web.Request, cookie: st
     return None if verified is None else verified.get(audience)
 
 
-def _printable(text: str | None, limit: int) -> str | None:
+def printable(text: str | None, limit: int) -> str | None:
+    """Client-written text fit to store and show: control characters dropped, at most ``limit``
+    characters; None when nothing is left."""
     if not text:
         return None
     return "".join(c for c in text if c.isprintable())[:limit] or None
@@ -166,8 +168,8 @@ async def open_session(pool: asyncpg.Pool, kind: str, session: WebSession, *, so
         await conn.execute(
             "INSERT INTO web_sessions (sid_sha256, kind, subject, created_at, last_used_at, expires_at,"
             " source_ip, user_agent) VALUES ($1, $2, $3, $4, $4, $5, $6, $7)",
-            sid_hash(session.sid), kind, session.subject, now, expires, _printable(source_ip, 300),
-            _printable(user_agent, MAX_USER_AGENT))
+            sid_hash(session.sid), kind, session.subject, now, expires, printable(source_ip, 300),
+            printable(user_agent, MAX_USER_AGENT))
 
 
 async def session_alive(pool: asyncpg.Pool, kind: str, session: WebSession, now: datetime) -> bool:
