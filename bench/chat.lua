@@ -43,7 +43,8 @@ function init(args)
   local path = os.getenv("BENCH_TOKENS_FILE")
   ratio = tonumber(os.getenv("BENCH_STREAM_RATIO") or "0") or 0
   local chunks = tonumber(os.getenv("BENCH_STREAM_CHUNKS") or "3") or 3
-  STREAM_BODY = '{"model":"gpt-4o-mini","stream":true,"x_test":{"chunks":' .. chunks .. '},'
+  -- max_tokens: a bounded stream, which the gate hands to Envoy (docs/streams.md)
+  STREAM_BODY = '{"model":"gpt-4o-mini","stream":true,"max_tokens":256,"x_test":{"chunks":' .. chunks .. '},'
     .. '"messages":[{"role":"user","content":'
     .. '"Say hello to the Solaris benchmark in one short sentence, please."}]}'
   math.randomseed(os.time() + (thread_id or 0))

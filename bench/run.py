@@ -7,7 +7,10 @@
 
 The processors run on uvloop (GATE_EVENT_LOOP's default); `noop-asyncio` and `gate-asyncio` are the
 same stacks on asyncio's standard loop, to compare the loops within one run (--mode), and
-`gate-nolease` is the gate with one Redis call per request (GATE_RATE_LIMIT_LEASE=0).
+`gate-nolease` is the gate with one Redis call per request (GATE_RATE_LIMIT_LEASE=0), and
+`gate-chunks` the gate reading every stream's chunks itself (GATE_STREAM_USAGE=processor; the
+default hands bounded streams to Envoy, docs/streams.md). Streamed requests carry max_tokens
+(bounded, as SDK clients send them); the no-op's Envoy has no SSE usage filter or access log.
 
 Each stack runs three passes of POST /v1/chat/completions, rotating over --users users' JWTs:
   throughput  --concurrency connections flat out (closed loop): requests/s, p50, p99
@@ -65,23 +68,27 @@ ROOT = BENCH.parent
 LUA = BENCH / "chat.lua"
 # SSE chunks per streamed answer (--stream-chunks), read by both load generators.
 STREAM_CHUNKS = [3]
+# Streamed requests bound their answers, as SDK clients do (and bench/chat.lua's body says).
+STREAM_MAX_TOKENS = 256
 UPSTREAM = ROOT / "tests" / "support" / "upstream.py"
 PATH = "/v1/chat/completions"
 PROMPT = "Say hello to the Solaris benchmark in one short sentence, please."
-SCENARIOS = ("direct", "noop-asyncio", "noop", "gate-asyncio", "gate-nolease", "gate")
+SCENARIOS = ("direct", "noop-asyncio", "noop", "gate-asyncio", "gate-nolease", "gate-chunks", "gate")
 DEFAULT_SCENARIOS = ("direct", "noop", "gate")
 LABELS = {"direct": "(a) envoy direct", "noop": "(b) envoy + noop", "gate": "(c) envoy + gate",
           "noop-asyncio": "(b) noop, asyncio", "gate-asyncio": "(c) gate, asyncio",
-          "gate-nolease": "(c) gate, no lease"}
+          "gate-nolease": "(c) gate, no lease", "gate-chunks": "(c) gate, chunks"}
 # The variants' settings (the processors' environment) on top of the defaults.
 SCENARIO_ENV = {"noop-asyncio": {"GATE_EVENT_LOOP": "asyncio"}, "gate-asyncio": {"GATE_EVENT_LOOP": "asyncio"},
-                "gate-nolease": {"GATE_RATE_LIMIT_LEASE": "0"}}
+                "gate-nolease": {"GATE_RATE_LIMIT_LEASE": "0"},
+                "gate-chunks": {"GATE_STREAM_USAGE": "processor"}}
 # Short names in the ratios: c/b is the issue's figure (gate over the four-message no-op).
 KEYS = {"direct": "a", "noop-asyncio": "b_asyncio", "noop": "b", "gate-asyncio": "c_asyncio",
-        "gate-nolease": "c_nolease", "gate": "c"}
+        "gate-nolease": "c_nolease", "gate-chunks": "c_chunks", "gate": "c"}
 RATIO_PAIRS = (("c", "b"), ("c", "a"), ("b", "a"), ("c_asyncio", "b_asyncio"), ("c_asyncio", "a"),
                ("b_asyncio", "a"), ("c", "b_asyncio"), ("c", "c_asyncio"), ("b", "b_asyncio"),
-               ("c_nolease", "b"), ("c", "c_nolease"))
+               ("c_nolease", "b"), ("c", "c_nolease"), ("c_chunks", "b"), ("c_chunks", "a"),
+               ("c", "c_chunks"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 COMPONENTS = ("processors", "envoy", "upstream", "postgres", "redis", "loadgen")
 GOAL_THROUGHPUT = 0.70  # c >= 70 % of b
@@ -227,7 +234,8 @@ class PythonLoad:
         import aiohttp
 
         bodies = [json.dumps({"model": "gpt-4o-mini",
-                              **({"stream": True, "x_test": {"chunks": STREAM_CHUNKS[0]}} if s else {}),
+                              **({"stream": True, "max_tokens": STREAM_MAX_TOKENS,
+                                  "x_test": {"chunks": STREAM_CHUNKS[0]}} if s else {}),
                               "messages": [{"role": "user", "content": PROMPT}]}).encode()
                   for s in (False, True)]
         headers = [{"Content-Type": "application/json", "Authorization": f"Bearer {t}"}
@@ -497,7 +505,8 @@ class Bench:
         envoy = devstack.Envoy(
             self.workdir / f"envoy-{name}", upstream=upstream,
             extproc=[("127.0.0.1", p.grpc_port) for p in procs] if procs else None,
-            http=http, concurrency=self.args.envoy_concurrency)
+            http=http, concurrency=self.args.envoy_concurrency,
+            stream_usage=name.startswith("gate"))
         self.stack.callback(envoy.stop)
         envoy.start(timeout=60)
         stack = Stack(name, procs, envoy)
@@ -1053,7 +1062,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="all",
                    help="direct, noop, gate, noop-asyncio, gate-asyncio (the same on asyncio's loop), "
-                        "gate-nolease (one Redis call per request), or a comma-separated list; "
+                        "gate-nolease (one Redis call per request), gate-chunks (every stream's "
+                        "chunks through the processor), or a comma-separated list; "
                         "default (all): direct, noop, gate")
     p.add_argument("--processors", type=int, default=1, help="processor processes per stack (b, c)")
     p.add_argument("--users", type=int, default=100, help="distinct users (JWTs) the load rotates over")

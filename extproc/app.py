@@ -15,6 +15,7 @@ import asyncpg
 import grpc
 import redis.asyncio as aioredis
 from aiohttp import web
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.asyncio.retry import Retry
@@ -23,6 +24,7 @@ from redis.backoff import NoBackoff
 from . import web as webapp
 from .alerts import AlertWorker
 from .gate import usage
+from .gate.access_log import StreamLog
 from .gate.decisions import Gate
 from .gate.envoy import NoopProcessor, Processor
 from .identity import Authenticator
@@ -50,6 +52,8 @@ class Service:
         self.redis: aioredis.Redis | None = None
         self.ledger: Ledger | None = None
         self.gate: Gate | None = None
+        self.processor: Processor | None = None
+        self.stream_log: StreamLog | None = None
         self.authenticator: Authenticator | None = None
         self.spool = Spool(settings.spool_dir)
         self.grpc_server: grpc.aio.Server | None = None
@@ -94,7 +98,8 @@ class Service:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # Not fatal: /readyz reports why (e.g. migrations pending) and the loop retries.
                 log.error("start-up maintenance failed: %s", exc)
-            servicer: pb_grpc.ExternalProcessorServicer = Processor(self.gate)
+            self.processor = Processor(self.gate)
+            servicer: pb_grpc.ExternalProcessorServicer = self.processor
         else:
             servicer = NoopProcessor()
         server = grpc.aio.server(options=[
@@ -103,6 +108,10 @@ class Service:
             ("grpc.so_reuseport", 1),
         ])
         pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+        if self.gate is not None:
+            # The settles of streams handed to Envoy arrive as its access-log entries.
+            self.stream_log = StreamLog(self.gate)
+            als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.stream_log, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.grpc_port = server.add_insecure_port(f"0.0.0.0:{s.grpc_port}")
         await server.start()
@@ -126,7 +135,11 @@ class Service:
         """Graceful: stop taking streams, let in-flight ones finish (bounded), settle, exit."""
         await self.health.enter_graceful_shutdown()
         if self.grpc_server is not None:
-            await self.grpc_server.stop(grace)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            # Still taking streams meanwhile: Envoy may open a new log stream for the entries.
+            await self._await_handed_off(deadline)
+            await self.grpc_server.stop(max(deadline - loop.time(), 0.1))
         if self.gate is not None and self.gate.tasks:
             await asyncio.wait(set(self.gate.tasks), timeout=grace)
         if self.alerts is not None:
@@ -150,6 +163,22 @@ class Service:
         # Last: settles still finishing above may spool. Off the loop, since close() waits
         # for the spool's lock (a worker thread may be mid-append). A later use reopens it.
         await asyncio.to_thread(self.spool.close)
+
+    async def _await_handed_off(self, deadline: float) -> None:
+        """Streams handed to Envoy (gate.handoff) settle when Envoy's access log brings their
+        end: wait (until the loop's clock reads ``deadline``) for the ext_proc streams in
+        progress to end and for the entries of this process's handoffs, then end Envoy's log
+        streams (the gRPC server would wait for them: Envoy never ends them)."""
+        if self.gate is None or self.processor is None or self.stream_log is None:
+            return
+        loop = asyncio.get_running_loop()
+        # Polled: two counters that many places change, once at shutdown.
+        while (self.processor.active or self.gate.handed) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if self.gate.handed:
+            log.warning("stopping with %d handed-off stream(s) not yet settled: the sweep charges "
+                        "their reservations", len(self.gate.handed))
+        self.stream_log.close()
 
     # ------------------------------------------------------------ background work
 

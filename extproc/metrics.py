@@ -43,6 +43,12 @@ class Metrics:
         self.stream_chunks = Counter(
             "solaris_stream_chunks_total", "SSE chunks of admitted answers passed through.",
             registry=r)
+        self.handoffs = Counter(
+            "solaris_stream_handoffs_total",
+            "Streams whose usage Envoy reads (docs/streams.md), by event: handed (the processor "
+            "let the chunks pass), settled (from the access log, with usage), no_usage (settled "
+            "by the reservation), unreadable (an entry that was not the processor's).",
+            ["event"], registry=r)
         self.settle_backlog = Gauge(
             "solaris_settle_backlog",
             "Settles handed over and not yet committed (bounded: past the limit, replies wait).",

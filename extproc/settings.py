@@ -109,6 +109,11 @@ FIELDS: list[tuple[str, str, str]] = [
      "Event loop of `extproc serve`: `uvloop` (libuv's: lower latency at low and moderate load; "
      "asyncio's, with a warning in the log, when uvloop is not installed) or `asyncio` (the "
      "standard library's: 5-8 % more requests per core at saturation)."),
+    ("GATE_STREAM_USAGE", "stream_usage",
+     "Who reads a streamed Chat Completions or Completions answer's usage: `envoy` (Envoy's "
+     "sse_to_metadata filter; the chunks pass without waiting on the processor, which settles "
+     "from Envoy's access log; only for answers whose length the request bounds, docs/streams.md) "
+     "or `processor` (every chunk through the processor, as for every other stream)."),
     ("STRIPE_SECRET_KEY", "stripe_secret_key", "Stripe API key; billing is on only when both Stripe keys are set."),
     ("STRIPE_WEBHOOK_SECRET", "stripe_webhook_secret", "Stripe webhook signing secret."),
     ("STRIPE_API_BASE", "stripe_api_base", "Override of Stripe's API base URL (tests)."),
@@ -200,6 +205,7 @@ class Settings:
     open_paths: str = ""
     log_level: str = "INFO"
     event_loop: str = "uvloop"
+    stream_usage: str = "envoy"
     stripe_secret_key: str = ""
     stripe_webhook_secret: str = ""
     stripe_api_base: str = ""
@@ -245,6 +251,8 @@ class Settings:
             raise ValueError("GATE_RATE_LIMIT_LEASE must be >= 0")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ValueError("GATE_EVENT_LOOP must be uvloop or asyncio")
+        if self.stream_usage not in ("envoy", "processor"):
+            raise ValueError("GATE_STREAM_USAGE must be envoy or processor")
         if not 0 < self.conversion_factor <= 10:
             raise ValueError("GATE_CONVERSION_FACTOR must be in (0, 10]")
         if self.jwks_url and not self.jwt_audience:

@@ -151,14 +151,14 @@ class Envoy:
                  extproc: Sequence[tuple[str, int]] | None, http: tuple[str, int],
                  listen_port: int | None = None, admin_port: int | None = None,
                  concurrency: int = 2, health_check: bool = True, language: str = "pt-BR",
-                 template: Path | None = None) -> None:
+                 template: Path | None = None, stream_usage: bool = True) -> None:
         self.workdir = workdir
         self.listen_port = listen_port or free_port()
         self.admin_port = admin_port or free_port()
         config = envoy_config.render(
             listen_port=self.listen_port, admin_port=self.admin_port, extproc=extproc,
             upstream=upstream, http=http, template=template, health_check=health_check,
-            language=language)
+            language=language, stream_usage=stream_usage)
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = envoy_config.write(config, workdir / f"envoy-{self.listen_port}.yaml")
         self.log_path = workdir / f"envoy-{self.listen_port}.log"

@@ -40,9 +40,12 @@ def render(
     template: Path | None = None,
     health_check: bool = True,
     language: str = "pt-BR",
+    stream_usage: bool = True,
 ) -> dict[str, Any]:
     """The configuration with the given ports. ``extproc=None`` removes the ext_proc filter
-    (the benchmark's "Envoy direct" baseline). ``template``: default, the package's own."""
+    (the benchmark's "Envoy direct" baseline); ``stream_usage=False`` (implied by it) removes
+    what reads handed-off streams, the SSE usage filter and the access log (the benchmark's
+    no-op reference stays the one of before). ``template``: default, the package's own."""
     template = template or Settings().envoy_template_path()
     config = copy.deepcopy(yaml.safe_load(template.read_text()))
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
@@ -54,6 +57,10 @@ def render(
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     clusters["litellm"]["load_assignment"]["endpoints"] = _endpoints([upstream])
     clusters["extproc_http"]["load_assignment"]["endpoints"] = _endpoints([http])
+    if extproc is None or not stream_usage:
+        hcm.pop("access_log", None)
+        hcm["http_filters"] = [f for f in hcm["http_filters"]
+                               if f["name"] != "envoy.filters.http.sse_to_metadata"]
     if extproc is None:
         hcm["http_filters"] = [f for f in hcm["http_filters"]
                                if f["name"] != "envoy.filters.http.ext_proc"]

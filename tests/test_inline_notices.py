@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support.gate import CHAT, balance, chat, ledger_sums, open_account, post, settled, usage_entries
+from support.gate import CHAT, balance, chat, handoffs, ledger_sums, open_account, post, settled, usage_entries
 from support.stack import GATE_KEY
 
 from extproc.gate import notices
@@ -54,7 +54,7 @@ def notice(threshold: int, left: int) -> str:
 
 def spend(prompt: int, completion: int, steer: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """A chat body whose answer reports this usage; ``steer``: more of the upstream's x_test."""
-    return chat(max_tokens=50, x_test={"prompt": prompt, "completion": completion, **(steer or {})}, **extra)
+    return chat(x_test={"prompt": prompt, "completion": completion, **(steer or {})}, **{"max_tokens": 50, **extra})
 
 
 async def ask(http, envoy, auth, user, service, body: dict[str, Any], path: str = CHAT) -> dict[str, Any]:
@@ -163,19 +163,20 @@ async def test_streamed_answers_get_one_notice_event_before_done(
 
 async def test_only_the_stream_due_a_notice_leaves_the_fast_path(
         http, envoy, service, auth, user, settings, notices_on):
-    """The adapter's per-chunk fast path (counted by solaris_stream_chunks_total) serves
-    every stream but the one answer that carries a notice."""
+    """Bounded streams are handed to Envoy (docs/streams.md: no chunk reaches the processor;
+    unbounded ones take the adapter's per-chunk fast path, tests/test_stream_handoff.py); the
+    one answer that carries a notice is not: the processor rewrites its end."""
     await small_account(service, user, settings)
     chunks = service.gate.metrics.stream_chunks
 
-    async def fast_chunks(prompt: int, completion: int) -> float:
-        before = chunks._value.get()
+    async def path(prompt: int, completion: int) -> tuple[float, float]:
+        before, handed = chunks._value.get(), handoffs(service, "handed")
         await ask_stream(http, envoy, auth, user, service, spend(prompt, completion))
-        return chunks._value.get() - before
+        return chunks._value.get() - before, handoffs(service, "handed") - handed
 
-    assert await fast_chunks(700, 100) > 0   # crosses 80 %: nothing due yet
-    assert await fast_chunks(10, 5) == 0     # carries the notice
-    assert await fast_chunks(10, 5) > 0
+    assert await path(700, 100) == (0, 1)    # crosses 80 %: nothing due yet; handed to Envoy
+    assert await path(10, 5) == (0, 0)       # carries the notice
+    assert await path(10, 5) == (0, 1)
 
 
 async def test_a_stream_without_usage_is_charged_without_the_notice_text(

@@ -17,13 +17,13 @@ from typing import Any
 
 from .. import accounting
 from ..errors import GateError, Messages
-from ..identity import Authenticator, IdentityError
+from ..identity import Authenticator, Identity, IdentityError
 from ..ledger import Admission, Ledger, LedgerUnavailable, Usage
 from ..metrics import Metrics
 from ..ratelimit import PlanLimits, RateLimiter
 from ..settings import Settings
 from ..spool import Spool
-from . import billable, notices
+from . import billable, handoff, notices
 from .exchange import Exchange
 from .replies import CONTINUE, Continue, Refuse, Reply
 from .translators import BY_PATH, Limits
@@ -39,6 +39,9 @@ STEERING_HEADER_PREFIX = "x-litellm-"
 # Settles run after the reply; beyond this many not yet committed, replies wait for theirs
 # (backpressure: the backlog, and with it what a crash could leave to the sweep, is bounded).
 MAX_PENDING_SETTLES = 256
+# Handed-off streams remembered for a graceful stop; past this, the oldest are forgotten (with
+# several processors, an entry may come back to another one and never clear here).
+MAX_HANDED_TRACKED = 100_000
 # An in-chat notice's claim holds its answer's last chunk: past this, the answer goes out
 # without the notice (Envoy gives each ext_proc message 1 s; a notice is never worth a reset).
 NOTICE_CLAIM_TIMEOUT_SECONDS = 0.5
@@ -91,6 +94,9 @@ class Gate:
                                       settings.max_completion_tokens, settings.server_context_tokens)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pending_settles = 0
+        # Streams this process handed to Envoy whose access-log entry has not come back here
+        # yet (exchange id -> when): a graceful stop waits for them (gate.handoff).
+        self.handed: dict[str, float] = {}
         credentials = upstream_credentials(settings.upstream_api_key, settings.jwt_header)
         # The body the gate priced is read as JSON, so the upstream must read it as JSON too:
         # LiteLLM parses a form-encoded body as a form, where "&model=..." hidden in a JSON
@@ -293,8 +299,10 @@ class Gate:
             ex.notice = notices.due(ex.account)
         self.decide(ex, "allowed" if admission is not None else "allowed_fail_open")
         s = self.settings
-        if not ex.translator.mutate(body, stream=ex.stream, enforce_limit=s.enforce_max_tokens,
-                                    default_completion=s.default_completion_tokens):
+        changed = ex.translator.mutate(body, stream=ex.stream, enforce_limit=s.enforce_max_tokens,
+                                       default_completion=s.default_completion_tokens)
+        ex.bounded = any(body.get(k) is not None for k in billable.MAX_TOKEN_KEYS)
+        if not changed:
             return CONTINUE
         try:
             new_body = json.dumps(body, ensure_ascii=False).encode()
@@ -330,6 +338,10 @@ class Gate:
         if ex.notice and (end_of_stream or not 200 <= ex.status < 300):
             ex.notice = 0  # never on an error, nor on an empty answer
         if content_type.startswith("text/event-stream"):
+            if not ex.notice and not end_of_stream and self._hand_off(ex):
+                # Envoy reads the usage and the access log brings it back (gate.handoff): the
+                # chunks no longer wait on this process.
+                return Continue(set_headers=rate, metadata=handoff.fields(ex), done=True)
             ex.tap = StreamTap(self._usage_cap(ex))
             ex.plain_stream = not ex.notice
             if end_of_stream:
@@ -344,6 +356,48 @@ class Gate:
         if end_of_stream:  # no body at all
             self._finish(ex)
         return Continue(set_headers=rate)
+
+    def _hand_off(self, ex: Exchange) -> bool:
+        """Give this admitted SSE answer's settle to Envoy's access log, when it qualifies."""
+        assert ex.translator is not None
+        if self.settings.stream_usage != "envoy" or not handoff.qualifies(
+                status=ex.status, bounded=ex.bounded, usage_last=ex.translator.asks_for_stream_usage,
+                admitted_by_ledger=ex.account is not None):
+            return False
+        ex.closed = ex.handed_off = True  # this stream's end settles nothing
+        if len(self.handed) >= MAX_HANDED_TRACKED:
+            del self.handed[next(iter(self.handed))]  # the oldest: its entry went elsewhere
+        self.handed[ex.exchange_id] = time.monotonic()
+        if ex.reserved:
+            self.metrics.reservations_held.dec()
+        self.metrics.handoffs.labels("handed").inc()
+        return True
+
+    def settle_logged(self, metadata: Mapping[str, Any], *, status: int, cut: bool) -> asyncio.Task[Any] | None:
+        """Settle a handed-off stream from its access-log entry (its dynamic metadata, status and
+        whether it was cut): Envoy's reading of the usage event, else the rules of ``_observed``
+        for a stream without usage (the request was bounded: the reservation covers whatever
+        output went out). None for an entry that is not a handed-off exchange."""
+        handed = handoff.handed(metadata)
+        if handed is None:
+            self.metrics.handoffs.labels("unreadable").inc()
+            log.warning("access-log entry without a handed-off exchange: ignored")
+            return None
+        self.handed.pop(handed.exchange_id, None)
+        observed = handoff.observed(metadata, max(self.settings.max_usage_tokens, handed.estimate))
+        ex = Exchange(exchange_id=handed.exchange_id, identity=Identity(user_id=handed.user_id),
+                      request_id=handed.request_id, model=handed.model, estimate=handed.estimate,
+                      prompt_estimate=handed.prompt_estimate, prompt_chars=handed.prompt_chars,
+                      status=status, stream=True, admitted=True, closed=True, handed_off=True)
+        if observed is None:
+            charge = accounting.unreported_charge(
+                status=status, abandoned=cut, prompt_estimate=handed.prompt_estimate,
+                estimate=handed.estimate, counted_output=0)
+            if charge is not None:
+                observed = Observed(charge.prompt_tokens, charge.completion_tokens, charge.flags)
+        self.metrics.handoffs.labels("settled" if observed is None or "no_usage" not in observed.flags
+                                     else "no_usage").inc()
+        return self.spawn(self._close(ex, self._usage(ex, observed)))
 
     async def response_body(self, ex: Exchange, chunk: bytes, end_of_stream: bool) -> Reply:
         if not ex.admitted or ex.closed:
@@ -499,17 +553,20 @@ class Gate:
     def _finish(self, ex: Exchange, abandoned: bool = False) -> tuple[asyncio.Task[Any], Usage | None]:
         """Close the exchange once: settle what it cost, or release its hold, in a task."""
         ex.closed = True
-        observed = self._observed(ex, abandoned)
-        usage: Usage | None = None
-        if observed is not None:
-            assert ex.identity is not None
-            self.metrics.settles.labels("counted" if "no_usage" in observed.flags else "usage").inc()
-            usage = Usage(
-                exchange_id=ex.exchange_id, user_id=ex.identity.user_id, model=ex.model,
-                request_id=ex.request_id, prompt_tokens=observed.prompt_tokens,
-                completion_tokens=observed.completion_tokens, estimate=ex.estimate,
-                prompt_chars=ex.prompt_chars, flags=observed.flags, email=ex.identity.email)
+        usage = self._usage(ex, self._observed(ex, abandoned))
         return self.spawn(self._close(ex, usage)), usage
+
+    def _usage(self, ex: Exchange, observed: Observed | None) -> Usage | None:
+        """The settle of what was observed; None for "release without debit"."""
+        if observed is None:
+            return None
+        assert ex.identity is not None
+        self.metrics.settles.labels("counted" if "no_usage" in observed.flags else "usage").inc()
+        return Usage(
+            exchange_id=ex.exchange_id, user_id=ex.identity.user_id, model=ex.model,
+            request_id=ex.request_id, prompt_tokens=observed.prompt_tokens,
+            completion_tokens=observed.completion_tokens, estimate=ex.estimate,
+            prompt_chars=ex.prompt_chars, flags=observed.flags, email=ex.identity.email)
 
     def abandon(self, ex: Exchange) -> None:
         """The stream ended before the response did (client abort, Envoy reset, upstream

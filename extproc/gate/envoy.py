@@ -4,7 +4,8 @@ Envoy's messages (header and body mutations, immediate responses, mode overrides
 
 request headers  -> route check, identity (401), rate limit (429)
 request body     -> parse, estimate, admit/reserve in the ledger (402/403/503), body mutation
-response headers -> JSON stays buffered; text/event-stream switches to STREAMED (mode_override)
+response headers -> JSON stays buffered; text/event-stream switches to STREAMED (mode_override),
+                    or is handed to Envoy (gate.handoff: no body messages, dynamic metadata)
 response body    -> read usage and settle exactly once (the exchange id is minted here); the
                     rare answer due an in-chat notice is rewritten, the others pass unchanged
 """
@@ -24,6 +25,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
 from ..errors import GateError
+from . import handoff
 from .decisions import Gate
 from .exchange import Exchange
 from .replies import Continue, Refuse, Reply
@@ -76,6 +78,8 @@ def _build(phase: str, reply: Continue) -> pb.ProcessingResponse:
         message = pb.ProcessingResponse(**{phase: pb.HeadersResponse(response=common)})
     else:
         message = pb.ProcessingResponse(**{phase: pb.BodyResponse(response=common)})
+    if reply.metadata:
+        message.dynamic_metadata.update({handoff.NAMESPACE: dict(reply.metadata)})
     if reply.stream_response:
         message.mode_override.CopyFrom(STREAM_RESPONSE_BODY)
     elif reply.done:
@@ -95,8 +99,8 @@ class MessageCache:
     def of(self, phase: str, reply: Reply) -> pb.ProcessingResponse:
         if isinstance(reply, Refuse):
             return immediate(reply.error)
-        if reply.body is not None:
-            return _build(phase, reply)
+        if reply.body is not None or reply.metadata:
+            return _build(phase, reply)  # one exchange's own: never repeats
         key = (phase, reply)
         message = self._built.get(key)
         if message is None:
@@ -122,6 +126,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         observe = gate.metrics.phase_latency
         self._timers = {p: observe.labels(p) for p in (*PHASES, "other")}
         self._chunks = gate.metrics.stream_chunks
+        self.active = 0  # ext_proc streams in progress (a graceful stop waits for them)
 
     async def _dispatch(self, ex: Exchange, phase: str, req: pb.ProcessingRequest) -> Reply | None:
         gate = self.gate
@@ -141,6 +146,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         gate = self.gate
         ex = Exchange()
         chunks = self._chunks
+        self.active += 1
         try:
             async for req in request_iterator:
                 phase = req.WhichOneof("request") or "other"
@@ -180,6 +186,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                     if message.HasField("immediate_response"):
                         return
         finally:
+            self.active -= 1
             gate.abandon(ex)
 
 

@@ -18,6 +18,9 @@ class Continue:
     body: bytes | None = None     # a replacement body (request body phase)
     stream_response: bool = False  # the response body streams through from now on (SSE)
     done: bool = False             # nothing more of this exchange to see (pass-through)
+    # Envoy dynamic metadata for the rest of the exchange (gate.handoff: a stream whose usage
+    # Envoy reads); (key, value) pairs under handoff.NAMESPACE.
+    metadata: tuple[tuple[str, str | int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

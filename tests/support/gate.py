@@ -39,11 +39,19 @@ async def post(http: aiohttp.ClientSession, envoy: Envoy, headers: dict[str, str
     return result
 
 
-async def settled(service: Service) -> None:
-    """Settles run right after the reply (the last chunk, the buffered body): wait for them."""
+def handoffs(service: Service, event: str) -> float:
+    """The gate's count of streams handed to Envoy (docs/streams.md), by event."""
     assert service.gate is not None
-    for _ in range(200):
-        if not service.gate.tasks:
+    return service.gate.metrics.handoffs.labels(event)._value.get()
+
+
+async def settled(service: Service) -> None:
+    """Settles run right after the reply (the last chunk, the buffered body), or when Envoy's
+    access log brings a handed-off stream's end (up to its 0.1 s flush): wait for them."""
+    assert service.gate is not None
+    for _ in range(300):
+        logged = handoffs(service, "settled") + handoffs(service, "no_usage")
+        if not service.gate.tasks and logged >= handoffs(service, "handed"):
             return
         await asyncio.sleep(0.01)
 

@@ -1,0 +1,114 @@
+"""A stream handed to Envoy: the rule for which answers qualify, what the processor leaves in
+Envoy's dynamic metadata for the settle, and how that settle reads it back (docs/streams.md).
+
+A plain SSE answer is the gate's costliest exchange: every chunk is an ext_proc message that
+waits on the processor, only for the processor to keep a copy and read the usage event at the
+end. When the usage is the small last event of the stream (Chat Completions, Completions) and
+the request bounds the answer's length, Envoy can do that reading itself: its sse_to_metadata
+filter writes the usage event's numbers into ``USAGE_NAMESPACE``, the processor answers the
+response headers with "no body" plus the exchange's fields in ``NAMESPACE``, and Envoy's
+access log (gRPC, to the processor) carries both when the stream ends. The settle is the same
+exactly-once ``Ledger.settle`` keyed by the exchange id the processor minted.
+
+Pure values here; Envoy's protocols are ``gate.envoy`` (ext_proc) and ``gate.access_log``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .usage import Observed, read_usage
+
+# Dynamic metadata namespaces: the processor writes NAMESPACE (ext_proc receiving namespace),
+# Envoy's sse_to_metadata writes USAGE_NAMESPACE; envoy.yaml names both.
+NAMESPACE = "solaris.exchange"
+USAGE_NAMESPACE = "solaris.usage"
+# What the access log needs to settle without the processor that admitted the exchange (it may
+# be another process): identifiers and numbers, never a credential or an e-mail address.
+FIELDS = ("exchange_id", "user_id", "model", "request_id", "estimate", "prompt_estimate", "prompt_chars")
+
+
+@dataclass(frozen=True)
+class Handed:
+    """One handed-off exchange as its access-log entry describes it."""
+
+    exchange_id: str
+    user_id: str
+    model: str | None
+    request_id: str | None
+    estimate: int
+    prompt_estimate: int
+    prompt_chars: int
+
+
+def qualifies(*, status: int, bounded: bool, usage_last: bool, admitted_by_ledger: bool) -> bool:
+    """Whether Envoy may read this stream's usage instead of the processor.
+
+    * ``status`` 2xx: an error answer with output is charged by the output seen (accounting.
+      unreported_charge), which only the processor can count.
+    * ``bounded``: the request carries a max-token limit (the client's, or the one the gate wrote
+      under GATE_ENFORCE_MAX_TOKENS). A stream cut before its usage event is then charged its
+      reservation, which covers any output; without a limit the processor must count the output
+      seen, since it may exceed the reservation.
+    * ``usage_last``: the schema reports usage in a small last event (Chat Completions,
+      Completions), not inside a final event that repeats the whole answer (Responses).
+    * ``admitted_by_ledger``: the account exists (a fail-open admission's settle may have to
+      open it, with the e-mail the metadata never carries).
+    """
+    return 200 <= status < 300 and bounded and usage_last and admitted_by_ledger
+
+
+def fields(ex: Any) -> tuple[tuple[str, str | int], ...]:
+    """The metadata the processor leaves for the settle (``ex``: a gate.exchange.Exchange)."""
+    values = {"exchange_id": ex.exchange_id, "user_id": ex.identity.user_id, "model": ex.model or "",
+              "request_id": ex.request_id or "", "estimate": ex.estimate,
+              "prompt_estimate": ex.prompt_estimate, "prompt_chars": ex.prompt_chars}
+    return tuple((name, values[name]) for name in FIELDS)
+
+
+def _integral(value: Any) -> Any:
+    """A metadata number (Envoy's metadata numbers are doubles) as the integer it stands for;
+    anything else unchanged, for the caller's own checks to refuse."""
+    if isinstance(value, float) and math.isfinite(value) and value == int(value) and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
+def _count(value: Any) -> int | None:
+    """A non-negative integer from metadata, else None."""
+    value = _integral(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def handed(metadata: Mapping[str, Any]) -> Handed | None:
+    """The exchange behind an access-log entry, or None when the entry is not one the processor
+    handed off (or its fields are not what the processor wrote)."""
+    values = metadata.get(NAMESPACE)
+    if not isinstance(values, Mapping):
+        return None
+    exchange_id, user_id = values.get("exchange_id"), values.get("user_id")
+    numbers = [_count(values.get(name)) for name in ("estimate", "prompt_estimate", "prompt_chars")]
+    if not (isinstance(exchange_id, str) and exchange_id and isinstance(user_id, str) and user_id):
+        return None
+    if any(n is None for n in numbers):
+        return None
+    estimate, prompt_estimate, prompt_chars = (int(n or 0) for n in numbers)
+    model, request_id = values.get("model"), values.get("request_id")
+    return Handed(exchange_id=exchange_id, user_id=user_id,
+                  model=model if isinstance(model, str) and model else None,
+                  request_id=request_id if isinstance(request_id, str) and request_id else None,
+                  estimate=estimate, prompt_estimate=prompt_estimate, prompt_chars=prompt_chars)
+
+
+def observed(metadata: Mapping[str, Any], cap: int) -> Observed | None:
+    """The usage Envoy read from the stream's last usage event, by the same rules as a usage
+    the processor reads (read_usage: integers only, never negative, capped and flagged)."""
+    values = metadata.get(USAGE_NAMESPACE)
+    if not isinstance(values, Mapping) or not values:
+        return None
+    return read_usage({name: _integral(v) for name, v in values.items()}, cap)

@@ -1,0 +1,221 @@
+"""Streams handed to Envoy (GATE_STREAM_USAGE=envoy, docs/streams.md): a bounded Chat
+Completions stream's chunks pass without a message to the processor; Envoy reads the usage
+event and its access log brings the exchange's end back for the settle. Through a real Envoy,
+the processor, PostgreSQL and the fake upstream; the access-log entries are Envoy's own."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
+from multidict import CIMultiDict
+from support.gate import CHAT, balance, chat, handoffs, ledger_sums, post, settled, usage_entries
+
+from extproc.gate import handoff
+from extproc.gate.access_log import StreamLog
+
+
+def chunks_seen(service: Any) -> float:
+    return service.gate.metrics.stream_chunks._value.get()
+
+
+@pytest.fixture
+def processor_reads(service: Any) -> Iterator[None]:
+    """GATE_STREAM_USAGE=processor for one test (the gate reads its settings per exchange)."""
+    before = service.gate.settings
+    service.gate.settings = dataclasses.replace(before, stream_usage="processor")
+    yield
+    service.gate.settings = before
+
+
+async def read_stream(http: aiohttp.ClientSession, envoy: Any, headers: dict[str, str],
+                      body: dict[str, Any]) -> tuple[int, CIMultiDict[str], str]:
+    async with http.post(envoy.url + CHAT, json=body, headers=headers) as resp:
+        return resp.status, CIMultiDict(resp.headers), (await resp.read()).decode()
+
+
+async def test_a_bounded_stream_is_settled_from_envoys_reading(http, envoy, service, upstream, auth, user, settings):
+    chunks, handed = chunks_seen(service), handoffs(service, "handed")
+    status, headers, text = await read_stream(http, envoy, auth(user), chat(
+        stream=True, max_tokens=200, x_test={"prompt": 11, "completion": 22, "chunks": 40}))
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert text.count("data: ") == 42 and "word39" in text and text.endswith("data: [DONE]\n\n")
+    assert "x-ratelimit-remaining-requests" in headers  # the rate headers still come
+    # the chunks never reached the processor; one handoff
+    assert chunks_seen(service) == chunks and handoffs(service, "handed") == handed + 1
+    await settled(service)
+    [entry] = await usage_entries(service, user)
+    assert (entry["prompt_tokens"], entry["completion_tokens"], list(entry["flags"])) == (11, 22, [])
+    assert entry["estimate"] == 6 + 200 and entry["prompt_chars"] == 14
+    account = await balance(service, user)
+    assert account.balance == settings.default_monthly_tokens - 33 and account.reserved == 0
+    bal, reserved, total = await ledger_sums(service, user)
+    assert bal == total and reserved == 0
+
+
+async def test_the_gate_enforcing_max_tokens_makes_a_stream_bounded(http, envoy, service, upstream, auth, user):
+    before = service.gate.settings
+    service.gate.settings = dataclasses.replace(before, enforce_max_tokens=True)
+    try:
+        handed = handoffs(service, "handed")
+        status, _, _ = await read_stream(http, envoy, auth(user), chat(stream=True, x_test={"chunks": 3}))
+    finally:
+        service.gate.settings = before
+    assert status == 200 and handoffs(service, "handed") == handed + 1
+    assert upstream.requests[-1]["body"]["max_tokens"] == before.default_completion_tokens
+    await settled(service)
+    [entry] = await usage_entries(service, user)
+    assert entry["real_tokens"] == 12
+
+
+async def test_unbounded_streams_and_the_processor_setting_keep_the_chunk_path(
+        http, envoy, service, auth, user, processor_reads):
+    """Without a max-token limit the processor must count the output a cut stream showed (it may
+    exceed the reservation); GATE_STREAM_USAGE=processor keeps every stream on that path."""
+    handed = handoffs(service, "handed")
+    for body in (chat(stream=True, x_test={"chunks": 5}), chat(stream=True, max_tokens=50, x_test={"chunks": 5})):
+        chunks = chunks_seen(service)
+        status, _, _ = await read_stream(http, envoy, auth(user), body)
+        assert status == 200 and chunks_seen(service) > chunks
+    assert handoffs(service, "handed") == handed
+    await settled(service)
+    assert [e["real_tokens"] for e in await usage_entries(service, user)] == [12, 12]
+
+
+async def test_an_unbounded_stream_is_not_handed_off(http, envoy, service, auth, user):
+    handed, chunks = handoffs(service, "handed"), chunks_seen(service)
+    await read_stream(http, envoy, auth(user), chat(stream=True, x_test={"chunks": 4}))
+    assert handoffs(service, "handed") == handed and chunks_seen(service) > chunks
+
+
+async def test_a_client_leaving_a_handed_off_stream_is_charged_the_reservation(envoy, service, auth, user):
+    """The bounded request's reservation covers any output the model produced; Envoy's entry
+    says the client went away."""
+    async with aiohttp.ClientSession() as own:
+        resp = await own.post(envoy.url + CHAT, headers=auth(user), json=chat(
+            stream=True, max_tokens=300, x_test={"chunks": 30, "chunk_delay": 0.1}))
+        assert resp.status == 200
+        await resp.content.readuntil(b"\n\n")
+        resp.close()
+    for _ in range(100):
+        if await usage_entries(service, user):
+            break
+        await asyncio.sleep(0.05)
+    [entry] = await usage_entries(service, user)
+    assert list(entry["flags"]) == ["no_usage", "abandoned", "reservation"]
+    assert (entry["prompt_tokens"], entry["completion_tokens"]) == (6, 300)
+    assert (await balance(service, user)).reserved == 0
+
+
+async def test_an_upstream_cut_before_the_usage_event_is_charged_the_reservation(http, envoy, service, auth, user):
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.post(envoy.url + CHAT, headers=auth(user), json=chat(
+                stream=True, max_tokens=100, x_test={"chunks": 6, "abort_after": 3, "chunk_delay": 0.1})) as resp:
+            await resp.read()
+    await asyncio.sleep(0.3)
+    await settled(service)
+    [entry] = await usage_entries(service, user)
+    assert "no_usage" in entry["flags"] and "reservation" in entry["flags"]
+    assert entry["completion_tokens"] == 100 and -entry["tokens"] == entry["estimate"]
+
+
+@pytest.mark.parametrize("usage", ["garbled", {"prompt_tokens": 5, "completion_tokens": 2.5},
+                                   {"prompt_tokens": 10**12, "completion_tokens": 1}])
+async def test_usage_envoy_read_is_checked_like_any_usage(http, envoy, service, auth, user, settings, usage):
+    """Non-integers and negatives are never a debit (nor a credit): the reservation is; an
+    absurd number is capped and flagged."""
+    await read_stream(http, envoy, auth(user), chat(stream=True, max_tokens=100, x_test={"usage": usage}))
+    await settled(service)
+    [entry] = await usage_entries(service, user)
+    if isinstance(usage, dict) and usage["prompt_tokens"] == 10**12:
+        assert "capped" in entry["flags"] and entry["real_tokens"] == settings.max_usage_tokens
+    else:
+        assert list(entry["flags"]) == ["no_usage", "reservation"]
+        assert -entry["tokens"] == entry["estimate"]
+
+
+async def test_an_upstream_error_stays_with_the_processor(http, envoy, service, auth, user):
+    handed = handoffs(service, "handed")
+    status, _, _ = await read_stream(http, envoy, auth(user), chat(stream=True, max_tokens=10, x_test={"status": 500}))
+    assert status == 500
+    assert handoffs(service, "handed") == handed
+    await settled(service)
+    assert await usage_entries(service, user) == []  # an error with no output: released
+    assert (await balance(service, user)).reserved == 0
+
+
+# ---------------------------------------------------------------- the access-log side
+
+
+def entry(metadata: dict[str, dict[str, Any]], *, status: int = 200, **flags: bool) -> accesslog_pb2.HTTPAccessLogEntry:
+    common = accesslog_pb2.AccessLogCommon(response_flags=accesslog_pb2.ResponseFlags(**flags))
+    for namespace, values in metadata.items():
+        struct = struct_pb2.Struct()
+        struct.update(values)
+        common.metadata.filter_metadata[namespace].CopyFrom(struct)
+    return accesslog_pb2.HTTPAccessLogEntry(
+        common_properties=common,
+        response=accesslog_pb2.HTTPResponseProperties(response_code=wrappers_pb2.UInt32Value(value=status)))
+
+
+async def test_a_repeated_entry_settles_once_and_foreign_entries_are_ignored(service, user):
+    """Exactly once by the processor-minted exchange id, whatever Envoy sends twice; an entry
+    that is not a handed-off exchange (or not the stream's end) moves no money."""
+    assert service.ledger is not None and service.gate is not None
+    admission = await service.ledger.admit(user, 50, "ex-logged-1")
+    assert admission.outcome == "ok"
+    fields = {"exchange_id": "ex-logged-1", "user_id": user, "model": "gpt-4o-mini", "request_id": "",
+              "estimate": 50, "prompt_estimate": 10, "prompt_chars": 30}
+    log = StreamLog(service.gate)
+    good = entry({handoff.NAMESPACE: fields, handoff.USAGE_NAMESPACE: {"prompt_tokens": 9, "completion_tokens": 4}})
+    tasks = [log.entry(good), log.entry(good)]
+    await asyncio.gather(*[t for t in tasks if t is not None])
+    unreadable = handoffs(service, "unreadable")
+    assert log.entry(entry({"other": {"x": 1}})) is None
+    assert log.entry(entry({handoff.NAMESPACE: {**fields, "estimate": -1}})) is None
+    assert handoffs(service, "unreadable") == unreadable + 2
+    intermediate = entry({handoff.NAMESPACE: {**fields, "exchange_id": "ex-logged-2"}})
+    intermediate.common_properties.intermediate_log_entry = True
+    assert log.entry(intermediate) is None
+    await settled(service)
+    [row] = await usage_entries(service, user)
+    assert (row["exchange_id"], row["real_tokens"], row["tokens"]) == ("ex-logged-1", 13, -13)
+    assert (await balance(service, user)).reserved == 0
+
+
+def test_handed_metadata_is_read_strictly() -> None:
+    fields = {"exchange_id": "e", "user_id": "u", "model": "", "request_id": "r", "estimate": 5.0,
+              "prompt_estimate": 2.0, "prompt_chars": 7.0}
+    got = handoff.handed({handoff.NAMESPACE: fields})
+    assert got == handoff.Handed("e", "u", None, "r", 5, 2, 7)
+    for bad in ({"estimate": 1.5}, {"estimate": float("inf")}, {"estimate": True}, {"user_id": ""},
+                {"exchange_id": 3}, {"prompt_chars": "7"}):
+        assert handoff.handed({handoff.NAMESPACE: {**fields, **bad}}) is None, bad
+    assert handoff.handed({}) is None
+    assert handoff.observed({handoff.USAGE_NAMESPACE: {"prompt_tokens": 3.0, "completion_tokens": 4.0}},
+                            100).prompt_tokens == 3
+    assert handoff.observed({handoff.USAGE_NAMESPACE: {"prompt_tokens": float("nan")}}, 100) is None
+    assert handoff.observed({handoff.USAGE_NAMESPACE: {"total_tokens": 9.0}}, 100).prompt_tokens == 9
+    assert handoff.observed({}, 100) is None
+
+
+@pytest.mark.parametrize(("status", "bounded", "usage_last", "account", "expected"), [
+    (200, True, True, True, True), (500, True, True, True, False), (200, False, True, True, False),
+    (200, True, False, True, False), (200, True, True, False, False)])
+def test_which_streams_qualify(status, bounded, usage_last, account, expected) -> None:
+    assert handoff.qualifies(status=status, bounded=bounded, usage_last=usage_last,
+                             admitted_by_ledger=account) is expected
+
+
+async def test_json_answers_are_unchanged(http, envoy, service, auth, user):
+    handed = handoffs(service, "handed")
+    status, headers, _ = await post(http, envoy, auth(user), chat(max_tokens=20), service=service)
+    assert status == 200 and "x-solaris-tokens-remaining" in headers
+    assert handoffs(service, "handed") == handed
+
