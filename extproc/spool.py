@@ -106,6 +106,25 @@ def _retry_later(exc: BaseException) -> bool:
     return sqlstate[:2] in TRANSIENT_CLASSES or sqlstate in TRANSIENT_STATES
 
 
+def _wal_mode(conn: sqlite3.Connection) -> str:
+    """The spool's journal mode, switched to WAL if it is not yet (WAL persists in the file).
+
+    Switching needs the database to itself, and SQLite answers "database is locked" at once
+    instead of going through busy_timeout when another process holds it (seen with two
+    appending processes and a replaying one): so the persistent mode is read first (a spool
+    already in WAL never asks again), and a switch that finds the file busy is retried."""
+    mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while mode.lower() != "wal":
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    return mode
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a created, renamed or removed directory entry durable (POSIX needs the
     directory itself fsync'd for that, not just the file)."""
@@ -149,7 +168,7 @@ class Spool:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _wal_mode(conn)
             if mode.lower() != "wal":
                 raise sqlite3.OperationalError(f"spool {self.path}: journal_mode is {mode}, not wal")
             # FULL: a commit fsyncs the WAL, so an acknowledged append survives power loss
