@@ -153,7 +153,8 @@ async def test_an_upstream_error_stays_with_the_processor(http, envoy, service, 
 # ---------------------------------------------------------------- the access-log side
 
 
-def entry(metadata: dict[str, dict[str, Any]], *, status: int = 200, **flags: bool) -> accesslog_pb2.HTTPAccessLogEntry:
+def entry(metadata: dict[str, dict[str, Any]], *, status: int = 200, content_type: str = "text/event-stream",
+          **flags: bool) -> accesslog_pb2.HTTPAccessLogEntry:
     common = accesslog_pb2.AccessLogCommon(response_flags=accesslog_pb2.ResponseFlags(**flags))
     for namespace, values in metadata.items():
         struct = struct_pb2.Struct()
@@ -161,12 +162,16 @@ def entry(metadata: dict[str, dict[str, Any]], *, status: int = 200, **flags: bo
         common.metadata.filter_metadata[namespace].CopyFrom(struct)
     return accesslog_pb2.HTTPAccessLogEntry(
         common_properties=common,
-        response=accesslog_pb2.HTTPResponseProperties(response_code=wrappers_pb2.UInt32Value(value=status)))
+        response=accesslog_pb2.HTTPResponseProperties(response_code=wrappers_pb2.UInt32Value(value=status),
+                                                      response_headers={"content-type": content_type}))
 
 
 async def test_a_repeated_entry_settles_once_and_foreign_entries_are_ignored(service, user):
     """Exactly once by the processor-minted exchange id, whatever Envoy sends twice; an entry
-    that is not a handed-off exchange (or not the stream's end) moves no money."""
+    that is not a handed-off exchange (or not the stream's end) moves no money. The entry alone
+    decides: this one's exchange was never settled by an ext_proc stream, as when the client left
+    while the processor's "hand off" reply was on its way (Envoy dropped it; the admission's
+    fields were already there)."""
     assert service.ledger is not None and service.gate is not None
     admission = await service.ledger.admit(user, 50, "ex-logged-1")
     assert admission.outcome == "ok"
@@ -183,6 +188,10 @@ async def test_a_repeated_entry_settles_once_and_foreign_entries_are_ignored(ser
     intermediate = entry({handoff.NAMESPACE: {**fields, "exchange_id": "ex-logged-2"}})
     intermediate.common_properties.intermediate_log_entry = True
     assert log.entry(intermediate) is None
+    # a candidate whose answer was JSON or an error: its own ext_proc stream settles it
+    for other in (entry({handoff.NAMESPACE: {**fields, "exchange_id": "ex-logged-3"}}, content_type="application/json"),
+                  entry({handoff.NAMESPACE: {**fields, "exchange_id": "ex-logged-4"}}, status=500)):
+        assert log.entry(other) is None
     await settled(service)
     [row] = await usage_entries(service, user)
     assert (row["exchange_id"], row["real_tokens"], row["tokens"]) == ("ex-logged-1", 13, -13)
@@ -205,12 +214,21 @@ def test_handed_metadata_is_read_strictly() -> None:
     assert handoff.observed({}, 100) is None
 
 
-@pytest.mark.parametrize(("status", "bounded", "usage_last", "account", "expected"), [
-    (200, True, True, True, True), (500, True, True, True, False), (200, False, True, True, False),
-    (200, True, False, True, False), (200, True, True, False, False)])
-def test_which_streams_qualify(status, bounded, usage_last, account, expected) -> None:
-    assert handoff.qualifies(status=status, bounded=bounded, usage_last=usage_last,
-                             admitted_by_ledger=account) is expected
+@pytest.mark.parametrize(("stream", "bounded", "usage_last", "account", "notice", "expected"), [
+    (True, True, True, True, False, True), (False, True, True, True, False, False),
+    (True, False, True, True, False, False), (True, True, False, True, False, False),
+    (True, True, True, False, False, False), (True, True, True, True, True, False)])
+def test_which_requests_are_candidates(stream, bounded, usage_last, account, notice, expected) -> None:
+    assert handoff.candidate(stream=stream, bounded=bounded, usage_last=usage_last,
+                             admitted_by_ledger=account, notice_due=notice) is expected
+
+
+def test_which_answers_go_to_envoy() -> None:
+    assert handoff.goes_to_envoy(200, "text/event-stream; charset=utf-8")
+    assert handoff.goes_to_envoy(206, "Text/Event-Stream")
+    assert not handoff.goes_to_envoy(500, "text/event-stream")
+    assert not handoff.goes_to_envoy(200, "application/json")
+    assert not handoff.goes_to_envoy(0, "")
 
 
 async def test_json_answers_are_unchanged(http, envoy, service, auth, user):

@@ -1,6 +1,7 @@
-"""Envoy's access-log service (gRPC ALS), and nothing else: the final entry of each stream
-handed to Envoy (``gate.handoff``) becomes a settle on the Gate. envoy.yaml sends only those
-entries (a metadata filter on ``handoff.NAMESPACE``), to the processors' own gRPC port."""
+"""Envoy's access-log service (gRPC ALS), and nothing else: the final entry of each exchange
+that could be handed to Envoy (``gate.handoff``) goes to the Gate, which settles those that were.
+envoy.yaml sends only those entries (a metadata filter on ``handoff.NAMESPACE``), with their
+content type, to the processors' own gRPC port."""
 
 from __future__ import annotations
 
@@ -67,7 +68,10 @@ class StreamLog(als_pb2_grpc.AccessLogServiceServicer):
         flags = common.response_flags
         cut = any(getattr(flags, name) for name in CUT_FLAGS)
         try:
-            return self.gate.settle_logged(metadata, status=entry.response.response_code.value, cut=cut)
+            return self.gate.settle_logged(
+                metadata, status=entry.response.response_code.value,
+                content_type=entry.response.response_headers.get("content-type", ""), cut=cut,
+                duration=common.duration.ToTimedelta().total_seconds())
         except Exception:
             # A bug must not end Envoy's log stream (the next entries are other users' settles);
             # the hold of this one is charged by the sweep.

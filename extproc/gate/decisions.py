@@ -301,14 +301,19 @@ class Gate:
         s = self.settings
         changed = ex.translator.mutate(body, stream=ex.stream, enforce_limit=s.enforce_max_tokens,
                                        default_completion=s.default_completion_tokens)
-        ex.bounded = any(body.get(k) is not None for k in billable.MAX_TOKEN_KEYS)
+        ex.candidate = s.stream_usage == "envoy" and handoff.candidate(
+            stream=ex.stream, bounded=any(body.get(k) is not None for k in billable.MAX_TOKEN_KEYS),
+            usage_last=ex.translator.asks_for_stream_usage, admitted_by_ledger=ex.account is not None,
+            notice_due=bool(ex.notice))
+        # A candidate's fields ride with the admission (gate.handoff: why not later).
+        metadata = handoff.fields(ex) if ex.candidate else ()
         if not changed:
-            return CONTINUE
+            return Continue(metadata=metadata) if metadata else CONTINUE
         try:
             new_body = json.dumps(body, ensure_ascii=False).encode()
         except UnicodeEncodeError:  # a lone surrogate (\ud800) JSON allows: keep it escaped
             new_body = json.dumps(body).encode()
-        return Continue(set_headers=(("content-length", str(len(new_body))),), body=new_body)
+        return Continue(set_headers=(("content-length", str(len(new_body))),), body=new_body, metadata=metadata)
 
     def _refuse_admission(self, ex: Exchange, admission: Admission) -> Refuse:
         """The ledger's "no", before the upstream and without a debit: nothing was held."""
@@ -338,10 +343,11 @@ class Gate:
         if ex.notice and (end_of_stream or not 200 <= ex.status < 300):
             ex.notice = 0  # never on an error, nor on an empty answer
         if content_type.startswith("text/event-stream"):
-            if not ex.notice and not end_of_stream and self._hand_off(ex):
-                # Envoy reads the usage and the access log brings it back (gate.handoff): the
-                # chunks no longer wait on this process.
-                return Continue(set_headers=rate, metadata=handoff.fields(ex), done=True)
+            if ex.candidate and handoff.goes_to_envoy(ex.status, content_type):
+                # Envoy reads the usage and its access log brings it back (gate.handoff): the
+                # chunks no longer wait on this process, whose stream ends here.
+                self._hand_off(ex)
+                return Continue(set_headers=rate, done=True)
             ex.tap = StreamTap(self._usage_cap(ex))
             ex.plain_stream = not ex.notice
             if end_of_stream:
@@ -357,13 +363,8 @@ class Gate:
             self._finish(ex)
         return Continue(set_headers=rate)
 
-    def _hand_off(self, ex: Exchange) -> bool:
-        """Give this admitted SSE answer's settle to Envoy's access log, when it qualifies."""
-        assert ex.translator is not None
-        if self.settings.stream_usage != "envoy" or not handoff.qualifies(
-                status=ex.status, bounded=ex.bounded, usage_last=ex.translator.asks_for_stream_usage,
-                admitted_by_ledger=ex.account is not None):
-            return False
+    def _hand_off(self, ex: Exchange) -> None:
+        """This exchange's settle is the access log's now (gate.handoff)."""
         ex.closed = ex.handed_off = True  # this stream's end settles nothing
         if len(self.handed) >= MAX_HANDED_TRACKED:
             del self.handed[next(iter(self.handed))]  # the oldest: its entry went elsewhere
@@ -371,24 +372,28 @@ class Gate:
         if ex.reserved:
             self.metrics.reservations_held.dec()
         self.metrics.handoffs.labels("handed").inc()
-        return True
 
-    def settle_logged(self, metadata: Mapping[str, Any], *, status: int, cut: bool) -> asyncio.Task[Any] | None:
-        """Settle a handed-off stream from its access-log entry (its dynamic metadata, status and
-        whether it was cut): Envoy's reading of the usage event, else the rules of ``_observed``
-        for a stream without usage (the request was bounded: the reservation covers whatever
-        output went out). None for an entry that is not a handed-off exchange."""
+    def settle_logged(self, metadata: Mapping[str, Any], *, status: int, content_type: str, cut: bool,
+                      duration: float = 0.0) -> asyncio.Task[Any] | None:
+        """Settle a handed-off stream from its access-log entry (its dynamic metadata, status,
+        content type and whether it was cut): Envoy's reading of the usage event, else the rules
+        of ``_observed`` for a stream without usage (the request was bounded: the reservation
+        covers whatever output went out). None for an entry whose exchange the processor that
+        admitted it settles itself (``handoff.goes_to_envoy`` says no), or that carries none."""
         handed = handoff.handed(metadata)
         if handed is None:
             self.metrics.handoffs.labels("unreadable").inc()
-            log.warning("access-log entry without a handed-off exchange: ignored")
+            log.warning("access-log entry without a candidate exchange: ignored")
             return None
+        if not handoff.goes_to_envoy(status, content_type):
+            return None  # not handed off: settled by its own ext_proc stream
         self.handed.pop(handed.exchange_id, None)
         observed = handoff.observed(metadata, max(self.settings.max_usage_tokens, handed.estimate))
         ex = Exchange(exchange_id=handed.exchange_id, identity=Identity(user_id=handed.user_id),
                       request_id=handed.request_id, model=handed.model, estimate=handed.estimate,
                       prompt_estimate=handed.prompt_estimate, prompt_chars=handed.prompt_chars,
-                      status=status, stream=True, admitted=True, closed=True, handed_off=True)
+                      status=status, stream=True, admitted=True, closed=True, handed_off=True,
+                      started=time.perf_counter() - duration)  # the log line's latency: Envoy's
         if observed is None:
             charge = accounting.unreported_charge(
                 status=status, abandoned=cut, prompt_estimate=handed.prompt_estimate,

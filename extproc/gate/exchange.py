@@ -41,8 +41,7 @@ class Exchange:
     rate: RateDecision | None = None
     account: Account | None = None  # the account as admission left it (after this reservation)
     closed: bool = False
-    # The request bounds its answer's length (a max-token field, the client's or the gate's):
-    # a cut stream's reservation then covers any output (gate.handoff.qualifies).
-    bounded: bool = False
-    # Handed to Envoy (gate.handoff): settled from Envoy's access log, not by this stream.
+    # Its answer may be handed to Envoy (gate.handoff.candidate, decided at admission), and was
+    # (settled from Envoy's access log, not by this stream).
+    candidate: bool = False
     handed_off: bool = False

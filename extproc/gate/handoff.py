@@ -5,10 +5,18 @@ A plain SSE answer is the gate's costliest exchange: every chunk is an ext_proc 
 waits on the processor, only for the processor to keep a copy and read the usage event at the
 end. When the usage is the small last event of the stream (Chat Completions, Completions) and
 the request bounds the answer's length, Envoy can do that reading itself: its sse_to_metadata
-filter writes the usage event's numbers into ``USAGE_NAMESPACE``, the processor answers the
-response headers with "no body" plus the exchange's fields in ``NAMESPACE``, and Envoy's
-access log (gRPC, to the processor) carries both when the stream ends. The settle is the same
-exactly-once ``Ledger.settle`` keyed by the exchange id the processor minted.
+filter writes the usage event's numbers into ``USAGE_NAMESPACE``, and Envoy's access log (gRPC,
+to the processors) carries them with the exchange's fields (``NAMESPACE``) when the stream ends.
+The settle is the same exactly-once ``Ledger.settle`` keyed by the exchange id the processor
+minted.
+
+Who settles is decided by one rule both sides apply to the same facts, so that exactly one of
+them does even when the client leaves at the worst moment: the processor writes the exchange's
+fields at admission, only for a ``candidate``; the stream is handed to Envoy when its answer
+``goes_to_envoy`` (2xx, text/event-stream), which the processor sees in the response headers
+and the settling processor in the access-log entry. (Envoy drops a reply that arrives after the
+client left, so a mark written with the response headers' reply could be missing from an entry
+whose exchange the processor already handed off: the mark is the admission's instead.)
 
 Pure values here; Envoy's protocols are ``gate.envoy`` (ext_proc) and ``gate.access_log``.
 """
@@ -44,11 +52,11 @@ class Handed:
     prompt_chars: int
 
 
-def qualifies(*, status: int, bounded: bool, usage_last: bool, admitted_by_ledger: bool) -> bool:
-    """Whether Envoy may read this stream's usage instead of the processor.
+def candidate(*, stream: bool, bounded: bool, usage_last: bool, admitted_by_ledger: bool,
+              notice_due: bool) -> bool:
+    """Whether an admitted request's answer may be handed to Envoy (decided at admission).
 
-    * ``status`` 2xx: an error answer with output is charged by the output seen (accounting.
-      unreported_charge), which only the processor can count.
+    * ``stream``: the request asks for SSE.
     * ``bounded``: the request carries a max-token limit (the client's, or the one the gate wrote
       under GATE_ENFORCE_MAX_TOKENS). A stream cut before its usage event is then charged its
       reservation, which covers any output; without a limit the processor must count the output
@@ -57,8 +65,16 @@ def qualifies(*, status: int, bounded: bool, usage_last: bool, admitted_by_ledge
       Completions), not inside a final event that repeats the whole answer (Responses).
     * ``admitted_by_ledger``: the account exists (a fail-open admission's settle may have to
       open it, with the e-mail the metadata never carries).
+    * not ``notice_due``: an in-chat notice is written into the stream by the processor.
     """
-    return 200 <= status < 300 and bounded and usage_last and admitted_by_ledger
+    return stream and bounded and usage_last and admitted_by_ledger and not notice_due
+
+
+def goes_to_envoy(status: int, content_type: str) -> bool:
+    """Whether a candidate's answer is handed to Envoy: a 2xx SSE stream. An error answer with
+    output is charged by the output seen (accounting.unreported_charge), which only the
+    processor can count; a JSON answer is one buffered message anyway."""
+    return 200 <= status < 300 and content_type.lower().startswith("text/event-stream")
 
 
 def fields(ex: Any) -> tuple[tuple[str, str | int], ...]:
@@ -86,8 +102,8 @@ def _count(value: Any) -> int | None:
 
 
 def handed(metadata: Mapping[str, Any]) -> Handed | None:
-    """The exchange behind an access-log entry, or None when the entry is not one the processor
-    handed off (or its fields are not what the processor wrote)."""
+    """The candidate exchange behind an access-log entry, or None when the entry carries none
+    (or its fields are not what the processor wrote)."""
     values = metadata.get(NAMESPACE)
     if not isinstance(values, Mapping):
         return None

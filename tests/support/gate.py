@@ -50,8 +50,7 @@ async def settled(service: Service) -> None:
     access log brings a handed-off stream's end (up to its 0.1 s flush): wait for them."""
     assert service.gate is not None
     for _ in range(300):
-        logged = handoffs(service, "settled") + handoffs(service, "no_usage")
-        if not service.gate.tasks and logged >= handoffs(service, "handed"):
+        if not service.gate.tasks and not service.gate.handed:
             return
         await asyncio.sleep(0.01)
 
