@@ -646,15 +646,19 @@ def test_exhausted_user_gets_402(stack: Stack) -> None:
     assert account["available"] == 0 and account["state"] == "blocked", account
 
 
-def test_stream_flows_unbuffered_and_is_debited(stack: Stack) -> None:
+@pytest.mark.parametrize("bounded", [False, True], ids=["chunks-through-the-processor", "handed-to-envoy"])
+def test_stream_flows_unbuffered_and_is_debited(stack: Stack, bounded: bool) -> None:
     """A long streamed answer: its first events reach the client long before its last one is
-    produced (a buffering hop would deliver them all at the end), and the debit is its usage."""
+    produced (a buffering hop would deliver them all at the end), and the debit is its usage;
+    with max_tokens the stream is handed to Envoy (docs/streams.md: Envoy's SSE filter and its
+    access log to the processor container), without it every chunk crosses the processor."""
     user = "stream-" + secrets.token_hex(4)
     [model] = [m for m in yaml.safe_load((TEST_DIR / "litellm.yaml").read_text())["model_list"]
                if m["model_name"] == STREAM_MODEL]
     text = model["litellm_params"]["mock_response"]  # streamed 3 characters an event
     body = {"model": STREAM_MODEL, "messages": [{"role": "user", "content": "Conte uma história."}],
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **({"max_tokens": 2000} if bounded else {})}
+    handoffs = replica_metric(stack, 1, "solaris_stream_handoffs_total")
     conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=120)
     conn.request("POST", CHAT, body=json.dumps(body), headers={
         "Authorization": f"Bearer {stack.secrets['GATE_KEY']}", "X-User-Id": user,
@@ -684,6 +688,8 @@ def test_stream_flows_unbuffered_and_is_debited(stack: Stack) -> None:
         f"the first 10% of the events arrived at {first_tenth:.2f} s of {total:.2f} s: buffered")
     account = stack.settled(user)
     assert account["available"] == MONTHLY_TOKENS - usage["total_tokens"], (account, usage)
+    # handed off: one "handed" and one "settled" event; otherwise none
+    assert replica_metric(stack, 1, "solaris_stream_handoffs_total") - handoffs == (2 if bounded else 0)
 
 
 def test_cli_balance_and_reconcile_in_the_processor_container(stack: Stack) -> None:

@@ -6,6 +6,7 @@ the processor, PostgreSQL and the fake upstream; the access-log entries are Envo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from typing import Any
@@ -123,6 +124,33 @@ async def test_an_upstream_cut_before_the_usage_event_is_charged_the_reservation
     [entry] = await usage_entries(service, user)
     assert "no_usage" in entry["flags"] and "reservation" in entry["flags"]
     assert entry["completion_tokens"] == 100 and -entry["tokens"] == entry["estimate"]
+
+
+async def test_a_client_gone_while_the_hand_off_reply_is_on_its_way(envoy, service, auth, user, monkeypatch):
+    """The processor hands the stream off, but the client leaves before its reply reaches Envoy,
+    which then drops the reply: the access-log entry still carries the admission's fields, so
+    the exchange is settled once and nothing stays held (with the fields in the reply, as first
+    built, it stayed held until the sweep)."""
+    original = service.processor._dispatch
+
+    async def slow(ex: Any, phase: str, req: Any) -> Any:
+        reply = await original(ex, phase, req)
+        if phase == "response_headers":
+            await asyncio.sleep(0.5)  # the client gives up meanwhile
+        return reply
+
+    monkeypatch.setattr(service.processor, "_dispatch", slow)
+    handed = handoffs(service, "handed")
+    async with aiohttp.ClientSession() as own:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(own.post(envoy.url + CHAT, headers=auth(user), json=chat(
+                stream=True, max_tokens=100, x_test={"chunks": 3})), 0.25)
+    assert handoffs(service, "handed") == handed + 1  # the processor let go of it
+    await asyncio.sleep(0.6)
+    await settled(service)
+    [entry] = await usage_entries(service, user)
+    assert entry["real_tokens"] in (12, entry["estimate"])  # the usage Envoy read, or the reservation
+    assert (await balance(service, user)).reserved == 0
 
 
 @pytest.mark.parametrize("usage", ["garbled", {"prompt_tokens": 5, "completion_tokens": 2.5},
