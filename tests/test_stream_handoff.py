@@ -16,7 +16,7 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 from multidict import CIMultiDict
-from support.gate import CHAT, balance, chat, handoffs, ledger_sums, post, settled, usage_entries
+from support.gate import CHAT, balance, chat, first_usage_entries, handoffs, ledger_sums, post, settled, usage_entries
 
 from extproc.gate import handoff
 from extproc.gate.access_log import StreamLog
@@ -104,11 +104,7 @@ async def test_a_client_leaving_a_handed_off_stream_is_charged_the_reservation(e
         assert resp.status == 200
         await resp.content.readuntil(b"\n\n")
         resp.close()
-    for _ in range(100):
-        if await usage_entries(service, user):
-            break
-        await asyncio.sleep(0.05)
-    [entry] = await usage_entries(service, user)
+    [entry] = await first_usage_entries(service, user)
     assert list(entry["flags"]) == ["no_usage", "abandoned", "reservation"]
     assert (entry["prompt_tokens"], entry["completion_tokens"]) == (6, 300)
     assert (await balance(service, user)).reserved == 0

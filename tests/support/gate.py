@@ -79,6 +79,16 @@ async def usage_entries(service: Service, user_id: str) -> list[asyncpg.Record]:
         "SELECT * FROM ledger_entries WHERE user_id = $1 AND kind = 'usage' ORDER BY id", user_id)
 
 
+async def first_usage_entries(service: Service, user_id: str) -> list[asyncpg.Record]:
+    """The user's usage entries once there is one (up to 5 s): a stream the client left is
+    settled when Envoy ends it, after the test has moved on."""
+    for _ in range(100):
+        if entries := await usage_entries(service, user_id):
+            return entries
+        await asyncio.sleep(0.05)
+    return await usage_entries(service, user_id)
+
+
 async def open_account(service: Service, user_id: str, *, email: str | None = None,
                        name: str | None = None) -> None:
     """Create an account the way the gate does on a first request (a zero reservation)."""
