@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.gate import CHAT, settled, usage_entries
+from support.gate import CHAT, handoffs, settled, usage_entries
 from support.stack import UPSTREAM_KEY
 
 from extproc.app import Service
@@ -97,6 +97,18 @@ async def test_litellm_stream_debit_equals_final_chunk_usage(
                       for line in text.splitlines()
                       if line.startswith("data: {") and json.loads(line[6:])["choices"])
     assert content.startswith("Olá!")
+    await assert_debited(service, user, final_usage(text))
+
+
+async def test_litellm_bounded_stream_is_read_by_envoy(http, litellm_envoy, service, auth, user):
+    """With max_tokens the stream is handed to Envoy (docs/streams.md): Envoy's SSE filter reads
+    LiteLLM's own usage chunk and the access log brings it to the settle."""
+    handed = handoffs(service, "handed")
+    async with http.post(litellm_envoy.url + CHAT, json=chat(stream=True, max_tokens=300),
+                         headers=auth(user)) as resp:
+        assert resp.status == 200, await resp.text()
+        text = (await resp.read()).decode()
+    assert handoffs(service, "handed") == handed + 1
     await assert_debited(service, user, final_usage(text))
 
 
