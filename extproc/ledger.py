@@ -738,6 +738,10 @@ class Ledger:
         entry) for the real settle of an exchange the sweep charged (a true-up is due);
         (None, None) for a replay of a settle already applied."""
         release = "released" in usage.flags  # a spooled release: undoes, never creates
+        # A settle from Envoy's access log closes or trues up a reservation, never creates a
+        # debit: its entry comes over the network, and an exchange id that never held anything
+        # (a forged or garbled entry) must not charge, nor open, an account.
+        logged = "envoy" in usage.flags
         row = await self._locked_account(conn, usage.user_id)
         if row is None:
             pseudonym = await erased_pseudonym(conn, usage.user_id)
@@ -747,7 +751,10 @@ class Ledger:
                 # an erased id is never opened again.
                 log.info("settle of an erased id, kept under its pseudonym (exchange %s)", usage.exchange_id)
                 row = await self._locked_account(conn, pseudonym)
-            elif release:
+            elif release or logged:
+                if logged:
+                    log.warning("settle from the access log for an unknown account refused (exchange %s)",
+                                usage.exchange_id)
                 return None, None
             else:
                 await self._open_account(conn, usage.user_id, usage.email, None, now)
@@ -761,7 +768,10 @@ class Ledger:
             "SELECT tokens, credits_delta, cycle_start, flags FROM ledger_entries WHERE exchange_id = $1",
             usage.exchange_id)
         if previous is None:
-            return (None, None) if release else ({**dict(row), "held": 0}, None)
+            if logged:
+                log.warning("settle from the access log without a reservation refused (exchange %s)",
+                            usage.exchange_id)
+            return (None, None) if release or logged else ({**dict(row), "held": 0}, None)
         if "expired" not in previous["flags"] or "expired" in usage.flags or await conn.fetchval(
                 "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1",
                 trueup_key_for(usage.exchange_id)):

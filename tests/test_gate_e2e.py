@@ -87,7 +87,7 @@ async def test_stream_without_usage_is_charged_the_reservation(http, envoy, serv
         await resp.read()
     await settled(service)
     [entry] = await usage_entries(service, user)
-    assert list(entry["flags"]) == ["no_usage", "reservation"]
+    assert list(entry["flags"]) == ["no_usage", "reservation", "envoy"]  # bounded: read by Envoy
     # prompt: ceil((14 + len("none")) * 0.376) = 7; the completion: the whole allowance
     assert (entry["prompt_tokens"], entry["completion_tokens"]) == (7, 300)
     assert entry["tokens"] == -307 == -entry["estimate"]

@@ -46,7 +46,7 @@ def chat(**extra: Any) -> dict[str, Any]:
             **extra}
 
 
-async def assert_debited(service: Service, user_id: str, usage: dict[str, int]) -> None:
+async def assert_debited(service: Service, user_id: str, usage: dict[str, int], flags: tuple[str, ...] = ()) -> None:
     await settled(service)
     entries = await usage_entries(service, user_id)
     assert len(entries) == 1, entries
@@ -57,7 +57,7 @@ async def assert_debited(service: Service, user_id: str, usage: dict[str, int]) 
         usage["prompt_tokens"], usage["completion_tokens"])
     assert entry["real_tokens"] == total
     assert entry["tokens"] == -total
-    assert list(entry["flags"]) == []
+    assert list(entry["flags"]) == list(flags)
     assert service.ledger is not None
     account = await service.ledger.account(user_id)
     assert account.reserved == 0
@@ -109,7 +109,7 @@ async def test_litellm_bounded_stream_is_read_by_envoy(http, litellm_envoy, serv
         assert resp.status == 200, await resp.text()
         text = (await resp.read()).decode()
     assert handoffs(service, "handed") == handed + 1
-    await assert_debited(service, user, final_usage(text))
+    await assert_debited(service, user, final_usage(text), flags=("envoy",))
 
 
 async def test_litellm_stream_gpt_4o_trusted_headers(http, litellm_envoy, service, auth, user):

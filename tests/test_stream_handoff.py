@@ -52,7 +52,7 @@ async def test_a_bounded_stream_is_settled_from_envoys_reading(http, envoy, serv
     assert chunks_seen(service) == chunks and handoffs(service, "handed") == handed + 1
     await settled(service)
     [entry] = await usage_entries(service, user)
-    assert (entry["prompt_tokens"], entry["completion_tokens"], list(entry["flags"])) == (11, 22, [])
+    assert (entry["prompt_tokens"], entry["completion_tokens"], list(entry["flags"])) == (11, 22, ["envoy"])
     assert entry["estimate"] == 6 + 200 and entry["prompt_chars"] == 14
     account = await balance(service, user)
     assert account.balance == settings.default_monthly_tokens - 33 and account.reserved == 0
@@ -105,7 +105,7 @@ async def test_a_client_leaving_a_handed_off_stream_is_charged_the_reservation(e
         await resp.content.readuntil(b"\n\n")
         resp.close()
     [entry] = await first_usage_entries(service, user)
-    assert list(entry["flags"]) == ["no_usage", "abandoned", "reservation"]
+    assert list(entry["flags"]) == ["no_usage", "abandoned", "reservation", "envoy"]
     assert (entry["prompt_tokens"], entry["completion_tokens"]) == (6, 300)
     assert (await balance(service, user)).reserved == 0
 
@@ -160,7 +160,7 @@ async def test_usage_envoy_read_is_checked_like_any_usage(http, envoy, service, 
     if isinstance(usage, dict) and usage["prompt_tokens"] == 10**12:
         assert "capped" in entry["flags"] and entry["real_tokens"] == settings.max_usage_tokens
     else:
-        assert list(entry["flags"]) == ["no_usage", "reservation"]
+        assert list(entry["flags"]) == ["no_usage", "reservation", "envoy"]
         assert -entry["tokens"] == entry["estimate"]
 
 
@@ -218,8 +218,29 @@ async def test_a_repeated_entry_settles_once_and_foreign_entries_are_ignored(ser
         assert log.entry(other) is None
     await settled(service)
     [row] = await usage_entries(service, user)
-    assert (row["exchange_id"], row["real_tokens"], row["tokens"]) == ("ex-logged-1", 13, -13)
+    assert (row["exchange_id"], row["real_tokens"], row["tokens"], list(row["flags"])) == (
+        "ex-logged-1", 13, -13, ["envoy"])
     assert (await balance(service, user)).reserved == 0
+
+
+async def test_an_entry_that_held_nothing_moves_no_money(service, user):
+    """The entry comes over the network: one whose exchange never held a reservation (forged,
+    or garbled) neither debits an account nor opens one; only a hold is closed or trued up."""
+    assert service.ledger is not None and service.gate is not None
+    await service.ledger.admit(user, 50, "ex-real-hold")  # the user exists and holds something
+    log = StreamLog(service.gate)
+    fields = {"model": "gpt-4o-mini", "request_id": "", "estimate": 50, "prompt_estimate": 10, "prompt_chars": 3}
+    usage = {"prompt_tokens": 900, "completion_tokens": 100}
+    stranger = "never-seen-" + user
+    for forged in ({**fields, "exchange_id": "ex-forged-1", "user_id": user},
+                   {**fields, "exchange_id": "ex-forged-2", "user_id": stranger}):
+        task = log.entry(entry({handoff.NAMESPACE: forged, handoff.USAGE_NAMESPACE: usage}))
+        assert task is not None
+        await task
+    assert await usage_entries(service, user) == []
+    assert (await balance(service, user)).reserved == 50  # the real hold is untouched
+    assert await service.ledger.account(stranger) is None
+    assert await service.ledger.reconcile() == []
 
 
 def test_handed_metadata_is_read_strictly() -> None:
@@ -245,6 +266,24 @@ def test_handed_metadata_is_read_strictly() -> None:
 def test_which_requests_are_candidates(stream, bounded, usage_last, account, notice, expected) -> None:
     assert handoff.candidate(stream=stream, bounded=bounded, usage_last=usage_last,
                              admitted_by_ledger=account, notice_due=notice) is expected
+
+
+def test_which_requests_are_bounded() -> None:
+    """Only a field the schema's upstream honours, with a positive integer: LiteLLM drops
+    another schema's field (a Chat request's max_output_tokens bounds nothing)."""
+    chat_keys = ("max_tokens", "max_completion_tokens")
+    assert handoff.bounded({"max_tokens": 1}, chat_keys)
+    assert handoff.bounded({"max_completion_tokens": 50}, chat_keys)
+    for body in ({"max_output_tokens": 1}, {"max_tokens": 0}, {"max_tokens": True}, {"max_tokens": 2.0},
+                 {"max_tokens": None}, {}):
+        assert not handoff.bounded(body, chat_keys), body
+
+
+async def test_a_limit_the_upstream_ignores_does_not_hand_off(http, envoy, service, auth, user):
+    handed = handoffs(service, "handed")
+    status, _, _ = await read_stream(http, envoy, auth(user), chat(
+        stream=True, max_output_tokens=1, x_test={"chunks": 3}))
+    assert status == 200 and handoffs(service, "handed") == handed
 
 
 def test_which_answers_go_to_envoy() -> None:

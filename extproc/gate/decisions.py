@@ -9,6 +9,7 @@ each API schema's knowledge is its translator's; the money rules are in ``accoun
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -141,7 +142,8 @@ class Gate:
         path, has_query, _ = headers.get(":path", "").partition("?")
         method = headers.get(":method", "")
         ex.translator = BY_PATH.get(path)
-        ex.request_id = headers.get("x-request-id")
+        # The client's own id when it sent one (kept for correlation): bounded like the model.
+        ex.request_id = (headers.get("x-request-id") or "")[:200] or None
         passthrough = method == "GET" and (
             path in MODELS or path.startswith(tuple(m + "/" for m in MODELS)))
         if ex.translator is None and not passthrough and not path_is_under(path, self.open_paths):
@@ -302,7 +304,7 @@ class Gate:
         changed = ex.translator.mutate(body, stream=ex.stream, enforce_limit=s.enforce_max_tokens,
                                        default_completion=s.default_completion_tokens)
         ex.candidate = s.stream_usage == "envoy" and handoff.candidate(
-            stream=ex.stream, bounded=any(body.get(k) is not None for k in billable.MAX_TOKEN_KEYS),
+            stream=ex.stream, bounded=handoff.bounded(body, ex.translator.limit_keys),
             usage_last=ex.translator.asks_for_stream_usage, admitted_by_ledger=ex.account is not None,
             notice_due=bool(ex.notice))
         # A candidate's fields ride with the admission (gate.handoff: why not later).
@@ -340,14 +342,15 @@ class Gate:
             return CONTINUE
         rate = ex.rate.headers() if ex.rate else ()
         content_type = headers.get("content-type", "")
+        if ex.candidate and handoff.goes_to_envoy(ex.status, content_type):
+            # Envoy reads the usage and its access log brings it back (gate.handoff): the
+            # chunks no longer wait on this process, whose stream ends here. (The settling
+            # side applies the same rule to the entry's status and content type.)
+            self._hand_off(ex)
+            return Continue(set_headers=rate, done=True)
         if ex.notice and (end_of_stream or not 200 <= ex.status < 300):
             ex.notice = 0  # never on an error, nor on an empty answer
         if content_type.startswith("text/event-stream"):
-            if ex.candidate and handoff.goes_to_envoy(ex.status, content_type):
-                # Envoy reads the usage and its access log brings it back (gate.handoff): the
-                # chunks no longer wait on this process, whose stream ends here.
-                self._hand_off(ex)
-                return Continue(set_headers=rate, done=True)
             ex.tap = StreamTap(self._usage_cap(ex))
             ex.plain_stream = not ex.notice
             if end_of_stream:
@@ -395,13 +398,15 @@ class Gate:
                       status=status, stream=True, admitted=True, closed=True, handed_off=True,
                       started=time.perf_counter() - duration)  # the log line's latency: Envoy's
         if observed is None:
+            # A 2xx answer without usage is never released: the reservation, or more (never
+            # more here: the request was bounded, counted_output stays 0).
             charge = accounting.unreported_charge(
                 status=status, abandoned=cut, prompt_estimate=handed.prompt_estimate,
                 estimate=handed.estimate, counted_output=0)
-            if charge is not None:
-                observed = Observed(charge.prompt_tokens, charge.completion_tokens, charge.flags)
-        self.metrics.handoffs.labels("settled" if observed is None or "no_usage" not in observed.flags
-                                     else "no_usage").inc()
+            assert charge is not None
+            observed = Observed(charge.prompt_tokens, charge.completion_tokens, charge.flags)
+        self.metrics.handoffs.labels("no_usage" if "no_usage" in observed.flags else "settled").inc()
+        observed = dataclasses.replace(observed, flags=(*observed.flags, handoff.FLAG))
         return self.spawn(self._close(ex, self._usage(ex, observed)))
 
     async def response_body(self, ex: Exchange, chunk: bytes, end_of_stream: bool) -> Reply:

@@ -3,9 +3,10 @@ messages turned into calls on the ``Gate`` and the Gate's plain replies turned b
 Envoy's messages (header and body mutations, immediate responses, mode overrides).
 
 request headers  -> route check, identity (401), rate limit (429)
-request body     -> parse, estimate, admit/reserve in the ledger (402/403/503), body mutation
+request body     -> parse, estimate, admit/reserve in the ledger (402/403/503), body mutation;
+                    dynamic metadata for a stream Envoy may read (gate.handoff)
 response headers -> JSON stays buffered; text/event-stream switches to STREAMED (mode_override),
-                    or is handed to Envoy (gate.handoff: no body messages, dynamic metadata)
+                    or is handed to Envoy (gate.handoff: no body messages, this stream ends)
 response body    -> read usage and settle exactly once (the exchange id is minted here); the
                     rare answer due an in-chat notice is rewritten, the others pass unchanged
 """

@@ -23,25 +23,30 @@ Pure values here; Envoy's protocols are ``gate.envoy`` (ext_proc) and ``gate.acc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .usage import Observed, read_usage
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
 
 # Dynamic metadata namespaces: the processor writes NAMESPACE (ext_proc receiving namespace),
 # Envoy's sse_to_metadata writes USAGE_NAMESPACE; envoy.yaml names both.
 NAMESPACE = "solaris.exchange"
 USAGE_NAMESPACE = "solaris.usage"
-# What the access log needs to settle without the processor that admitted the exchange (it may
-# be another process): identifiers and numbers, never a credential or an e-mail address.
-FIELDS = ("exchange_id", "user_id", "model", "request_id", "estimate", "prompt_estimate", "prompt_chars")
+# The settle's provenance in the ledger entry's flags: the usage Envoy read. It also limits what
+# such a settle may do: close or true up a reservation, never debit an exchange without one.
+FLAG = "envoy"
 
 
 @dataclass(frozen=True)
 class Handed:
-    """One handed-off exchange as its access-log entry describes it."""
+    """What the access log needs to settle without the processor that admitted the exchange (it
+    may be another process): identifiers and numbers, never a credential or an e-mail field."""
 
     exchange_id: str
     user_id: str
@@ -57,10 +62,10 @@ def candidate(*, stream: bool, bounded: bool, usage_last: bool, admitted_by_ledg
     """Whether an admitted request's answer may be handed to Envoy (decided at admission).
 
     * ``stream``: the request asks for SSE.
-    * ``bounded``: the request carries a max-token limit (the client's, or the one the gate wrote
-      under GATE_ENFORCE_MAX_TOKENS). A stream cut before its usage event is then charged its
-      reservation, which covers any output; without a limit the processor must count the output
-      seen, since it may exceed the reservation.
+    * ``bounded``: the request carries a max-token limit its upstream honours (``bounded``; the
+      client's, or the one the gate wrote under GATE_ENFORCE_MAX_TOKENS). A stream cut before
+      its usage event is then charged its reservation, which covers any output; without a
+      limit the processor must count the output seen, since it may exceed the reservation.
     * ``usage_last``: the schema reports usage in a small last event (Chat Completions,
       Completions), not inside a final event that repeats the whole answer (Responses).
     * ``admitted_by_ledger``: the account exists (a fail-open admission's settle may have to
@@ -77,12 +82,22 @@ def goes_to_envoy(status: int, content_type: str) -> bool:
     return 200 <= status < 300 and content_type.lower().startswith("text/event-stream")
 
 
-def fields(ex: Any) -> tuple[tuple[str, str | int], ...]:
-    """The metadata the processor leaves for the settle (``ex``: a gate.exchange.Exchange)."""
-    values = {"exchange_id": ex.exchange_id, "user_id": ex.identity.user_id, "model": ex.model or "",
-              "request_id": ex.request_id or "", "estimate": ex.estimate,
-              "prompt_estimate": ex.prompt_estimate, "prompt_chars": ex.prompt_chars}
-    return tuple((name, values[name]) for name in FIELDS)
+FIELDS = tuple(f.name for f in dataclasses.fields(Handed))
+
+
+def bounded(body: Mapping[str, Any], limit_keys: tuple[str, ...]) -> bool:
+    """Whether the request bounds its answer: one of the fields its schema's upstream honours
+    (translator.limit_keys) holds a positive integer."""
+    return any(isinstance(v := body.get(k), int) and not isinstance(v, bool) and v >= 1 for k in limit_keys)
+
+
+def fields(ex: Exchange) -> tuple[tuple[str, str | int], ...]:
+    """The metadata the processor leaves for the settle."""
+    assert ex.identity is not None
+    values = Handed(exchange_id=ex.exchange_id, user_id=ex.identity.user_id, model=ex.model,
+                    request_id=ex.request_id, estimate=ex.estimate, prompt_estimate=ex.prompt_estimate,
+                    prompt_chars=ex.prompt_chars)
+    return tuple((name, "" if (v := getattr(values, name)) is None else v) for name in FIELDS)
 
 
 def _integral(value: Any) -> Any:

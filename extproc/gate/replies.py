@@ -18,8 +18,8 @@ class Continue:
     body: bytes | None = None     # a replacement body (request body phase)
     stream_response: bool = False  # the response body streams through from now on (SSE)
     done: bool = False             # nothing more of this exchange to see (pass-through)
-    # Envoy dynamic metadata for the rest of the exchange (gate.handoff: the fields a stream
-    # Envoy may read needs for its settle); (key, value) pairs under handoff.NAMESPACE.
+    # Envoy dynamic metadata for the rest of the exchange, (key, value) pairs under
+    # handoff.NAMESPACE: what the settle of a stream Envoy may read needs (gate.handoff).
     metadata: tuple[tuple[str, str | int], ...] = ()
 
 

@@ -36,6 +36,9 @@ class Translator:
     asks_for_stream_usage: ClassVar[bool] = False
     # The field a completion limit is written to when GATE_ENFORCE_MAX_TOKENS adds one.
     limit_key: ClassVar[str] = "max_tokens"
+    # The fields of this schema that really bound an answer's length upstream (another schema's
+    # field is dropped by LiteLLM, drop_params): what makes a stream "bounded" (gate.handoff).
+    limit_keys: ClassVar[tuple[str, ...]] = ("max_tokens",)
 
     # ------------------------------------------------------------ request
 

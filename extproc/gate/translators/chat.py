@@ -17,6 +17,7 @@ class Chat(Translator):
     kind = "chat"
     paths = ("/v1/chat/completions", "/chat/completions")
     asks_for_stream_usage = True
+    limit_keys = ("max_tokens", "max_completion_tokens")
 
     def completions(self, body: Mapping[str, object]) -> int:
         return billable.count_field(body, "n", 1, billable.MAX_CHOICES) or 1

@@ -16,6 +16,7 @@ class Responses(Translator):
     kind = "responses"
     paths = ("/v1/responses", "/responses")
     limit_key = "max_output_tokens"
+    limit_keys = ("max_output_tokens",)
 
     def count(self, body: Mapping[str, object], server_context_tokens: int) -> Count:
         template = body.get("prompt")
