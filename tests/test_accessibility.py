@@ -40,6 +40,7 @@ from support.browser import (
     findings,
     focus_outline,
     missing_tools,
+    page_turns_true,
     report,
     tab_to,
     visible_focus,
@@ -505,8 +506,8 @@ async def test_admin_by_keyboard_alone(keyboard_page, stack):
     await page.keyboard.press("Escape")
     await page.locator("#plan-dialog").wait_for(state="hidden")
     # The dialog's close event (which moves the focus) is a task after the dialog hides.
-    await page.wait_for_function("document.activeElement && document.activeElement.matches("
-                                 "\"a[data-dialog='plan-dialog']\")", timeout=5000)
+    await page_turns_true(page, "document.activeElement && document.activeElement.matches("
+                                "\"a[data-dialog='plan-dialog']\")")
 
     await tab_to(page, "form.logout button", backwards=True)
     async with page.expect_navigation():
@@ -568,7 +569,7 @@ async def test_wide_table_scrolls_by_keyboard_on_a_phone(browser, stack):
         for _ in range(5):
             await page.keyboard.press("ArrowRight")
         # Keyboard scrolling is animated: wait for it rather than read it at once.
-        await page.wait_for_function("document.activeElement.scrollLeft > 0", timeout=5_000)
+        await page_turns_true(page, "document.activeElement.scrollLeft > 0")
     async with csp_checked_tab(browser, viewport=DESKTOP, locale="pt-BR", storage_state=stack.me_state) as page:
         await page.goto(stack.url + "/me")
         assert await page.locator(".table-wrap:has(table.statement)").get_attribute("tabindex") is None

@@ -8,6 +8,7 @@ AA. The page's CSP forbids inline scripts, so the contexts that run axe bypass i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -64,6 +65,17 @@ async def csp_checked_tab(browser: Any, **context_options: Any) -> AsyncIterator
     finally:
         await context.close()
     assert not blocked, blocked
+
+
+async def page_turns_true(page: Any, expression: str, seconds: float = 5.0) -> None:
+    """Wait until ``expression`` is true in the page. Not Playwright's wait_for_function: once
+    its first check fails it polls with a predicate it compiles by eval, which the pages' own
+    CSP (enforced in these tabs) refuses, so it failed whenever the first check came too early."""
+    for _ in range(int(seconds / 0.05)):
+        if await page.evaluate(expression):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never true in the page: {expression}")
 
 
 async def axe_violations(page: Any, tags: list[str] = AXE_TAGS) -> list[dict[str, Any]]:
