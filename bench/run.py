@@ -873,14 +873,15 @@ class Bench:
             print("All requests answered 2xx; ledger consistent.")
 
     def print_gate_view(self, stack: Stack) -> None:
-        """Mean time per ext_proc phase and per ledger call as the gate measured them, and how
-        often the rate limiter gave up on Redis (its timeout is short by design)."""
+        """Mean time per ext_proc phase and per ledger call as the gate measured them, how often
+        the rate limiter gave up on Redis (its timeout is short by design), and how many
+        admissions and settles the ledger's batches carried on average (group commit)."""
         print()
         print(f"The gate's own view, {LABELS[stack.name]} (/metrics deltas; mean ms per message / per call):")
         phases = ("request_headers", "request_body", "response_headers", "response_body")
         ops = ("admit", "settle")
         print(f"{'pass':10} " + " ".join(f"{p:>16}" for p in phases) + " " + " ".join(f"{o:>8}" for o in ops)
-              + f" {'rl-fallback':>11} {'redis-err':>9} {'db-err':>6}")
+              + f" {'rl-fallback':>11} {'redis-err':>9} {'db-err':>6} {'per batch: admit':>16} {'settle':>6}")
         for pass_name in ("throughput", "paced", "latency"):
             load = stack.loads.get(pass_name)
             m = load.metrics if load is not None else None
@@ -897,9 +898,15 @@ class Bench:
             fallback = m.get("solaris_ratelimit_fallback_total", 0.0)
             redis_err = m.get("solaris_redis_errors_total", 0.0)
             db_err = m.get("solaris_db_errors_total", 0.0)
+            def per_batch(operation: str, m: dict[str, float] = m) -> str:
+                runs = m.get(f'solaris_ledger_batches_total{{operation="{operation}"}}', 0.0)
+                carried = m.get(f'solaris_ledger_batched_operations_total{{operation="{operation}"}}', 0.0)
+                return f"{carried / runs:.2f}" if runs else "-"
+
             print(f"{pass_name:10} " + " ".join(f"{c:>16}" for c in cells[:4]) + " "
                   + " ".join(f"{c:>8}" for c in cells[4:])
-                  + f" {fallback:>11.0f} {redis_err:>9.0f} {db_err:>6.0f}")
+                  + f" {fallback:>11.0f} {redis_err:>9.0f} {db_err:>6.0f}"
+                  + f" {per_batch('admit'):>16} {per_batch('settle'):>6}")
 
     def ratios(self) -> dict[str, float]:
         """Throughput ratios of the pairs present (c/b is the issue's: gate over the four-message

@@ -82,6 +82,7 @@ class Service:
                 s.redis_url, socket_timeout=0.3, socket_connect_timeout=0.05,
                 retry=Retry(NoBackoff(), 0))
             self.ledger = Ledger(self.pool, s, self.clock, admit_pool=self.admit_pool)
+            self.metrics.watch_batches(self.ledger.batch_counts)
             # 50 ms of Redis time: the limiter does not count the loop's lag (a deadline the
             # loop runs late is extended, up to 5 x), so a busy processor keeps the shared limit
             # instead of dropping to per-process ones (N processes = N x the limit). A dead Redis

@@ -329,6 +329,11 @@ class Ledger:
         self._admits: Batcher[AdmitRequest, Admission] | None = Batcher(
             self._admit_batch, self.admit_one, fatal=(LedgerUnavailable,)) if batch else None
 
+    def batch_counts(self) -> dict[str, tuple[int, int]]:
+        """Per operation, (batches run, operations they carried): the group commit's reach."""
+        return {name: (b.batches, b.items) for name, b in (("admit", self._admits), ("settle", self._settles))
+                if b is not None}
+
     @property
     def settle_backlog(self) -> int:
         """Settles waiting for a batch in flight to finish (0 without batching)."""

@@ -6,7 +6,11 @@ LiteLLM, a short list) and kind, latencies by phase. Never a user id as a label.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
@@ -96,3 +100,27 @@ class Metrics:
             "disputes/chargebacks (dispute), given back when a dispute is won or closed "
             "(dispute_released).",
             ["kind"], registry=r)
+
+    def watch_batches(self, counts: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
+        """Export the ledger's group commit, read at scrape time (nothing on the hot path):
+        ``counts()`` gives, per operation, (batches run, operations they carried)."""
+        self.registry.register(_Batches(counts))
+
+
+class _Batches(Collector):
+    def __init__(self, counts: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        batches = CounterMetricFamily(
+            "solaris_ledger_batches", "Ledger statements run for queued operations, by operation "
+            "(group commit: the operations per batch is the ratio of the two counters).",
+            labels=["operation"])
+        carried = CounterMetricFamily(
+            "solaris_ledger_batched_operations", "Operations those batches carried, by operation.",
+            labels=["operation"])
+        for operation, (runs, operations) in self.counts().items():
+            batches.add_metric([operation], runs)
+            carried.add_metric([operation], operations)
+        yield batches
+        yield carried

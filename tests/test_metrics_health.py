@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -47,6 +49,33 @@ async def test_metrics_follow_requests(http, envoy, service, auth, user):
     assert ("solaris_alert_outbox_pending", ()) in after
     # no user id ever becomes a label
     assert not any(user in str(labels) for _, labels in after)
+
+
+async def test_group_commit_is_exported(http, service, user):
+    """Operators see the ledger's batching (read at scrape time: nothing on the hot path): every
+    admission and settle is carried by exactly one batch; 20 submitted at once take one statement
+    per batch in flight plus one for all that queued behind them."""
+    from extproc.ledger import Usage
+
+    ledger = service.ledger
+    assert ledger is not None
+    before = await scrape(http, service)
+    ids = [f"batch-{user}-{i}" for i in range(20)]
+    admissions = await asyncio.gather(*[ledger.admit(user, 10, i) for i in ids])
+    assert all(a.outcome == "ok" for a in admissions)
+    await asyncio.gather(*[ledger.settle(Usage(exchange_id=i, user_id=user, prompt_tokens=1, completion_tokens=1))
+                           for i in ids])
+    after = await scrape(http, service)
+
+    def delta(name: str, operation: str) -> float:
+        return value(after, name, operation=operation) - value(before, name, operation=operation)
+
+    # admissions: two batches in flight at most, so the first two go alone and 18 share one
+    assert (delta("solaris_ledger_batched_operations_total", "admit"),
+            delta("solaris_ledger_batches_total", "admit")) == (20, 3)
+    # settles: one in flight, the other 19 share the next
+    assert (delta("solaris_ledger_batched_operations_total", "settle"),
+            delta("solaris_ledger_batches_total", "settle")) == (20, 2)
 
 
 async def test_health_endpoints(http, service):
