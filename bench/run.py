@@ -614,7 +614,8 @@ class Bench:
             for line in text.splitlines():
                 if line.startswith("solaris_") and not line.startswith(("#", "solaris_alert")):
                     key, _, value = line.rpartition(" ")
-                    if key.endswith(("_sum", "_count", "_total")) or "_count{" in key or "_sum{" in key:
+                    if key.endswith(("_sum", "_count", "_total")) or any(
+                            f"{suffix}{{" in key for suffix in ("_count", "_sum", "_total")):
                         with contextlib.suppress(ValueError):
                             out[key] = out.get(key, 0.0) + float(value)
         return out
