@@ -96,8 +96,8 @@ class Gate:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pending_settles = 0
         # Streams this process handed to Envoy whose access-log entry has not come back here
-        # yet (exchange id -> when): a graceful stop waits for them (gate.handoff).
-        self.handed: dict[str, float] = {}
+        # yet, oldest first (an ordered set): a graceful stop waits for them (gate.handoff).
+        self.handed: dict[str, None] = {}
         credentials = upstream_credentials(settings.upstream_api_key, settings.jwt_header)
         # The body the gate priced is read as JSON, so the upstream must read it as JSON too:
         # LiteLLM parses a form-encoded body as a form, where "&model=..." hidden in a JSON
@@ -368,10 +368,10 @@ class Gate:
 
     def _hand_off(self, ex: Exchange) -> None:
         """This exchange's settle is the access log's now (gate.handoff)."""
-        ex.closed = ex.handed_off = True  # this stream's end settles nothing
+        ex.closed = True  # this stream's end settles nothing
         if len(self.handed) >= MAX_HANDED_TRACKED:
             del self.handed[next(iter(self.handed))]  # the oldest: its entry went elsewhere
-        self.handed[ex.exchange_id] = time.monotonic()
+        self.handed[ex.exchange_id] = None
         if ex.reserved:
             self.metrics.reservations_held.dec()
         self.metrics.handoffs.labels("handed").inc()
@@ -395,7 +395,7 @@ class Gate:
         ex = Exchange(exchange_id=handed.exchange_id, identity=Identity(user_id=handed.user_id),
                       request_id=handed.request_id, model=handed.model, estimate=handed.estimate,
                       prompt_estimate=handed.prompt_estimate, prompt_chars=handed.prompt_chars,
-                      status=status, stream=True, admitted=True, closed=True, handed_off=True,
+                      status=status, stream=True, admitted=True, closed=True,
                       started=time.perf_counter() - duration)  # the log line's latency: Envoy's
         if observed is None:
             # A 2xx answer without usage is never released: the reservation, or more (never

@@ -41,7 +41,6 @@ class Exchange:
     rate: RateDecision | None = None
     account: Account | None = None  # the account as admission left it (after this reservation)
     closed: bool = False
-    # Its answer may be handed to Envoy (gate.handoff.candidate, decided at admission), and was
-    # (settled from Envoy's access log, not by this stream).
+    # Its answer may be handed to Envoy (gate.handoff.candidate, decided at admission); once it
+    # is, ``closed`` says this stream settles nothing (Envoy's access log does).
     candidate: bool = False
-    handed_off: bool = False
