@@ -391,20 +391,15 @@ class Gate:
         if not handoff.goes_to_envoy(status, content_type):
             return None  # not handed off: settled by its own ext_proc stream
         self.handed.pop(handed.exchange_id, None)
-        observed = handoff.observed(metadata, max(self.settings.max_usage_tokens, handed.estimate))
         ex = Exchange(exchange_id=handed.exchange_id, identity=Identity(user_id=handed.user_id),
                       request_id=handed.request_id, model=handed.model, estimate=handed.estimate,
                       prompt_estimate=handed.prompt_estimate, prompt_chars=handed.prompt_chars,
                       status=status, stream=True, admitted=True, closed=True,
                       started=time.perf_counter() - duration)  # the log line's latency: Envoy's
-        if observed is None:
-            # A 2xx answer without usage is never released: the reservation, or more (never
-            # more here: the request was bounded, counted_output stays 0).
-            charge = accounting.unreported_charge(
-                status=status, abandoned=cut, prompt_estimate=handed.prompt_estimate,
-                estimate=handed.estimate, counted_output=0)
-            assert charge is not None
-            observed = Observed(charge.prompt_tokens, charge.completion_tokens, charge.flags)
+        # Without usage: the request was bounded, so no output is counted past the reservation,
+        # and a 2xx answer is never released.
+        observed = handoff.observed(metadata, self._usage_cap(ex)) or self._unreported(ex, cut, 0)
+        assert observed is not None
         self.metrics.handoffs.labels("no_usage" if "no_usage" in observed.flags else "settled").inc()
         observed = dataclasses.replace(observed, flags=(*observed.flags, handoff.FLAG))
         return self.spawn(self._close(ex, self._usage(ex, observed)))
@@ -548,6 +543,12 @@ class Gate:
             counted, _ = count_tokens(text, self.settings.conversion_factor)
             if ex.tap is not None:
                 counted += ex.tap.dropped_tokens(self.settings.conversion_factor)
+        return self._unreported(ex, abandoned, counted)
+
+    @staticmethod
+    def _unreported(ex: Exchange, abandoned: bool, counted: int) -> Observed | None:
+        """An exchange without a usable usage, by ``accounting.unreported_charge``; None:
+        release without debit."""
         charge = accounting.unreported_charge(
             status=ex.status, abandoned=abandoned,
             prompt_estimate=ex.prompt_estimate, estimate=ex.estimate, counted_output=counted)
