@@ -265,6 +265,11 @@ class Admission:
         return self.outcome
 
 
+# The flag of a settle built from Envoy's access log (gate.handoff), kept in the ledger entry as
+# provenance: such a settle closes or trues up a reservation, never creates a debit.
+FROM_ACCESS_LOG = "envoy"
+
+
 @dataclass(frozen=True)
 class Usage:
     """What one exchange really cost, as the processor observed it."""
@@ -746,7 +751,7 @@ class Ledger:
         # A settle from Envoy's access log closes or trues up a reservation, never creates a
         # debit: its entry comes over the network, and an exchange id that never held anything
         # (a forged or garbled entry) must not charge, nor open, an account.
-        logged = "envoy" in usage.flags
+        logged = FROM_ACCESS_LOG in usage.flags
         row = await self._locked_account(conn, usage.user_id)
         if row is None:
             pseudonym = await erased_pseudonym(conn, usage.user_id)

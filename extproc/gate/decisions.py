@@ -19,7 +19,7 @@ from typing import Any
 from .. import accounting
 from ..errors import GateError, Messages
 from ..identity import Authenticator, Identity, IdentityError
-from ..ledger import Admission, Ledger, LedgerUnavailable, Usage
+from ..ledger import FROM_ACCESS_LOG, Admission, Ledger, LedgerUnavailable, Usage
 from ..metrics import Metrics
 from ..ratelimit import PlanLimits, RateLimiter
 from ..settings import Settings
@@ -401,7 +401,7 @@ class Gate:
         observed = handoff.observed(metadata, self._usage_cap(ex)) or self._unreported(ex, cut, 0)
         assert observed is not None
         self.metrics.handoffs.labels("no_usage" if "no_usage" in observed.flags else "settled").inc()
-        observed = dataclasses.replace(observed, flags=(*observed.flags, handoff.FLAG))
+        observed = dataclasses.replace(observed, flags=(*observed.flags, FROM_ACCESS_LOG))
         return self.spawn(self._close(ex, self._usage(ex, observed)))
 
     async def response_body(self, ex: Exchange, chunk: bytes, end_of_stream: bool) -> Reply:

@@ -38,9 +38,6 @@ if TYPE_CHECKING:
 # Envoy's sse_to_metadata writes USAGE_NAMESPACE; envoy.yaml names both.
 NAMESPACE = "solaris.exchange"
 USAGE_NAMESPACE = "solaris.usage"
-# The settle's provenance in the ledger entry's flags: the usage Envoy read. It also limits what
-# such a settle may do: close or true up a reservation, never debit an exchange without one.
-FLAG = "envoy"
 
 
 @dataclass(frozen=True)
