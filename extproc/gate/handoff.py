@@ -79,9 +79,6 @@ def goes_to_envoy(status: int, content_type: str) -> bool:
     return 200 <= status < 300 and content_type.lower().startswith("text/event-stream")
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(Handed))
-
-
 def bounded(body: Mapping[str, Any], limit_keys: tuple[str, ...]) -> bool:
     """Whether the request bounds its answer: one of the fields its schema's upstream honours
     (translator.limit_keys) holds a positive integer."""
@@ -94,7 +91,7 @@ def fields(ex: Exchange) -> tuple[tuple[str, str | int], ...]:
     values = Handed(exchange_id=ex.exchange_id, user_id=ex.identity.user_id, model=ex.model,
                     request_id=ex.request_id, estimate=ex.estimate, prompt_estimate=ex.prompt_estimate,
                     prompt_chars=ex.prompt_chars)
-    return tuple((name, "" if (v := getattr(values, name)) is None else v) for name in FIELDS)
+    return tuple((name, "" if value is None else value) for name, value in dataclasses.asdict(values).items())
 
 
 def _integral(value: Any) -> Any:
