@@ -344,16 +344,15 @@ async def test_unreachable_redis_falls_back_fast_and_breaker_skips_it(
         with caplog.at_level(logging.WARNING, logger="extproc.ratelimit"):
             started = time.perf_counter()
             first = await limiter.hit("erin", 3)
-            first_latency = time.perf_counter() - started
-            assert first_latency < 0.05
+            # A refused connection answers at once; the bound is loose (a loaded CI machine
+            # stalls for tenths of a second) and only rules out retries with back-off.
+            assert time.perf_counter() - started < 1.0
             assert first.allowed and first.remaining == 2  # the in-process GCRA answered
             assert (calls, fallbacks(metrics), errors(metrics)) == (1, 1, 1)
             assert limiter.degraded
 
-            clock.t += 0.5  # breaker still open: Redis is not even tried
-            started = time.perf_counter()
+            clock.t += 0.5  # breaker still open: Redis is not even tried (the count stays 1)
             second = await limiter.hit("erin", 3)
-            assert time.perf_counter() - started < 0.005  # less than one Redis timeout
             assert second.remaining == 1
             assert (calls, fallbacks(metrics), errors(metrics)) == (1, 2, 1)
             await limiter.hit("erin", 3)
@@ -396,7 +395,8 @@ async def test_silent_redis_is_cut_off_at_the_timeout() -> None:
     try:
         started = time.perf_counter()
         decision = await limiter.hit("gina", 5)
-        assert time.perf_counter() - started < 0.05
+        # without the timeout this would never end; the slack is for a loaded CI machine
+        assert time.perf_counter() - started < 1.0
         assert decision.allowed and fallbacks(metrics) == 1 and errors(metrics) == 1
     finally:
         await hung.aclose()
@@ -470,7 +470,7 @@ async def test_redis_going_away_and_coming_back(private_redis: PrivateRedis) -> 
         started = time.perf_counter()
         decision = await limiter.hit("hank", 10)
         # redis-py's own retries (with backoff) run until our timeout cuts them off.
-        assert time.perf_counter() - started < 0.1 + 0.05
+        assert time.perf_counter() - started < 0.1 + 0.4  # slack for a loaded machine
         # The fallback continues from the TAT Redis last reported: no fresh burst on failover.
         assert decision.allowed and decision.remaining == 6
         assert (fallbacks(metrics), errors(metrics)) == (1, 1)
@@ -560,8 +560,8 @@ async def test_loop_lag_is_not_a_redis_timeout(rounds_later: int) -> None:
 
 
 async def test_slow_redis_is_cut_off_soon_after_the_timeout() -> None:
-    """Redis itself slow (200 ms) while the loop is idle: cut off after about the timeout."""
-    server = SlowRedis(delay=0.2)
+    """Redis itself slow (3 s) while the loop is idle: cut off after about the timeout."""
+    server = SlowRedis(delay=3.0)
     client = Redis.from_url(f"redis://127.0.0.1:{server.port}/0", protocol=2)
     metrics = Metrics()
     limiter = RedisRateLimiter(client, metrics, prefix="slow:", timeout=0.02)
@@ -569,7 +569,7 @@ async def test_slow_redis_is_cut_off_soon_after_the_timeout() -> None:
         await client.ping()
         started = time.perf_counter()
         decision = await limiter.hit("lou", 10)
-        assert time.perf_counter() - started < 0.1
+        assert time.perf_counter() - started < 1.0  # far below the answer's 3 s, slack for load
         assert decision.allowed and fallbacks(metrics) == 1 and errors(metrics) == 1
     finally:
         await client.aclose()
