@@ -774,17 +774,19 @@ class Ledger:
         # Separate statements on purpose: under READ COMMITTED they take a snapshot after the
         # lock was granted, so they see a settle that committed while we waited (a subquery in
         # the locking SELECT would not).
+        # Pinned to the account's id as well (the entries of an erased user moved with it):
+        # one user's rows, which is what a ledger sharded by user needs (docs/scaling.md).
         previous = await conn.fetchrow(
-            "SELECT tokens, credits_delta, cycle_start, flags FROM ledger_entries WHERE exchange_id = $1",
-            usage.exchange_id)
+            "SELECT tokens, credits_delta, cycle_start, flags FROM ledger_entries"
+            " WHERE exchange_id = $1 AND user_id = $2", usage.exchange_id, row["user_id"])
         if previous is None:
             if logged:
                 log.warning("settle from the access log without a reservation refused (exchange %s)",
                             usage.exchange_id)
             return (None, None) if release or logged else ({**dict(row), "held": 0}, None)
         if "expired" not in previous["flags"] or "expired" in usage.flags or await conn.fetchval(
-                "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1",
-                trueup_key_for(usage.exchange_id)):
+                "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1 AND user_id = $2",
+                trueup_key_for(usage.exchange_id), row["user_id"]):
             return None, None
         return {**dict(row), "held": 0}, previous
 
@@ -897,7 +899,8 @@ class Ledger:
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", PAYMENT_LOCK_CLASS, payment_intent)
             row = await conn.fetchrow("SELECT * FROM billing_payments WHERE payment_intent = $1", payment_intent)
             if row is None or row["session_id"] is None or not row["tokens"] or not await conn.fetchval(
-                    "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1", purchase_key(row["session_id"])):
+                    "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1 AND user_id = $2",
+                    purchase_key(row["session_id"]), row["user_id"]):
                 return PaymentSettled()  # the purchase is not known or not credited (yet, or never: unknown user)
             disputes = await conn.fetch(
                 "SELECT dispute_id, status, amount, currency FROM billing_disputes WHERE payment_intent = $1"
