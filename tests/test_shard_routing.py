@@ -94,27 +94,23 @@ class Recording(asyncpg.Connection):  # type: ignore[misc]
         if function:
             SENT.append(Sent(function, query, args))
 
-    async def execute(self, query: str, *args: Any, **options: Any) -> Any:
-        self._note(query, args)
-        return await super().execute(query, *args, **options)
-
-    async def fetch(self, query: str, *args: Any, **options: Any) -> Any:
-        self._note(query, args)
-        return await super().fetch(query, *args, **options)
-
-    async def fetchrow(self, query: str, *args: Any, **options: Any) -> Any:
-        self._note(query, args)
-        return await super().fetchrow(query, *args, **options)
-
-    async def fetchval(self, query: str, *args: Any, **options: Any) -> Any:
-        self._note(query, args)
-        return await super().fetchval(query, *args, **options)
-
     async def executemany(self, command: str, args: Any, **options: Any) -> Any:
         args = list(args)  # an iterator would be spent by the note
         for one in args:
             self._note(command, tuple(one))
         return await super().executemany(command, args, **options)
+
+
+def _recording(name: str) -> Any:
+    """Connection.<name>, noting the statement first."""
+    async def method(self: Recording, query: str, *args: Any, **options: Any) -> Any:
+        self._note(query, args)
+        return await getattr(super(Recording, self), name)(query, *args, **options)
+    return method
+
+
+for _name in ("execute", "fetch", "fetchrow", "fetchval"):
+    setattr(Recording, _name, _recording(_name))
 
 
 @pytest.fixture
