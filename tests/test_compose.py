@@ -65,6 +65,7 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 TOOLS = {"podman": ["podman", "netavark", "aardvark-dns", "iptables"], "runc": ["runc"],
          "debootstrap": ["debootstrap"], "docker-compose": ["docker-compose"], "docker": ["podman-docker"]}
 SERVICES = {"envoy", "extproc", "litellm", "postgres", "redis", "prometheus", "grafana"}
+NETWORKS = ("public", "upstream", "gate", "ledger", "metrics")  # docker-compose.yml's
 MONTHLY_TOKENS = 1_000_000
 CHAT = "/v1/chat/completions"
 STREAM_MODEL = "solaris-test-stream"  # deploy/test/litellm.yaml
@@ -465,7 +466,8 @@ class Stack:
         volumes = self.engine.podman("volume", "ls", "-q", "--filter", label).stdout.split() + sorted(anonymous)
         if volumes:
             self.engine.podman("volume", "rm", "-f", *volumes, check=False)
-        self.engine.podman("network", "rm", "-f", f"{PROJECT}_default", check=False)
+        for network in ("default", *NETWORKS):
+            self.engine.podman("network", "rm", "-f", f"{PROJECT}_{network}", check=False)
 
 
 def write_env_file(port: int) -> tuple[Path, dict[str, str]]:
@@ -612,6 +614,43 @@ def test_every_service_healthy_and_only_envoy_published(stack: Stack) -> None:
     assert published["grafana"] == [("127.0.0.1", 3000, 3000)]
     for service in ("extproc", "litellm", "postgres", "redis"):
         assert published[service] == [], service
+
+
+# A TCP connection from inside a service's container: exit 0 when it opens.
+PROBE = ("import socket, sys\n"
+         "try:\n"
+         "    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).close()\n"
+         "except OSError as exc:\n"
+         "    sys.exit(f'{type(exc).__name__}: {exc}')\n")
+
+
+def test_each_service_reaches_only_what_it_talks_to(stack: Stack) -> None:
+    """docker-compose.yml's networks. LiteLLM talks to the model providers, the most exposed
+    service: it must not reach the processor (whose gRPC port takes the access-log entries that
+    settle streams, docs/streams.md), the ledger or Redis, by name or by address. Grafana reads
+    Prometheus alone; the processor has no way to LiteLLM, which it never calls."""
+    def reaches(service: str, host: str, port: int) -> bool:
+        return stack.exec(service, "python3", "-c", PROBE, host, str(port), check=False).returncode == 0
+
+    def addresses(service: str) -> list[str]:
+        ids = [c["Id"] for c in stack.containers("--filter", "status=running")
+               if c["Labels"]["com.docker.compose.service"] == service]
+        found = [n["IPAddress"] for c in json.loads(stack.engine.podman("inspect", *ids).stdout)
+                 for n in (c["NetworkSettings"].get("Networks") or {}).values() if n.get("IPAddress")]
+        assert found, service
+        return found
+
+    # The probe works where a path exists (a name can take a while to resolve: see extproc()).
+    for service, host, port in (("litellm", "envoy", 8080), ("grafana", "prometheus", 9090),
+                                ("extproc", "postgres", 5432), ("extproc", "redis", 6379)):
+        wait_for(lambda s=service, h=host, p=port: reaches(s, h, p), 90, f"{service} -> {host}:{port}")
+    closed = [("litellm", host, port) for host, port in (
+        ("extproc", 50051), ("extproc", 8081), ("postgres", 5432), ("redis", 6379), ("envoy", 9901))]
+    closed += [("litellm", ip, port) for service, port in (("extproc", 50051), ("postgres", 5432), ("redis", 6379))
+               for ip in addresses(service)]
+    closed += [("grafana", "extproc", 8081), ("grafana", "postgres", 5432), ("extproc", "litellm", 4000)]
+    opened = [probe for probe in closed if reaches(*probe)]
+    assert opened == [], opened
 
 
 def test_librechat_request_answered_and_debited_exactly(stack: Stack) -> None:
@@ -951,7 +990,7 @@ def test_down_leaves_nothing_running(stack: Stack) -> None:
     try:
         assert stack.containers() == []
         networks = stack.engine.podman("network", "ls", "--format", "{{.Name}}").stdout.split()
-        assert f"{PROJECT}_default" not in networks
+        assert not {f"{PROJECT}_{network}" for network in NETWORKS} & set(networks), networks
         for port in (stack.port, 9090, 3000):
             with pytest.raises(OSError):
                 socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import tomllib
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,10 +49,13 @@ LITELLM_HOST = "litellm"
 ENVOY_HEADER = """\
 # GENERATED from envoy.yaml by tests/test_deploy.py: do not edit by hand. Regenerate with
 #   .venv/bin/python tests/test_deploy.py
-# envoy.yaml with the docker-compose service hostnames (extproc, litellm), the admin on
-# 0.0.0.0 (Prometheus scrapes it; compose does not publish it) and the extproc cluster
-# resolved by DNS (one host per replica).
+# envoy.yaml with the docker-compose service hostnames (extproc, litellm), the extproc
+# cluster resolved by DNS (one host per replica), the admin on 127.0.0.1 only (it can stop
+# and reconfigure Envoy) and a listener on :9902 that serves Prometheus the admin's
+# /stats/prometheus and nothing else.
 """
+
+STATS_PORT = 9902  # deploy/prometheus/prometheus.yml scrapes envoy:9902
 
 # Secrets docker-compose.yml requires (`${VAR:?...}`); dummy values for `config`.
 REQUIRED_ENV = {"POSTGRES_PASSWORD": "pw", "LITELLM_MASTER_KEY": "sk-master", "GATE_KEY": "gate-key",
@@ -70,11 +74,38 @@ def render_compose_envoy() -> str:
         listen_port=s.listen_port, admin_port=s.envoy_admin_port,
         extproc=[(EXTPROC_HOST, s.grpc_port)], upstream=(LITELLM_HOST, s.upstream_port),
         http=(EXTPROC_HOST, s.http_port), template=s.envoy_template_path())
-    config["admin"]["address"]["socket_address"]["address"] = "0.0.0.0"
     for cluster in config["static_resources"]["clusters"]:
         # A STATIC cluster takes IP addresses only: a service name must be resolved by DNS.
         if cluster["type"] == "STATIC":
             cluster["type"] = "STRICT_DNS"
+    # The admin stays on 127.0.0.1 (its POST endpoints stop Envoy, fail its health check,
+    # change its runtime): every network Envoy is on could otherwise reach it, LiteLLM's
+    # included. Prometheus gets the one read-only page it scrapes through a listener of its own.
+    admin = config["admin"]["address"]["socket_address"]
+    config["static_resources"]["listeners"].append({
+        "name": "stats",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": STATS_PORT}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                         ".HttpConnectionManager",
+                "stat_prefix": "stats",
+                "route_config": {"virtual_hosts": [{"name": "stats", "domains": ["*"], "routes": [
+                    {"match": {"path": "/stats/prometheus",
+                               "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+                     "route": {"cluster": "envoy_admin"}},
+                    {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+                ]}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+            }}]}],
+    })
+    config["static_resources"]["clusters"].append({
+        "name": "envoy_admin", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "envoy_admin", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": dict(admin)}}}]}]},
+    })
     return ENVOY_HEADER + yaml.safe_dump(config, sort_keys=False)
 
 
@@ -122,10 +153,27 @@ def test_envoy_compose_config_is_rendered_from_envoy_yaml() -> None:
         "deploy/envoy.compose.yaml drifted from envoy.yaml: run .venv/bin/python tests/test_deploy.py")
 
 
+def test_each_service_is_on_the_networks_it_talks_over() -> None:
+    """Least privilege between containers (run for real in tests/test_compose.py): LiteLLM
+    shares a network with Envoy alone; the ledger's network is internal and holds no one but
+    the processor, PostgreSQL and Redis; clients join `public`, where only Envoy listens."""
+    compose = _compose()
+    networks = {name: sorted(service.get("networks", [])) for name, service in compose["services"].items()}
+    assert networks == {
+        "envoy": ["gate", "public", "upstream"], "extproc": ["gate", "ledger"], "litellm": ["upstream"],
+        "postgres": ["ledger"], "redis": ["ledger"], "prometheus": ["gate", "metrics"], "grafana": ["metrics"],
+    }
+    assert compose["networks"]["ledger"] == {"internal": True}
+
+
 def test_envoy_compose_config_uses_service_hostnames() -> None:
     config = yaml.safe_load(ENVOY_COMPOSE.read_text())
-    assert config["admin"]["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 9901}
+    admin = {"address": "127.0.0.1", "port_value": 9901}
+    assert config["admin"]["address"]["socket_address"] == admin
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    stats = clusters.pop("envoy_admin")  # the stats listener's way to the admin, in the container
+    assert stats["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
+        "socket_address": admin}
     addresses = {
         name: [e["endpoint"]["address"]["socket_address"] for group in c["load_assignment"]["endpoints"]
                for e in group["lb_endpoints"]]
@@ -136,7 +184,8 @@ def test_envoy_compose_config_uses_service_hostnames() -> None:
         "extproc_http": [{"address": "extproc", "port_value": 8081}],
     }
     assert all(c["type"] in ("STRICT_DNS", "LOGICAL_DNS") for c in clusters.values())
-    assert "127.0.0.1" not in ENVOY_COMPOSE.read_text()
+    body = [line for line in ENVOY_COMPOSE.read_text().splitlines() if not line.startswith("#")]
+    assert sum("127.0.0.1" in line for line in body) == 2  # the admin and its cluster
     services = _services()
     assert _container_path(services["envoy"], "deploy/envoy.compose.yaml") == "/etc/envoy/envoy.yaml"
 
@@ -163,36 +212,62 @@ def test_envoy_compose_config_validates(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def compose_envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """deploy/envoy.compose.yaml running (its hostnames unresolved), on free ports: its admin port."""
+def compose_envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]]:
+    """deploy/envoy.compose.yaml running (its hostnames unresolved), on free ports: its admin
+    port and its stats listener's."""
     envoy = _envoy_binary()
     config = yaml.safe_load(ENVOY_COMPOSE.read_text())
-    admin, listen = devstack.free_port(), devstack.free_port()
+    admin, listen, stats = devstack.free_port(), devstack.free_port(), devstack.free_port()
     config["admin"]["address"]["socket_address"]["port_value"] = admin
-    config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = listen
+    listeners = {listener["name"]: listener for listener in config["static_resources"]["listeners"]}
+    listeners["gate"]["address"]["socket_address"]["port_value"] = listen
+    listeners["stats"]["address"]["socket_address"]["port_value"] = stats
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == "envoy_admin":
+            cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+                "socket_address"]["port_value"] = admin
     workdir = tmp_path_factory.mktemp("compose-envoy")
     path = envoy_config.write(config, workdir / "envoy.yaml")
     proc = devstack.spawn([str(envoy), "-c", str(path), "--concurrency", "1", "--log-level", "error",
                            "--base-id", str(admin)], workdir / "envoy.log")
     try:
         devstack.wait_until(lambda: devstack.http_ok(f"http://127.0.0.1:{admin}/ready"), 30, "envoy", proc)
-        yield admin
+        yield admin, stats
     finally:
         devstack.stop_process(proc)
 
 
-def test_compose_envoy_healthcheck_command(compose_envoy: int) -> None:
+def test_compose_envoy_healthcheck_command(compose_envoy: tuple[int, int]) -> None:
     test = _services()["envoy"]["healthcheck"]["test"]
     assert test[0] == "CMD-SHELL" and test[1].startswith("bash -c ") and "/9901" in test[1]
-    result = _run(["sh", "-c", test[1].replace("/9901", f"/{compose_envoy}")])
+    result = _run(["sh", "-c", test[1].replace("/9901", f"/{compose_envoy[0]}")])
     assert result.returncode == 0, result.stderr
     unused = devstack.free_port()
     assert _run(["sh", "-c", test[1].replace("/9901", f"/{unused}")]).returncode != 0
 
 
-def test_envoy_metrics_in_rules_and_dashboard_exist(compose_envoy: int) -> None:
+def test_the_stats_listener_serves_prometheus_and_nothing_of_the_admin(compose_envoy: tuple[int, int]) -> None:
+    """What another container reaches on :9902: the metrics page, not the admin's endpoints
+    (a POST /quitquitquit there would stop the gateway)."""
+    admin, stats = compose_envoy
+    with urllib.request.urlopen(f"http://127.0.0.1:{stats}/stats/prometheus", timeout=5) as response:
+        assert response.status == 200 and b"envoy_server_live" in response.read()
+    for method, path in (("POST", "/quitquitquit"), ("POST", "/healthcheck/fail"), ("GET", "/config_dump"),
+                         ("POST", "/runtime_modify?a=b"), ("POST", "/stats/prometheus"), ("GET", "/stats"),
+                         ("GET", "/stats/prometheus/../../config_dump")):
+        request = urllib.request.Request(f"http://127.0.0.1:{stats}{path}", method=method)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+        assert refused.value.code == 404, (method, path)
+    assert devstack.http_ok(f"http://127.0.0.1:{admin}/ready")  # still up, still healthy
+    yml = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    envoy_job = next(job for job in yml["scrape_configs"] if job["job_name"] == "envoy")
+    assert envoy_job["static_configs"][0]["targets"] == [f"envoy:{STATS_PORT}"]
+
+
+def test_envoy_metrics_in_rules_and_dashboard_exist(compose_envoy: tuple[int, int]) -> None:
     """The envoy_* names and labels the alerts and the dashboard use, as Envoy exports them."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{compose_envoy}/stats/prometheus", timeout=5) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{compose_envoy[1]}/stats/prometheus", timeout=5) as response:
         exposition = response.read().decode()
     labels: dict[str, set[str]] = {}
     for name, matchers in re.findall(r"^(envoy_\w+)(?:\{(.*)\})? ", exposition, re.M):
@@ -534,7 +609,7 @@ def test_prometheus_scrapes_processor_and_envoy() -> None:
     assert extproc["dns_sd_configs"] == [{"names": ["extproc"], "type": "A", "port": Settings().http_port,
                                           "refresh_interval": "15s"}]
     assert jobs["envoy"]["metrics_path"] == "/stats/prometheus"
-    assert jobs["envoy"]["static_configs"][0]["targets"] == [f"envoy:{Settings().envoy_admin_port}"]
+    assert jobs["envoy"]["static_configs"][0]["targets"] == [f"envoy:{STATS_PORT}"]
     assert _container_path(_services()["prometheus"], "deploy/prometheus") == "/etc/prometheus"
     assert config["rule_files"] == ["alerts.yml"]
 
