@@ -46,13 +46,16 @@ def _serving_loop(path: Path) -> str:
 
 def _start_noop(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], Path]:
     """`extproc serve --noop` (no database, no Redis: only the loop is under test); returns once
-    its gRPC port accepts connections."""
+    its gRPC port accepts connections and its "serving" line is in the log (the port opens
+    first: a loaded machine can read the log in between)."""
     port = devstack.free_port()
     log = tmp_path / f"noop-{port}.log"
     full = {**os.environ, "GATE_GRPC_PORT": str(port), "GATE_HTTP_PORT": str(devstack.free_port()), **env}
     proc = subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve", "--noop"], env=full,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
     devstack.wait_until(lambda: devstack.port_open("127.0.0.1", port), 30, "extproc serve --noop", proc)
+    devstack.wait_until(lambda: any(line.get("msg") == "serving" for line in _log_lines(log)), 30,
+                        "the serving log line", proc)
     return proc, log
 
 

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from support.gate import CHAT, settled
+from support.wait import eventually
 
 from extproc.app import Service
 from extproc.settings import Settings
@@ -125,7 +126,7 @@ async def test_fail_open_admits_and_settles_later_from_the_spool(faulty, http, a
     for _ in range(3):
         status, _ = await _post(http, proxy_envoy, auth(user), _chat(prompt=10, completion=20))
         assert status == 200
-    await asyncio.sleep(0.1)
+    await settled(svc)  # the settles (spooled: the database is away) run after each reply
     assert svc.spool.pending() == 3
     async with http.get(f"http://127.0.0.1:{svc.http_port}/metrics") as resp:
         assert "solaris_spool_pending 3.0" in await resp.text()
@@ -141,16 +142,19 @@ async def test_fail_open_admits_and_settles_later_from_the_spool(faulty, http, a
     assert await service.ledger.reconcile() == []
 
 
-async def test_settle_during_outage_is_spooled_and_replayed_once(faulty, http, auth, user, service):
+async def test_settle_during_outage_is_spooled_and_replayed_once(faulty, http, auth, user, service, upstream):
     """Admitted with a reservation, the database goes away while the upstream answers: the
     debit waits in the spool; after replay the ledger is what an uninterrupted run gives."""
     proxy, svc, proxy_envoy = await faulty()
-    request = asyncio.create_task(_post(http, proxy_envoy, auth(user), _chat(prompt=40, completion=2, delay=0.5)))
-    await asyncio.sleep(0.25)
+    before = len(upstream.requests)
+    request = asyncio.create_task(_post(http, proxy_envoy, auth(user), _chat(prompt=40, completion=2, delay=1.0)))
+    # Cut once the upstream has the request (so it was admitted, its reservation held) and
+    # while it takes 1 s to answer, not after a fixed sleep a loaded machine may outlast.
+    await eventually(lambda: len(upstream.requests) > before, "the request reaching the upstream")
     await proxy.cut()
     status, _ = await request
     assert status == 200  # the user got the answer; the debit is owed, not lost
-    await asyncio.sleep(0.1)
+    await settled(svc)
     assert svc.spool.pending() == 1
     held = await service.ledger.account(user)
     assert held.reserved > 0

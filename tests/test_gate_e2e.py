@@ -329,9 +329,9 @@ async def test_upstream_abort_mid_stream_debits_what_was_seen(http, envoy, servi
             async for chunk in resp.content.iter_any():
                 received += chunk
     assert b"word2" in received
-    await asyncio.sleep(0.2)
-    await settled(service)
-    [entry] = await usage_entries(service, user)
+    await asyncio.sleep(0.2)  # room for a second (wrong) entry to show
+    # the settle follows the processor's own view of the cut, which can trail the client's
+    [entry] = await first_usage_entries(service, user)
     # cut before the usage event: the model may have produced more than was passed on
     assert list(entry["flags"]) == ["no_usage", "abandoned", "reservation"]
     assert entry["completion_tokens"] == 1024 and -entry["tokens"] == entry["estimate"]
@@ -342,10 +342,13 @@ async def test_upstream_abort_mid_stream_debits_what_was_seen(http, envoy, servi
 # ---------------------------------------------------------------- concurrency
 
 
-async def test_100_concurrent_requests_small_balance(http, envoy, service, auth, user, settings):
+async def test_100_concurrent_requests_small_balance(http, patient_envoy, service, auth, user, settings):
     """B1 (the overspend bound): with the full estimate reserved at admission, concurrent requests cannot
     push the balance below zero unless real usage exceeds the estimate; here each costs
-    exactly 30 and reserves 6 + 24 = 30, so the bound is zero and exactly floor(B/30) pass."""
+    exactly 30 and reserves 6 + 24 = 30, so the bound is zero and exactly floor(B/30) pass.
+    (Through an Envoy that waits 10 s per message: a burst on a loaded machine can outlast the
+    shipped 1 s, and a 504 is Envoy's answer to a slow processor, not the ledger's.)"""
+    envoy = patient_envoy
     assert service.ledger is not None
     await post(http, envoy, auth(user), chat(max_tokens=0, x_test={"prompt": 0, "completion": 0}))
     await service.ledger.grant(user, -(settings.default_monthly_tokens - 1000), actor="test",

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from support.gate import settled
+from support.wait import eventually
 
 from extproc.ledger import Ledger, Usage, create_pool
 from extproc.settings import Settings
@@ -141,17 +142,22 @@ async def test_fuzzed_processing_requests_never_kill_the_service(service, auth, 
                 assert exc.code() != grpc.StatusCode.UNAVAILABLE, exc
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
         assert health.status == health_pb2.HealthCheckResponse.SERVING
-    await asyncio.sleep(0.2)
-    assert service.gate is not None and not service.gate.tasks
+    assert service.gate is not None
+    gate = service.gate
+    # every money task the fuzzed streams started ends (none is leaked or left hanging)
+    await eventually(lambda: not gate.tasks, "the gate's tasks all finished")
     assert await service.ledger.reconcile() == []
 
 
 # ---------------------------------------------------------------- overspend under load
 
 
-async def test_500_concurrent_requests_on_a_balance_for_10(http, envoy, service, auth, user, settings):
+async def test_500_concurrent_requests_on_a_balance_for_10(http, patient_envoy, service, auth, user, settings):
     """Each request reserves 6 + 24 = 30 and really costs 6 + 30 = 36 (the model overshoots
-    max_tokens by 6): the documented bound is admitted × 6 below zero at most."""
+    max_tokens by 6): the documented bound is admitted × 6 below zero at most. (Through an
+    Envoy that waits 10 s per message: such a burst can outlast the shipped 1 s on a loaded
+    machine, and a 504 is Envoy's answer to a slow processor, not the ledger's.)"""
+    envoy = patient_envoy
     assert service.ledger is not None
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Olá, tudo bem?"}]}
     async with http.post(envoy.url + "/v1/chat/completions", headers=auth(user),

@@ -6,6 +6,7 @@ or from conftest (tests/test_suite_layout.py checks it).
 - ``web``: HTTP helpers for the console, /me and the admin API
 - ``mail``: the one SMTP server the tests send to (aiosmtpd), and a mail-sending Service
 - ``clock``: a settable clock for the ledger and the alert worker
+- ``wait``: waiting for background work by its outcome, with a deadline a loaded machine meets
 - ``upstream``: a fast OpenAI-compatible upstream (also run as a script by bench/run.py)
 - ``stripe_api``: a local stand-in for Stripe's API and signed webhook events
 
