@@ -899,8 +899,7 @@ class Ledger:
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", PAYMENT_LOCK_CLASS, payment_intent)
             row = await conn.fetchrow("SELECT * FROM billing_payments WHERE payment_intent = $1", payment_intent)
             if row is None or row["session_id"] is None or not row["tokens"] or not await conn.fetchval(
-                    "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1 AND user_id = $2",
-                    purchase_key(row["session_id"]), row["user_id"]):
+                    "SELECT 1 FROM ledger_entries WHERE idempotency_key = $1", purchase_key(row["session_id"])):
                 return PaymentSettled()  # the purchase is not known or not credited (yet, or never: unknown user)
             disputes = await conn.fetch(
                 "SELECT dispute_id, status, amount, currency FROM billing_disputes WHERE payment_intent = $1"

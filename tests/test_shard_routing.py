@@ -39,6 +39,7 @@ from extproc.settings import Settings
 DISTRIBUTED = frozenset({"accounts", "ledger_entries", "reservations", "alert_outbox"})
 
 # Ledger functions whose statements may reach several users' rows, and why (docs/scaling.md).
+# Whole functions, not single statements: a new lookup added inside one of them is not checked.
 SPANS_USERS = {
     "_admit_batch": "a batch of admissions: one statement for many users (grouped by shard under Citus)",
     "_settle_batch": "a batch of settles: one transaction for many users (grouped by shard under Citus)",
@@ -60,6 +61,9 @@ FANS_OUT = {
         "the same, for a release after the sweep charged the hold",
     ("grant", "WHERE idempotency_key = $1"):
         "idempotency keys are global (a key used for one user is applied for no other)",
+    ("settle_payment", "WHERE idempotency_key = $1"):
+        "the purchase's credit by its key alone: a payment row whose user id no longer matches"
+        " the credit's (an erasure) must fail loudly in grant, not look uncredited",
 }
 
 LEDGER_FILE = ledger_module.__file__
