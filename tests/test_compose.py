@@ -649,6 +649,10 @@ def test_each_service_reaches_only_what_it_talks_to(stack: Stack) -> None:
     closed += [("litellm", ip, port) for service, port in (("extproc", 50051), ("postgres", 5432), ("redis", 6379))
                for ip in addresses(service)]
     closed += [("grafana", "extproc", 8081), ("grafana", "postgres", 5432), ("extproc", "litellm", 4000)]
+    # by address too: a name the DNS misses would look closed whatever the networks
+    closed += [("grafana", ip, 8081) for ip in addresses("extproc")]
+    closed += [("grafana", ip, 5432) for ip in addresses("postgres")]
+    closed += [("extproc", ip, 4000) for ip in addresses("litellm")]
     opened = [probe for probe in closed if reaches(*probe)]
     assert opened == [], opened
 
