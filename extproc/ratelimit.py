@@ -327,6 +327,7 @@ class RedisRateLimiter:
         self.lease_seconds = lease_seconds
         self.max_entries = max_entries
         self._leases: dict[str, _Lease] = {}
+        self._abandoned: set[asyncio.Task[Any]] = set()  # calls past their deadline, see _abandon
         self._script = redis.register_script(GCRA_LUA)
         self.fallback = LocalRateLimiter(clock=clock)
         # Circuit breaker: Redis is skipped while opened_at <= now < opened_at + retry_interval.
@@ -393,15 +394,25 @@ class RedisRateLimiter:
         was busy) grants the call ``timeout`` again, at most MAX_EXTENSIONS times, and a deadline
         that stands still gives the loop DEADLINE_ROUNDS more rounds to read a reply that is
         already there. A Redis that does not answer on an idle loop is cut off after about
-        ``timeout``; on a lagging one after at most (1 + MAX_EXTENSIONS) x ``timeout``."""
+        ``timeout``; on a lagging one after at most (1 + MAX_EXTENSIONS) x ``timeout``.
+
+        The call runs in a task of its own and the request stops waiting for it at the deadline,
+        instead of cancelling the request's task: a cancel can be lost inside the client. redis-py
+        sends every command through asyncio.wait_for(socket_timeout), and Python 3.11's wait_for
+        swallows a cancel that lands in the loop round its inner write completes; the request
+        then waited for the client's own read timeout (seen: 5 s with the default client, on a
+        loaded machine, 1 call in 3-8). The abandoned call is cancelled and ends by itself at
+        the latest at the client's socket timeout, holding one pooled connection until then."""
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        cancelling = task.cancelling()
-        done = [False, False]  # [the call returned, we cancelled it]
+        call = loop.create_task(self._script(keys=keys, args=args))
+        woken = loop.create_future()  # True: the call ended; False: the deadline passed
+
+        def wake(answered: bool) -> None:
+            if not woken.done():
+                woken.set_result(answered)
 
         def deadline(due: float, extensions: int) -> None:
-            if done[0]:
+            if woken.done():
                 return
             now = loop.time()
             if extensions and now - due > self.timeout / 2:
@@ -410,25 +421,44 @@ class RedisRateLimiter:
             rounds(DEADLINE_ROUNDS)
 
         def rounds(left: int) -> None:
-            if done[0]:
+            if woken.done():
                 return
             if left:
                 loop.call_soon(rounds, left - 1)
                 return
-            done[1] = True
-            task.cancel()
+            wake(False)
 
+        call.add_done_callback(lambda _: wake(True))
         due = loop.time() + self.timeout
         handles = [loop.call_at(due, deadline, due, MAX_EXTENSIONS)]
         try:
-            return await self._script(keys=keys, args=args)
-        except asyncio.CancelledError:
-            if done[1] and task.uncancel() <= cancelling:
-                raise TimeoutError(f"Redis did not answer within {self.timeout * 1000:.0f} ms") from None
+            answered = await woken
+        except asyncio.CancelledError:  # the request itself was cancelled (its client left)
+            self._abandon(call)
             raise
         finally:
-            done[0] = True
             handles[-1].cancel()
+        if not answered:
+            self._abandon(call)
+            raise TimeoutError(f"Redis did not answer within {self.timeout * 1000:.0f} ms")
+        return call.result()
+
+    def _abandon(self, call: asyncio.Task[Any]) -> None:
+        """Cancel a call nobody waits for any more, keep it referenced until it ends (a task
+        only the loop holds may be collected mid-flight), and read its outcome so that the
+        loop does not log it as never retrieved."""
+        if call.done():
+            if not call.cancelled():
+                call.exception()
+            return
+        call.cancel()
+        self._abandoned.add(call)
+        call.add_done_callback(self._forget)
+
+    def _forget(self, call: asyncio.Task[Any]) -> None:
+        self._abandoned.discard(call)
+        if not call.cancelled():
+            call.exception()
 
     def _from_redis(self, user_id: str, limit: int, reply: Any, want: int, now: float) -> RateDecision:
         allowed, tat, remaining, reset_ms, retry_ms = reply[:5]
