@@ -1224,6 +1224,11 @@ class Ledger:
             f"SELECT {_ACCOUNT_FIELDS} FROM accounts WHERE user_id = $1", user_id)
         return None if row is None else _account(row)
 
+    async def pseudonym_of(self, user_id: str) -> str | None:
+        """The pseudonym an erased id's account lives under now, None if it was never erased."""
+        async with self.pool.acquire() as conn:
+            return await erased_pseudonym(conn, user_id)
+
     # ------------------------------------------------------------ maintenance
 
     async def sweep_reservations(self, limit: int = 500) -> int:

@@ -41,6 +41,11 @@ Fulfilment (webhook):
   A paid session whose user has no account cannot come from our checkout (it requires one):
   it is logged as an error, recorded (outcome ``unknown_user``, and in billing_payments) and
   answered 200 so Stripe stops retrying; an operator grants by hand after looking.
+- A buyer erased (LGPD) after checkout is still named by the session's metadata: fulfilment
+  files the payment, and credits the purchase, under the pseudonym their account lives under
+  (``erased_users``), never under the erased id. A purchase credited before the erasure is
+  found by its key (no second credit), and its refunds and disputes claw back from the
+  pseudonym; one paid after the erasure (a boleto) is credited there and logged for a refund.
 - ``charge.refunded`` claws back proportionally: tokens x amount_refunded / amount (rounded
   down) of the purchase, as kind 'refund' (negative; the balance may go below zero and the
   account is then blocked until it is positive again). A charge names its PaymentIntent, not
@@ -346,33 +351,49 @@ class Purchases:
         amount = _count(session.get("amount_total"))
         currency = str(session.get("currency") or "").lower()
         payment_intent = _id(session.get("payment_intent"))
-        if payment_intent:
-            # Before the grant: a refund racing this purchase finds the row.
-            await self.pool.execute(
-                "INSERT INTO billing_payments (payment_intent, session_id, user_id, pack, tokens, amount,"
-                " currency, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)"
-                " ON CONFLICT (payment_intent) DO UPDATE SET session_id = EXCLUDED.session_id,"
-                " user_id = EXCLUDED.user_id, pack = EXCLUDED.pack, tokens = EXCLUDED.tokens,"
-                " amount = COALESCE(billing_payments.amount, EXCLUDED.amount),"
-                " currency = EXCLUDED.currency, updated_at = EXCLUDED.updated_at",
-                payment_intent, session_id, user_id, pack, tokens, amount, currency or None, self.clock())
-        else:
+        if not payment_intent:
             log.warning("paid checkout session without a payment intent: refunds cannot be matched",
                         extra={"session": session_id})
         reason = reasons.coded(reasons.PURCHASE, {"pack": pack, "amount": amount, "currency": currency or None,
                                                   "session": session_id}, self.lang)
-        try:
-            _, applied = await self.ledger.grant(
-                user_id, tokens, actor=ACTOR, kind="purchase", idempotency_key=purchase_key(session_id),
-                reason=reason,
-                source_ip=source_ip)
-        except UnknownUser:
-            log.error("paid checkout session for a user without an account: not credited",
-                      extra={"session": session_id, "user_id": user_id, "tokens": tokens})
-            return "unknown_user"
+        # The metadata names the buyer's id as it was at checkout. If they were erased since
+        # (before this event, or before a re-delivery of one already credited), the payment
+        # and its credit belong to the account under its pseudonym, and the erased id is never
+        # written again. Looked up again once when the account is missing: an erasure may
+        # commit between the look-up and the grant.
+        for last_try in (False, True):
+            pseudonym = await self.ledger.pseudonym_of(user_id)
+            owner = pseudonym or user_id
+            if payment_intent:
+                # Before the grant: a refund racing this purchase finds the row.
+                await self.pool.execute(
+                    "INSERT INTO billing_payments (payment_intent, session_id, user_id, pack, tokens, amount,"
+                    " currency, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)"
+                    " ON CONFLICT (payment_intent) DO UPDATE SET session_id = EXCLUDED.session_id,"
+                    # Whose payment it is never changes, except from the erased id to its pseudonym.
+                    " user_id = CASE WHEN billing_payments.user_id IS NULL OR billing_payments.user_id = $9"
+                    "  THEN EXCLUDED.user_id ELSE billing_payments.user_id END,"
+                    " pack = EXCLUDED.pack, tokens = EXCLUDED.tokens,"
+                    " amount = COALESCE(billing_payments.amount, EXCLUDED.amount),"
+                    " currency = EXCLUDED.currency, updated_at = EXCLUDED.updated_at",
+                    payment_intent, session_id, owner, pack, tokens, amount, currency or None, self.clock(), user_id)
+            try:
+                _, applied = await self.ledger.grant(
+                    owner, tokens, actor=ACTOR, kind="purchase", idempotency_key=purchase_key(session_id),
+                    reason=reason, source_ip=source_ip)
+                break
+            except UnknownUser:
+                if last_try or pseudonym is not None:
+                    log.error("paid checkout session for a user without an account: not credited",
+                              extra={"session": session_id, "user_id": owner, "tokens": tokens})
+                    return "unknown_user"
         if applied:
             self.metrics.purchase_tokens.labels(kind="purchase").inc(tokens)
-            log.info("purchase credited", extra={"session": session_id, "user_id": user_id, "tokens": tokens})
+            log.info("purchase credited", extra={"session": session_id, "user_id": owner, "tokens": tokens})
+            if pseudonym is not None:
+                # Paid after the erasure (a boleto or Pix paid days later): nobody can spend it.
+                log.warning("purchase paid after its buyer's erasure, credited to the pseudonym: refund it in Stripe",
+                            extra={"session": session_id, "user_id": owner, "tokens": tokens})
         if payment_intent:
             await self.settle_payment(payment_intent, source_ip)  # a refund or dispute that arrived first
         return "fulfilled" if applied else "already_fulfilled"

@@ -468,6 +468,62 @@ async def test_events_not_for_us(http, billing_service, user):
         "SELECT tokens FROM billing_payments WHERE user_id = $1", ghost) == 100_000
 
 
+
+# ---------------------------------------------------------------- the buyer erased (LGPD)
+
+
+async def test_purchases_after_the_buyers_erasure_stay_under_the_pseudonym(http, billing_service, user):
+    """The erasure renames the account and its payments, but Stripe's sessions still name the
+    erased id in their metadata. Another event of a purchase credited before the erasure must
+    not write the id back into billing_payments (nor fail the refund that comes after); a
+    boleto paid after the erasure is credited to the pseudonym, so the books still match
+    Stripe's, and nothing is ever filed under the erased id again."""
+    pool = billing_service.pool
+    await open_account(billing_service, user, email=f"{user}@example.com")
+    credited, boleto = checkout_session(user), checkout_session(user, paid=False)
+    assert await outcome(http, billing_service, event("checkout.session.completed", credited)) == "fulfilled"
+    assert await outcome(http, billing_service, event("checkout.session.completed", boleto)) == "awaiting_payment"
+    pseudonym = await billing_service.ledger.erase(user, actor="admin", reason="LGPD")
+
+    assert await outcome(http, billing_service,
+                         event("checkout.session.async_payment_succeeded", credited)) == "already_fulfilled"
+    assert await outcome(http, billing_service, event("checkout.session.async_payment_succeeded",
+                                                      {**boleto, "payment_status": "paid"})) == "fulfilled"
+    owners = await pool.fetch("SELECT user_id FROM billing_payments WHERE payment_intent = ANY($1::text[])",
+                              [credited["payment_intent"], boleto["payment_intent"]])
+    assert [r["user_id"] for r in owners] == [pseudonym, pseudonym]
+    assert await pool.fetchval("SELECT count(*) FROM billing_payments WHERE user_id = $1", user) == 0
+    assert await billing_service.ledger.account(user) is None  # no account opened for the erased id
+
+    refund = event("charge.refunded", refunded_charge(credited["payment_intent"], amount=2990, refunded=2990))
+    assert await outcome(http, billing_service, refund) == "refunded"
+    assert [e["tokens"] for e in await entries(billing_service, pseudonym, "purchase")] == [100_000, 100_000]
+    assert [e["tokens"] for e in await entries(billing_service, pseudonym, "refund")] == [-100_000]
+    assert await billing_service.ledger.reconcile() == []
+
+
+async def test_an_erasure_between_the_look_up_and_the_grant(http, billing_service, user, monkeypatch):
+    """The erasure commits after fulfilment looked the buyer up and before it wrote: the
+    payment still ends up under the pseudonym, credited once, and the event is not lost as
+    'unknown_user'. The erasure is run, for real, right after the first look-up."""
+    ledger = billing_service.ledger
+    await open_account(billing_service, user)
+    look_up, erased = ledger.pseudonym_of, []
+
+    async def erased_right_after(user_id: str) -> str | None:
+        found = await look_up(user_id)
+        if not erased:
+            erased.append(await ledger.erase(user_id, actor="admin", reason="LGPD"))
+        return found
+
+    monkeypatch.setattr(ledger, "pseudonym_of", erased_right_after)
+    session = checkout_session(user)
+    assert await outcome(http, billing_service, event("checkout.session.completed", session)) == "fulfilled"
+    assert await billing_service.pool.fetchval(
+        "SELECT user_id FROM billing_payments WHERE payment_intent = $1", session["payment_intent"]) == erased[0]
+    assert [e["tokens"] for e in await entries(billing_service, erased[0], "purchase")] == [100_000]
+    assert await ledger.reconcile() == []
+
 # ---------------------------------------------------------------- refunds
 
 
