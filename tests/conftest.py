@@ -141,14 +141,20 @@ async def service(settings: Settings) -> AsyncIterator[Service]:
     await svc.stop(grace=2)
 
 
-@pytest.fixture(scope="session")
-def envoy(workdir: Path, service: Service, upstream: Upstream) -> Iterator[devstack.Envoy]:
+def _envoy_in_front(workdir: Path, service: Service, upstream: Upstream,
+                    template: Path | None = None) -> Iterator[devstack.Envoy]:
+    """An Envoy between the test client, the processor under test and the fake upstream."""
     proxy = devstack.Envoy(
-        workdir, upstream=("127.0.0.1", upstream.port),
+        workdir, upstream=("127.0.0.1", upstream.port), template=template,
         extproc=[("127.0.0.1", service.grpc_port)], http=("127.0.0.1", service.http_port))
     proxy.start()
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def envoy(workdir: Path, service: Service, upstream: Upstream) -> Iterator[devstack.Envoy]:
+    yield from _envoy_in_front(workdir, service, upstream)
 
 
 @pytest.fixture(scope="session")
@@ -162,12 +168,7 @@ def patient_envoy(workdir: Path, service: Service, upstream: Upstream, settings:
     assert found == 1, "the Envoy template's ext_proc message_timeout moved: update this fixture"
     template = workdir / "envoy-patient-template.yaml"
     template.write_text(patient)
-    proxy = devstack.Envoy(
-        workdir, upstream=("127.0.0.1", upstream.port), template=template,
-        extproc=[("127.0.0.1", service.grpc_port)], http=("127.0.0.1", service.http_port))
-    proxy.start()
-    yield proxy
-    proxy.stop()
+    yield from _envoy_in_front(workdir, service, upstream, template)
 
 
 @pytest.fixture(scope="session")

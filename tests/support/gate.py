@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from extproc.app import Service
 from extproc.ledger import Usage
 from extproc_dev.devstack import Envoy
+from support.wait import eventually
 
 CHAT = "/v1/chat/completions"
 
@@ -80,13 +81,16 @@ async def usage_entries(service: Service, user_id: str) -> list[asyncpg.Record]:
 
 
 async def first_usage_entries(service: Service, user_id: str) -> list[asyncpg.Record]:
-    """The user's usage entries once there is one (up to 5 s): a stream the client left is
-    settled when Envoy ends it, after the test has moved on."""
-    for _ in range(100):
-        if entries := await usage_entries(service, user_id):
-            return entries
-        await asyncio.sleep(0.05)
-    return await usage_entries(service, user_id)
+    """The user's usage entries once there is one: a stream the client left is settled when
+    Envoy ends it, after the test has moved on."""
+    found: list[asyncpg.Record] = []
+
+    async def some() -> bool:
+        found[:] = await usage_entries(service, user_id)
+        return bool(found)
+
+    await eventually(some, f"a usage entry of {user_id}")
+    return found
 
 
 async def open_account(service: Service, user_id: str, *, email: str | None = None,
