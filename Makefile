@@ -39,11 +39,12 @@ tools:
 	fi
 
 # Test-only JavaScript (package.json, pinned by package-lock.json): axe-core, which
-# tests/test_accessibility.py injects into Chromium. Without npm the step warns and that test
-# skips, saying why; the stamp is then not written, so the next run tries again.
+# tests/test_accessibility.py injects into Chromium, and the OpenAI Node SDK, which
+# tests/test_integrity.py drives against the gate. Without npm the step warns and those tests
+# skip, saying why; the stamp is then not written, so the next run tries again.
 $(NODE_STAMP): package.json package-lock.json
 	@if command -v npm >/dev/null 2>&1; then npm ci --no-audit --no-fund --loglevel=error && touch $(NODE_STAMP); \
-	else echo "warning: npm is missing; tests/test_accessibility.py will skip (install Node.js and npm)"; fi
+	else echo "warning: npm is missing; the accessibility and Node SDK tests will skip (install Node.js and npm)"; fi
 
 js: $(NODE_STAMP)
 

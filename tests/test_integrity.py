@@ -17,14 +17,16 @@ import asyncio
 import base64
 import json
 import math
+import shutil
 import struct
 import zlib
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from support.gate import CHAT, balance, chat, ledger_sums, post, settled, usage_entries
+from support.gate import CHAT, balance, chat, ledger_sums, post, settled, spend, usage_entries
 from support.stack import GATE_KEY
 
 from extproc.errors import MESSAGES
@@ -551,6 +553,48 @@ async def test_langchain_chatopenai_as_a_librechat_custom_endpoint(
     assert account.balance == settings.default_monthly_tokens - 51
     await assert_invariants(service, user)
 
+
+
+NODE_SDK = Path(__file__).resolve().parent.parent / "node_modules" / "openai"
+NODE_SCRIPT = Path(__file__).resolve().parent / "support" / "openai_node.mjs"
+
+
+@pytest.mark.skipif(shutil.which("node") is None or not NODE_SDK.is_dir(),
+                    reason="needs node and node_modules/openai (make test runs npm ci)")
+async def test_the_openai_node_sdk(envoy, service, upstream, user, settings):
+    """A Node.js application with the official OpenAI SDK, identities in LibreChat's headers:
+    its answer and its stream are debited exactly what they reported, and a user without
+    balance gets the SDK's own APIError with status 402 and the gate's message, which the
+    application shows (nothing reaches the upstream for them)."""
+    broke = f"{user}-broke"
+    await spend(service, broke, settings.default_monthly_tokens, 0)
+    config = {
+        "baseURL": envoy.url + "/v1", "apiKey": GATE_KEY,
+        "user": {"x-user-id": user, "x-user-email": "caio@example.com"},
+        "broke": {"x-user-id": broke},
+        "answer": {"prompt": 12, "completion": 7},
+        "stream": {"prompt": 9, "completion": 4, "chunks": 4},
+    }
+    before = len(upstream.requests)
+    node = await asyncio.create_subprocess_exec(
+        "node", str(NODE_SCRIPT), json.dumps(config), cwd=NODE_SDK.parent.parent,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(node.communicate(), 60)
+    assert node.returncode == 0, err.decode()
+    seen = json.loads(out)
+    assert len(upstream.requests) == before + 2  # the refused request never left the gate
+    assert seen["answer"]["content"] == "hello there" and seen["answer"]["usage"]["total_tokens"] == 19
+    assert seen["stream"]["text"] == "word0 word1 word2 word3 " and seen["stream"]["usage"]["total_tokens"] == 13
+    refused = seen["refused"]
+    assert refused["message"].startswith("Seu saldo de tokens acabou: restam 0 tokens"), refused
+    assert {**refused, "message": ""} == {
+        "sdkError": True, "status": 402, "type": "insufficient_quota", "code": "quota_exceeded", "message": ""}
+    await settled(service)
+    assert [-e["tokens"] for e in await usage_entries(service, user)] == [19, 13]
+    account = await balance(service, user)
+    assert account.email == "caio@example.com" and account.balance == settings.default_monthly_tokens - 32
+    assert (await balance(service, broke)).balance == 0
+    await assert_invariants(service, user)
 
 # ---------------------------------------------------------------- 16. found in review
 
