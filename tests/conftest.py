@@ -23,7 +23,7 @@ import aiohttp
 import asyncpg
 import pytest
 from support.mail import SmtpServer
-from support.stack import ADMIN_TOKEN, GATE_KEY, JWT_SECRET, UPSTREAM_KEY
+from support.stack import ADMIN_TOKEN, GATE_KEY, JWT_SECRET, UPSTREAM_KEY, envoy_in_front
 from support.upstream import Upstream
 
 from extproc.app import Service
@@ -141,20 +141,9 @@ async def service(settings: Settings) -> AsyncIterator[Service]:
     await svc.stop(grace=2)
 
 
-def _envoy_in_front(workdir: Path, service: Service, upstream: Upstream,
-                    template: Path | None = None) -> Iterator[devstack.Envoy]:
-    """An Envoy between the test client, the processor under test and the fake upstream."""
-    proxy = devstack.Envoy(
-        workdir, upstream=("127.0.0.1", upstream.port), template=template,
-        extproc=[("127.0.0.1", service.grpc_port)], http=("127.0.0.1", service.http_port))
-    proxy.start()
-    yield proxy
-    proxy.stop()
-
-
 @pytest.fixture(scope="session")
 def envoy(workdir: Path, service: Service, upstream: Upstream) -> Iterator[devstack.Envoy]:
-    yield from _envoy_in_front(workdir, service, upstream)
+    yield from envoy_in_front(workdir, service, upstream)
 
 
 @pytest.fixture(scope="session")
@@ -168,7 +157,7 @@ def patient_envoy(workdir: Path, service: Service, upstream: Upstream, settings:
     assert found == 1, "the Envoy template's ext_proc message_timeout moved: update this fixture"
     template = workdir / "envoy-patient-template.yaml"
     template.write_text(patient)
-    yield from _envoy_in_front(workdir, service, upstream, template)
+    yield from envoy_in_front(workdir, service, upstream, template)
 
 
 @pytest.fixture(scope="session")
