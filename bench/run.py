@@ -477,6 +477,7 @@ class Bench:
             GATE_DEFAULT_MONTHLY_TOKENS=str(10**15),
             GATE_SPOOL_DIR=str(self.workdir / "spool"),
             GATE_LOG_LEVEL=self.args.log_level,
+            GATE_EXTRA_BODY_FIELDS="x_test",  # the fake upstream's steering object (stream chunks)
             # The defaults, whatever this shell says; the variants set their own (SCENARIO_ENV).
             GATE_EVENT_LOOP="", GATE_RATE_LIMIT_LEASE="",
         )

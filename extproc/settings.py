@@ -125,6 +125,11 @@ FIELDS: list[tuple[str, str, str]] = [
      "(`previous_response_id`, `conversation`, file ids, stored prompts), each."),
     ("GATE_ALLOWED_MODELS", "allowed_models",
      "Optional comma-separated allow-list of models; other models get a 400 (empty: any)."),
+    ("GATE_EXTRA_BODY_FIELDS", "extra_body_fields",
+     "Comma-separated top-level request fields accepted beyond each API schema's own (a "
+     "provider's parameter the company uses); their text is billed as prompt. Any other "
+     "unknown field gets a 400, and fields that change how the proxy calls the model (model "
+     "lists, credentials, retries, dropped parameters) cannot be added."),
     ("GATE_INLINE_NOTICES", "inline_notices",
      "Show the 80 % and 90 % notices inside the chat (one short `[Solaris]` line appended to a "
      "plain-text answer, once per threshold and cycle); off by default."),
@@ -212,6 +217,7 @@ class Settings:
     credit_packs: str = "small:100000:2990:brl,medium:500000:12990:brl"
     server_context_tokens: int = 32768
     allowed_models: str = ""
+    extra_body_fields: str = ""
     inline_notices: bool = False
     signin_attempts_per_address: int = 20
     signin_attempts_per_account: int = 5
@@ -290,6 +296,9 @@ class Settings:
                                      "with a positive finite weight")
                 out[model.strip()] = weight
         return out
+
+    def extra_body_field_set(self) -> frozenset[str]:
+        return frozenset(f.strip() for f in self.extra_body_fields.split(",") if f.strip())
 
     def allowed_model_set(self) -> frozenset[str]:
         return frozenset(m.strip() for m in self.allowed_models.split(",") if m.strip())

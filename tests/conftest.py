@@ -122,6 +122,9 @@ def settings(database_url: str, redis_url: str, workdir: Path) -> Settings:
         # tested on services of their own (tests/test_console_security.py), not across the suite.
         signin_attempts_per_address=100_000,
         signin_attempts_per_account=100_000,
+        # The fake upstream's steering object (support/upstream.py): one field the deployment
+        # allows beyond the schemas', as an operator would a provider's parameter.
+        extra_body_fields="x_test",
     )
 
 

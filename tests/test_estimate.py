@@ -5,6 +5,7 @@ never 0."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import struct
@@ -56,7 +57,11 @@ def test_text_everywhere_a_provider_bills_it() -> None:
          "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "result"}],
         "unknown_future_field": "xyz"}
-    found = est("chat", body)
+    # "system" (another provider's field) and the future field are refused unless the operator
+    # allows them (test_unknown_fields_are_refused_unless_the_operator_allows_them); allowed,
+    # their text is billed like any other.
+    found = BY_KIND["chat"].estimate(body, dataclasses.replace(
+        LIMITS, extra_fields=frozenset({"system", "unknown_future_field"})))
     # sys + abc + de + ana + c1 + f + {} + c1 + result + xyz (labels role/type are not billed)
     assert found.text_chars == 3 + 3 + 2 + 3 + 2 + 1 + 2 + 2 + 6 + 3
     assert found.completion == 1024 and found.completions == 1
@@ -156,7 +161,10 @@ def test_completions_multiply() -> None:
     assert est("chat", {"model": "m", "messages": [], "n": 3}).completions == 3
     assert est("completions", {"model": "m", "prompt": "x", "n": 2, "best_of": 5}).completions == 5
     assert est("completions", {"model": "m", "prompt": ["a", "b", "c"], "n": 2}).completions == 6
-    assert est("responses", {"model": "m", "input": "x", "n": 9}).completions == 1
+    assert est("responses", {"model": "m", "input": "x"}).completions == 1
+    with pytest.raises(e.Refusal) as refused:  # not a field of the Responses API
+        est("responses", {"model": "m", "input": "x", "n": 9})
+    assert (refused.value.code, refused.value.detail) == ("unknown_field", "n")
     with pytest.raises(e.Refusal):
         est("chat", {"model": "m", "messages": [], "n": 0})
     with pytest.raises(e.Refusal):
@@ -178,6 +186,27 @@ def test_model_checks(model: object, code: str) -> None:
     assert refused.value.code == code
     assert e.check_model("gpt-4o", frozenset({"gpt-4o"})) == "gpt-4o"
     assert e.check_model("anything", frozenset()) == "anything"
+
+
+def test_unknown_fields_are_refused_unless_the_operator_allows_them() -> None:
+    """Each schema accepts its own fields only: LiteLLM acts on dozens of body parameters of
+    its own (a model list with another server and the operator's key, parameters dropped
+    after the gate wrote them), so what the gate does not know does not pass. An operator
+    adds a provider's field with GATE_EXTRA_BODY_FIELDS; a field that changes how the proxy
+    calls the model cannot be added (the service refuses to start)."""
+    for kind, body in (("chat", {"model": "m", "messages": [], "thinking": {"type": "enabled"}}),
+                       ("completions", {"model": "m", "prompt": "x", "messages": []}),
+                       ("embeddings", {"model": "m", "input": "x", "max_tokens": 5}),
+                       ("responses", {"model": "m", "input": "x", "max_tokens": 5})):
+        with pytest.raises(e.Refusal) as refused:
+            est(kind, body)
+        assert refused.value.code == "unknown_field" and refused.value.detail in body
+    allowed = dataclasses.replace(LIMITS, extra_fields=e.operator_fields(frozenset({"thinking", "system"})))
+    found = BY_KIND["chat"].estimate({"model": "m", "messages": [], "thinking": {"type": "enabled"},
+                                      "system": "be brief"}, allowed)
+    assert found.text_chars == len("be brief")  # an allowed field's text is billed
+    with pytest.raises(ValueError, match="model_list"):
+        e.operator_fields(frozenset({"thinking", "model_list"}))
 
 
 @pytest.mark.parametrize("key", sorted(e.FAN_OUT_KEYS))
@@ -247,7 +276,9 @@ def bodies(draw: st.DrawFn) -> tuple[str, dict, int, int, int]:
                                                    "parameters": {"type": "object"}}}]
         body["tools"] = tools
         chars += len(json.dumps(tools, separators=(",", ":"), ensure_ascii=False))
-    maxes = {k: draw(st.none() | st.integers(0, 5000)) for k in e.MAX_TOKEN_KEYS}
+    own = {"chat": ("max_tokens", "max_completion_tokens"), "completions": ("max_tokens",),
+           "responses": ("max_output_tokens",), "embeddings": ()}[kind]
+    maxes = {k: draw(st.none() | st.integers(0, 5000)) for k in own}
     body.update({k: v for k, v in maxes.items() if v is not None})
     present = [v for v in maxes.values() if v is not None]
     per_completion = max(present) if present else 1024

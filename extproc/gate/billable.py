@@ -34,8 +34,8 @@ PDF_BYTES_PER_PAGE = 50_000    # pages assumed when a PDF's page count cannot be
 MAX_CHOICES = 128              # OpenAI's own limit on n
 MAX_BEST_OF = 20
 
-# Top-level keys that steer generation and are never billed as input. Every other key's
-# strings count as prompt text: an unknown key a provider might bill is counted, not skipped.
+# Top-level keys that steer generation and are never billed as input. Every other accepted
+# key's strings count as prompt text (a field the operator added included).
 CONTROL_KEYS = frozenset({
     "model", "stream", "stream_options", "temperature", "top_p", "top_k", "n", "best_of",
     "max_tokens", "max_completion_tokens", "max_output_tokens", "presence_penalty",
@@ -55,14 +55,41 @@ LABEL_KEYS = frozenset({"role", "type", "detail", "format", "mime_type"})
 # Body keys that make LiteLLM call several models or deployments for one request (model
 # lists, client-side routing, retries, fallbacks, timeouts that retry), point it at other
 # credentials or providers, or change the provider's request behind the gate's back
-# (``extra_body`` is merged into it: a second ``n``, max-token field or even ``model``).
+# (``extra_body`` is merged into it: a second ``n``, max-token field or even ``model``;
+# ``additional_drop_params`` strips the limit or the ``include_usage`` the gate wrote).
+# Refused with a message saying so; the schemas' allow-lists refuse them too, and an
+# operator cannot allow one (GATE_EXTRA_BODY_FIELDS).
 FAN_OUT_KEYS = frozenset({
     "fastest_response", "user_config", "router_settings_override", "fallbacks",
     "context_window_fallbacks", "content_policy_fallbacks", "context_window_fallback_dict",
     "num_retries", "max_retries", "timeout", "request_timeout", "stream_timeout",
     "model_group_retry_policy", "mock_testing_fallbacks", "api_key", "api_base", "base_url",
     "api_version", "deployment_id", "custom_llm_provider", "extra_body", "extra_headers",
-    "extra_query",
+    "extra_query", "model_list", "additional_drop_params", "drop_params", "allowed_openai_params",
+    "headers", "litellm_credential_name", "litellm_params", "litellm_metadata", "specific_deployment",
+    "tags", "guardrails", "mock_response", "mock_tool_calls", "mock_timeout", "mock_delay",
+    "caching", "cache",
+})
+# The top-level fields of each API schema that the gate knows and accepts (OpenAI's API);
+# any other key is refused before the upstream (``check_fields``): LiteLLM acts on dozens of
+# its own body parameters (credentials, routing, parameter dropping, per-provider settings),
+# and a list of what to refuse would always trail it. Keys an operator needs beyond these
+# (a provider's own parameter) are added with GATE_EXTRA_BODY_FIELDS, and billed as text.
+_SAMPLING = frozenset({"model", "stream", "stream_options", "temperature", "top_p", "top_k", "n", "stop",
+                       "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "seed", "user"})
+CHAT_FIELDS = _SAMPLING | frozenset({
+    "messages", "max_tokens", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+    "parallel_tool_calls", "functions", "function_call", "response_format", "audio", "modalities",
+    "prediction", "reasoning_effort", "metadata", "store", "service_tier", "prompt_cache_key",
+    "safety_identifier", "verbosity",
+})
+COMPLETIONS_FIELDS = _SAMPLING | frozenset({"prompt", "suffix", "max_tokens", "best_of", "echo"})
+EMBEDDINGS_FIELDS = frozenset({"model", "input", "dimensions", "encoding_format", "user"})
+RESPONSES_FIELDS = frozenset({
+    "model", "input", "instructions", "stream", "stream_options", "temperature", "top_p", "top_logprobs",
+    "max_output_tokens", "max_tool_calls", "tools", "tool_choice", "parallel_tool_calls", "text",
+    "reasoning", "metadata", "store", "service_tier", "include", "background", "truncation",
+    "previous_response_id", "conversation", "prompt", "prompt_cache_key", "safety_identifier", "user",
 })
 # Service tiers priced as the standard one (or cheaper); a dearer tier is refused.
 SERVICE_TIERS = frozenset({"auto", "default", "flex"})
@@ -117,14 +144,35 @@ class Count:
 
 def check_model(model: object, allowed: frozenset[str] = frozenset()) -> str:
     """The requested model, or a Refusal: required, one model (a comma makes LiteLLM fan the
-    request out to every listed model), and on the allow-list when one is configured."""
+    request out to every listed model), printable (a control character or a lone surrogate
+    cannot be stored with the exchange, nor be a model's name), and on the allow-list when
+    one is configured."""
     if not isinstance(model, str) or not model.strip():
         raise Refusal("model_required")
     if "," in model:
         raise Refusal("model_list", model[:200])
+    if not model.isprintable():  # control, format and surrogate characters are not
+        raise Refusal("model_invalid", model.encode("unicode_escape").decode("ascii")[:200])
     if allowed and model not in allowed:
         raise Refusal("model_not_allowed", model[:200])
     return model
+
+
+def check_fields(body: Mapping[str, object], known: frozenset[str]) -> None:
+    """Refuse the first top-level key that is not one of ``known`` (the schema's fields and
+    the operator's additions)."""
+    for key in body:
+        if key not in known:
+            raise Refusal("unknown_field", key[:100])
+
+
+def operator_fields(names: frozenset[str]) -> frozenset[str]:
+    """GATE_EXTRA_BODY_FIELDS, checked: a key refused for what LiteLLM does with it cannot be
+    allowed (the service refuses to start)."""
+    if refused := sorted(names & FAN_OUT_KEYS):
+        raise ValueError(f"GATE_EXTRA_BODY_FIELDS: {', '.join(refused)} change how the proxy calls the model "
+                         "and cannot be accepted")
+    return names
 
 
 def check_fan_out(body: Mapping[str, object]) -> None:

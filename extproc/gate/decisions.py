@@ -92,7 +92,8 @@ class Gate:
         self.weights = settings.weights()
         self.allowed_models = settings.allowed_model_set()
         self.estimate_limits = Limits(settings.default_completion_tokens,
-                                      settings.max_completion_tokens, settings.server_context_tokens)
+                                      settings.max_completion_tokens, settings.server_context_tokens,
+                                      billable.operator_fields(settings.extra_body_field_set()))
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pending_settles = 0
         # Streams this process handed to Envoy whose access-log entry has not come back here

@@ -33,7 +33,7 @@ def start_serve(database: str, redis_url: str, logdir: Path, ports: tuple[int, i
     grpc_port, http_port = ports or (devstack.free_port(), devstack.free_port())
     full = {**os.environ, "DATABASE_URL": database, "REDIS_URL": redis_url, "GATE_GRPC_PORT": str(grpc_port),
             "GATE_HTTP_PORT": str(http_port), "GATE_JWT_SECRET": JWT_SECRET, "GATE_KEY": GATE_KEY,
-            "GATE_SPOOL_DIR": str(logdir / f"spool-{grpc_port}"), **env}
+            "GATE_SPOOL_DIR": str(logdir / f"spool-{grpc_port}"), "GATE_EXTRA_BODY_FIELDS": "x_test", **env}
     proc = subprocess.Popen([sys.executable, "-m", "extproc.cli", "serve"], env=full,
                             stdout=(logdir / f"serve-{grpc_port}.log").open("ab"), stderr=subprocess.STDOUT)
     devstack.wait_until(lambda: devstack.http_ok(f"http://127.0.0.1:{http_port}/readyz"), 30, "extproc serve", proc)

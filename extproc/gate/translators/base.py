@@ -25,11 +25,14 @@ class Limits:
     default_completion: int
     max_completion: int
     server_context_tokens: int
+    extra_fields: frozenset[str] = frozenset()  # GATE_EXTRA_BODY_FIELDS
 
 
 class Translator:
     kind: ClassVar[str]
     paths: ClassVar[tuple[str, ...]]
+    # The top-level request fields of this schema; any other key is refused (billable).
+    fields: ClassVar[frozenset[str]]
     # False for schemas that produce no completion (embeddings): no allowance is reserved.
     produces_completions: ClassVar[bool] = True
     # Streams of this schema report usage only when asked (stream_options.include_usage).
@@ -46,6 +49,7 @@ class Translator:
         """The estimate of a parsed request body; raises ``billable.Refusal`` for what cannot
         be accounted for."""
         billable.check_fan_out(body)
+        billable.check_fields(body, self.fields | limits.extra_fields)
         allowance = billable.completion_allowance(body, limits.default_completion, limits.max_completion)
         count = self.count(body, limits.server_context_tokens)
         if not self.produces_completions:

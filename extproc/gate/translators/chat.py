@@ -16,6 +16,7 @@ _CHUNK_IDENTITY = ("id", "object", "created", "model", "system_fingerprint")
 class Chat(Translator):
     kind = "chat"
     paths = ("/v1/chat/completions", "/chat/completions")
+    fields = billable.CHAT_FIELDS
     asks_for_stream_usage = True
     limit_keys = ("max_tokens", "max_completion_tokens")
 

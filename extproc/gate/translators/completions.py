@@ -12,6 +12,7 @@ from .base import Translator, choice_texts
 class Completions(Translator):
     kind = "completions"
     paths = ("/v1/completions", "/completions")
+    fields = billable.COMPLETIONS_FIELDS
     asks_for_stream_usage = True
 
     def completions(self, body: Mapping[str, object]) -> int:

@@ -15,6 +15,7 @@ from .base import Translator
 class Responses(Translator):
     kind = "responses"
     paths = ("/v1/responses", "/responses")
+    fields = billable.RESPONSES_FIELDS
     limit_key = "max_output_tokens"
     limit_keys = ("max_output_tokens",)
 
