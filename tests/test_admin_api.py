@@ -4,6 +4,7 @@ user-list queries at 100 000 accounts."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -294,6 +295,29 @@ async def test_unknown_user_and_bad_parameters_are_4xx(http, service, settings, 
 
 
 # ---------------------------------------------------------------- HTML forms (cookie + CSRF)
+
+
+async def test_the_session_cookie_lives_as_long_as_the_session_whatever_the_insert_takes(
+        service, settings, monkeypatch):
+    """The cookie's Max-Age and the session's expiry come from one instant: a sign-in whose
+    session row takes over a second to write (a loaded database) still sets Max-Age to the
+    full 8 hours, not 28799 (found by a flake hunt under load)."""
+    from extproc.web import admin as admin_module
+
+    written = admin_module.open_session
+
+    async def slow_open_session(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(1.1)
+        return await written(*args, **kwargs)
+
+    monkeypatch.setattr(admin_module, "open_session", slow_open_session)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
+        async with s.get(base(service) + "/admin/login") as resp:
+            page = await resp.text()
+        async with s.post(base(service) + "/admin/login", allow_redirects=False,
+                          data={"csrf": csrf_of(page), "token": settings.admin_token}) as resp:
+            assert resp.status == 303
+            assert "Max-Age=28800" in resp.headers["Set-Cookie"]
 
 
 async def test_admin_login_session_cookie_and_csrf(service, settings, user):

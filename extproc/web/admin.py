@@ -350,12 +350,13 @@ async def login_post(request: web.Request) -> web.StreamResponse:
                                             credential if isinstance(credential, str) else "")
     except AuthFailure as exc:
         return login_response(request, status=exc.status, error=ctx.t(f"login.{exc.code}"), next_url=next_url)
-    session = new_session(admin.actor, ADMIN_SESSION_SECONDS, admin.via, not_after=admin.expires)
+    now = int(time.time())
+    session = new_session(admin.actor, ADMIN_SESSION_SECONDS, admin.via, not_after=admin.expires, now=now)
     await open_session(request.app[SERVICES].pool, "admin", session, source_ip=client_ip(request),
                        user_agent=request.headers.get("user-agent"), now=request.app[SERVICES].clock())
     response = web.HTTPSeeOther(next_url)
     set_cookie(response, ADMIN_COOKIE, session_cookie(ctx.signer, "admin", session), path="/admin",
-               max_age=session.expires - int(time.time()), secure=ctx.secure_cookies)
+               max_age=session.expires - now, secure=ctx.secure_cookies)
     raise response
 
 

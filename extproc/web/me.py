@@ -231,12 +231,13 @@ async def confirm_post(request: web.Request) -> web.StreamResponse:
         token if isinstance(token, str) else None, service.clock())
     if user_id is None:
         return ctx.render("me/link_invalid.html", {"title": ctx.t("me.link_invalid_title")}, status=400)
-    session = new_session(user_id, ME_SESSION_SECONDS, "link")
+    now = int(time.time())
+    session = new_session(user_id, ME_SESSION_SECONDS, "link", now=now)
     await open_session(service.pool, "me", session, source_ip=client_ip(request),
                        user_agent=request.headers.get("user-agent"), now=service.clock())
     response = web.HTTPSeeOther("/me")
     set_cookie(response, ME_COOKIE, session_cookie(ctx.signer, "me", session), path="/me",
-               max_age=session.expires - int(time.time()), secure=ctx.secure_cookies)
+               max_age=session.expires - now, secure=ctx.secure_cookies)
     raise response
 
 

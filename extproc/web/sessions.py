@@ -115,9 +115,12 @@ class WebSession:
 VERIFIED = web.RequestKey("solaris_sessions", dict[str, WebSession | None])
 
 
-def new_session(subject: str, ttl: int, via: str = "", *, not_after: int | None = None) -> WebSession:
-    """A fresh session (not yet usable: ``open_session`` writes its row)."""
-    expires = int(time.time()) + ttl
+def new_session(subject: str, ttl: int, via: str = "", *, not_after: int | None = None,
+                now: int | None = None) -> WebSession:
+    """A fresh session (not yet usable: ``open_session`` writes its row). ``now``: the
+    instant the caller also computes the cookie's Max-Age from (``expires - now``), so the
+    two agree whatever the row's insert takes."""
+    expires = (int(time.time()) if now is None else now) + ttl
     if not_after is not None:
         expires = min(expires, not_after)
     return WebSession(subject, secrets.token_urlsafe(32), expires, via)
