@@ -19,10 +19,12 @@ class GateError:
     headers: tuple[tuple[str, str], ...] = ()
 
     def body(self) -> bytes:
+        # backslashreplace: a lone surrogate a client put in a field we quote becomes its JSON
+        # escape (\udXXX, valid JSON) instead of failing the error reply itself.
         return json.dumps(
             {"error": {"message": self.message, "type": self.type, "code": self.code}},
             ensure_ascii=False,
-        ).encode()
+        ).encode("utf-8", "backslashreplace")
 
 
 # The texts live in the message catalogue (extproc/templates/i18n.json): ``gate.*`` for the
@@ -111,6 +113,8 @@ class Messages:
 
     def refused(self, code: str, detail: str = "") -> GateError:
         """400 for a request refused before the upstream; ``code`` is a key of REFUSALS."""
+        if not detail.isprintable():  # the client's own bytes: shown escaped, never raw
+            detail = detail.encode("unicode_escape").decode("ascii")
         reason = REFUSALS[self.language][code].format(detail=detail)
         return GateError(400, "invalid_request_error", code,
                          self.text["invalid_request"].format(detail=reason))

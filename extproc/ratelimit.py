@@ -285,6 +285,30 @@ DEADLINE_ROUNDS = 3
 MAX_EXTENSIONS = 4
 
 
+# Redis calls nobody waits for any more (see abandon): referenced until they end.
+ABANDONED: set[asyncio.Task[Any]] = set()
+
+
+def abandon(call: asyncio.Task[Any]) -> None:
+    """Stop caring about a Redis call: cancel it, keep it referenced until it ends (a task only
+    the loop holds may be collected mid-flight) and read its outcome, so the loop never logs it
+    as never retrieved. Callers wait for their Redis calls in a task of their own, because a
+    cancel can be lost inside redis-py (Python 3.11's asyncio.wait_for, see _redis_call)."""
+    if call.done():
+        if not call.cancelled():
+            call.exception()
+        return
+    call.cancel()
+    ABANDONED.add(call)
+    call.add_done_callback(_forget)
+
+
+def _forget(call: asyncio.Task[Any]) -> None:
+    ABANDONED.discard(call)
+    if not call.cancelled():
+        call.exception()
+
+
 class _Lease:
     """Cells a process took from Redis for one user, spent from memory."""
 
@@ -327,7 +351,6 @@ class RedisRateLimiter:
         self.lease_seconds = lease_seconds
         self.max_entries = max_entries
         self._leases: dict[str, _Lease] = {}
-        self._abandoned: set[asyncio.Task[Any]] = set()  # calls past their deadline, see _abandon
         self._script = redis.register_script(GCRA_LUA)
         self.fallback = LocalRateLimiter(clock=clock)
         # Circuit breaker: Redis is skipped while opened_at <= now < opened_at + retry_interval.
@@ -404,12 +427,21 @@ class RedisRateLimiter:
         loaded machine, 1 call in 3-8). The abandoned call is cancelled and ends by itself at
         the latest at the client's socket timeout, holding one pooled connection until then."""
         loop = asyncio.get_running_loop()
-        call = loop.create_task(self._script(keys=keys, args=args))
         woken = loop.create_future()  # True: the call ended; False: the deadline passed
 
         def wake(answered: bool) -> None:
             if not woken.done():
                 woken.set_result(answered)
+
+        async def call_then_wake() -> Any:
+            # Wakes the request in the step the reply is read (a done callback would take one
+            # more loop round, which a deadline already running late may not grant).
+            try:
+                return await self._script(keys=keys, args=args)
+            finally:
+                wake(True)
+
+        call = loop.create_task(call_then_wake())
 
         def deadline(due: float, extensions: int) -> None:
             if woken.done():
@@ -428,37 +460,19 @@ class RedisRateLimiter:
                 return
             wake(False)
 
-        call.add_done_callback(lambda _: wake(True))
         due = loop.time() + self.timeout
         handles = [loop.call_at(due, deadline, due, MAX_EXTENSIONS)]
         try:
             answered = await woken
         except asyncio.CancelledError:  # the request itself was cancelled (its client left)
-            self._abandon(call)
+            abandon(call)
             raise
         finally:
             handles[-1].cancel()
-        if not answered:
-            self._abandon(call)
+        if not answered or not call.done():
+            abandon(call)
             raise TimeoutError(f"Redis did not answer within {self.timeout * 1000:.0f} ms")
         return call.result()
-
-    def _abandon(self, call: asyncio.Task[Any]) -> None:
-        """Cancel a call nobody waits for any more, keep it referenced until it ends (a task
-        only the loop holds may be collected mid-flight), and read its outcome so that the
-        loop does not log it as never retrieved."""
-        if call.done():
-            if not call.cancelled():
-                call.exception()
-            return
-        call.cancel()
-        self._abandoned.add(call)
-        call.add_done_callback(self._forget)
-
-    def _forget(self, call: asyncio.Task[Any]) -> None:
-        self._abandoned.discard(call)
-        if not call.cancelled():
-            call.exception()
 
     def _from_redis(self, user_id: str, limit: int, reply: Any, want: int, now: float) -> RateDecision:
         allowed, tat, remaining, reset_ms, retry_ms = reply[:5]

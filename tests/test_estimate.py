@@ -4,12 +4,15 @@ never 0."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import dataclasses
+import importlib.util
 import json
 import math
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -207,6 +210,69 @@ def test_unknown_fields_are_refused_unless_the_operator_allows_them() -> None:
     assert found.text_chars == len("be brief")  # an allowed field's text is billed
     with pytest.raises(ValueError, match="model_list"):
         e.operator_fields(frozenset({"thinking", "model_list"}))
+
+
+def test_the_field_lists_follow_the_openai_sdk() -> None:
+    """Every request field the installed OpenAI SDK knows for a schema is accepted by that
+    schema, or refused on purpose (REFUSED_OPENAI_FIELDS, with the reason): a new OpenAI
+    field shows up here as a failure rather than as 400s for real clients."""
+    from openai.types import completion_create_params, embedding_create_params
+    from openai.types.chat import completion_create_params as chat_params
+    from openai.types.responses import response_create_params
+
+    sdk = {
+        "chat": chat_params.CompletionCreateParamsBase,
+        "completions": completion_create_params.CompletionCreateParamsBase,
+        "embeddings": embedding_create_params.EmbeddingCreateParams,
+        "responses": response_create_params.ResponseCreateParamsBase,
+    }
+    for kind, params in sdk.items():
+        missing = set(params.__annotations__) - BY_KIND[kind].fields - set(e.REFUSED_OPENAI_FIELDS)
+        assert not missing, f"{kind}: OpenAI fields neither accepted nor refused on purpose: {sorted(missing)}"
+    with pytest.raises(e.Refusal) as refused:
+        est("chat", {"model": "m", "messages": [], "web_search_options": {}})
+    assert refused.value.code == "unknown_field"
+
+
+def test_litellm_own_parameters_cannot_be_allowed_by_the_operator() -> None:
+    """LITELLM_PARAMS is LiteLLM's own list (the installed version's, kept in step here);
+    none of it, nor a provider credential, can be added with GATE_EXTRA_BODY_FIELDS."""
+    # Read from the installed LiteLLM's source: importing litellm here would load its whole
+    # proxy machinery into the test process.
+    spec = importlib.util.find_spec("litellm")
+    assert spec is not None and spec.origin is not None
+    source = Path(spec.origin).parent / "types" / "utils.py"
+    # There: all_litellm_params = [<names>] + list(StandardCallbackDynamicParams.__annotations__)
+    tree = ast.parse(source.read_text()).body
+    [listed] = [node.value for node in tree if isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "all_litellm_params" for t in node.targets)]
+    assert isinstance(listed, ast.BinOp) and isinstance(listed.left, ast.List)
+    [callbacks] = [node for node in tree
+                   if isinstance(node, ast.ClassDef) and node.name == "StandardCallbackDynamicParams"]
+    theirs = set(ast.literal_eval(listed.left)) | {
+        n.target.id for n in callbacks.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    assert theirs and theirs <= e.LITELLM_PARAMS, sorted(theirs - e.LITELLM_PARAMS)
+    for name in ("prompt_variables", "input_cost_per_token", "aws_secret_access_key", "vertex_credentials",
+                 "azure_ad_token", "litellm_trace_id", "mock_tool_calls", "model_list"):
+        with pytest.raises(ValueError, match=name):
+            e.operator_fields(frozenset({name}))
+    assert e.operator_fields(frozenset({"system", "thinking"})) == {"system", "thinking"}
+
+
+@pytest.mark.parametrize("metadata,detail", [
+    ({"tags": "paid-tier"}, "metadata.tags"), ({"guardrails": "none"}, "metadata.guardrails"),
+    ({"litellm_trace_id": "x"}, "metadata.litellm_trace_id"), ({"team": ["a"]}, "metadata.team"),
+    ({"k": "v" * 513}, "metadata.k"), ({f"k{i}": "v" for i in range(17)}, "metadata"), ("tags", "metadata"),
+])
+def test_metadata_is_openais_not_litellms(metadata: object, detail: str) -> None:
+    """OpenAI's metadata is up to 16 string pairs; on a chat request LiteLLM also reads its own
+    controls from it (tags route to tagged deployments, guardrails pick guardrails)."""
+    for kind in ("chat", "responses"):
+        body = {"model": "m", "metadata": metadata, **({"messages": []} if kind == "chat" else {"input": "x"})}
+        with pytest.raises(e.Refusal) as refused:
+            est(kind, body)
+        assert (refused.value.code, refused.value.detail) == ("bad_metadata", detail)
+    assert est("chat", {"model": "m", "messages": [], "metadata": {"conversation": "c-1", "team": "sales"}})
 
 
 @pytest.mark.parametrize("key", sorted(e.FAN_OUT_KEYS))

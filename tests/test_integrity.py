@@ -335,13 +335,20 @@ async def test_litellm_body_parameters_never_reach_it(http, envoy, service, upst
         assert status == 400, raw
         error = refusal(raw)
         assert error["code"] == code and message in error["message"], error
-    for raw_model in ('"gpt-4o-mini\\u0000"', '"gpt-4o-mini\\ud800"', '"gpt-4o-mini\\u001b[2J"'):
-        raw_body = json.dumps(chat()).replace('"gpt-4o-mini"', raw_model).encode()
+    # Raw JSON: a lone surrogate is valid JSON text; quoted back in the refusal it must not
+    # turn the error reply itself into a 500.
+    raw_cases = [('"model": "gpt-4o-mini\\u0000"', "model_invalid"), ('"model": "gpt-4o-mini\\ud800"', "model_invalid"),
+                 ('"model": "gpt-4o-mini\\u001b[2J"', "model_invalid"), ('"model": "a,\\ud800"', "model_invalid"),
+                 ('"model": "gpt-4o-mini", "\\ud800x": 1', "unknown_field"),
+                 ('"model": "gpt-4o-mini", "service_tier": "\\ud800"', "service_tier"),
+                 ('"model": "gpt-4o-mini", "metadata": {"tags": "premium"}', "bad_metadata")]
+    for raw_model, code in raw_cases:
+        raw_body = json.dumps(chat()).replace('"model": "gpt-4o-mini"', raw_model).encode()
         async with http.post(envoy.url + CHAT, data=raw_body, headers={
                 **auth(user), "content-type": "application/json"}) as resp:
             answer = await resp.read()
-            assert resp.status == 400, answer
-        assert refusal(answer)["code"] == "model_invalid"
+            assert resp.status == 400, (raw_model, answer)
+        assert refusal(answer)["code"] == code, (raw_model, answer)
     assert len(upstream.requests) == before
     assert await balance(service, user) is None
 
@@ -613,7 +620,12 @@ async def test_the_openai_node_sdk(envoy, service, upstream, user, settings):
     node = await asyncio.create_subprocess_exec(
         "node", str(NODE_SCRIPT), json.dumps(config), cwd=NODE_SDK.parent.parent,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(node.communicate(), 60)
+    try:
+        out, err = await asyncio.wait_for(node.communicate(), 60)
+    except TimeoutError:
+        node.kill()
+        await node.wait()
+        raise
     assert node.returncode == 0, err.decode()
     seen = json.loads(out)
     assert len(upstream.requests) == before + 2  # the refused request never left the gate

@@ -27,7 +27,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from support.wait import eventually
 
+from extproc import ratelimit as ratelimit_module
 from extproc.metrics import Metrics
 from extproc.ratelimit import (
     GCRA_LUA,
@@ -409,13 +411,14 @@ async def test_silent_redis_is_cut_off_at_the_timeout() -> None:
 
 
 
-async def test_a_cancel_the_client_swallows_does_not_hold_the_request(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_cancel_the_client_swallows_does_not_hold_the_request() -> None:
     """Python 3.11's asyncio.wait_for, through which redis-py sends every command, swallows a
     cancel that lands in the loop round its inner write completes; the call then goes on
     waiting for the client's own read timeout (5 s by default). That race cannot be timed on
-    purpose, so the script here does what wait_for then does: it ignores the first cancel and
-    keeps waiting. The request must still be answered (from process memory) at about the
-    limiter's timeout, and the abandoned call must end, cancelled, without a stray log."""
+    purpose, so the script here does what wait_for then does: it ignores the cancel and, a
+    little later, fails with the client's read timeout. The request must be answered (from
+    process memory) at about the limiter's timeout, and the abandoned call's error must be
+    read (no "never retrieved" log when it is collected) and the call let go."""
     dead = Redis.from_url("redis://127.0.0.1:1/0")
     metrics = Metrics()
     limiter = RedisRateLimiter(dead, metrics, prefix="unused:", timeout=0.01)
@@ -428,26 +431,25 @@ async def test_a_cancel_the_client_swallows_does_not_hold_the_request(caplog: py
                 await asyncio.sleep(3.0)
             except asyncio.CancelledError:
                 swallowed.set()  # what wait_for does: the cancel is lost, the wait goes on
-                await asyncio.sleep(3.0)
+                await asyncio.sleep(0.2)
             raise RedisTimeoutError("Timeout reading from the stand-in")  # the client's read timeout
         finally:
             ended.set()
 
     limiter._script = deaf_script  # type: ignore[assignment]
     try:
-        with caplog.at_level(logging.ERROR, logger="asyncio"):
-            started = time.perf_counter()
-            decision = await limiter.hit("hugo", 5)
-            assert time.perf_counter() - started < 1.0  # not the 3 s the deaf call waits
-            assert decision.allowed and fallbacks(metrics) == 1 and errors(metrics) == 1
-            await asyncio.wait_for(swallowed.wait(), 1.0)  # the abandoned call was cancelled
-            assert not ended.is_set()  # and ignored it, as the client can
-            for call in list(limiter._abandoned):
-                call.cancel()  # its second wait is a real cancel point
-            await asyncio.wait_for(ended.wait(), 1.0)
-            await asyncio.sleep(0)
-            assert not limiter._abandoned  # nothing kept once the call ended
-        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+        started = time.perf_counter()
+        decision = await limiter.hit("hugo", 5)
+        assert time.perf_counter() - started < 1.0  # not the 3 s the deaf call waits
+        assert decision.allowed and fallbacks(metrics) == 1 and errors(metrics) == 1
+        [call] = ratelimit_module.ABANDONED  # still running, referenced until it ends
+        await asyncio.wait_for(swallowed.wait(), 1.0)  # it was cancelled, and ignored that
+        await asyncio.wait_for(ended.wait(), 2.0)  # then ended with its own error
+        await eventually(lambda: not ratelimit_module.ABANDONED, "the abandoned call let go")
+        # What asyncio logs as "Task exception was never retrieved" when the task is collected
+        # (CPython's flag): the abandon read the outcome, so nothing will be logged.
+        assert call._log_traceback is False  # type: ignore[attr-defined]
+        assert isinstance(call.exception(), RedisTimeoutError)
     finally:
         await dead.aclose()
 

@@ -106,7 +106,7 @@ async def test_two_processes_share_limit_and_survive_redis_stop(
         async def fallbacks_now() -> float:
             return sum([await _scrape(http, hp, "solaris_ratelimit_fallback_total") for _, hp in ports])
 
-        async def shared_burst(n: int, name: str, before: Callable[[], Awaitable[None]] | None = None) -> list[int]:
+        async def shared_burst(n: int, name: str, before: Callable[[], Awaitable[bool]] | None = None) -> list[int]:
             """n requests of one user, the limit shared through Redis. A Redis call slower
             than the limiter's 50 ms (a loaded machine, a Redis just restarted) makes that
             process count alone for a second, by design: such a burst proves nothing about
@@ -115,11 +115,10 @@ async def test_two_processes_share_limit_and_survive_redis_stop(
             for _ in range(5):
                 fresh = f"{name}-{uuid.uuid4().hex[:8]}"
                 headers = {"authorization": f"Bearer {mint_token(Settings(jwt_secret=JWT_SECRET), fresh)}"}
-                if before is not None:
-                    await before()
                 seen = await fallbacks_now()
+                ready = before is None or await before()
                 statuses = [await one() for _ in range(n)]
-                if await fallbacks_now() == seen:
+                if ready and await fallbacks_now() == seen:
                     return statuses
                 await asyncio.sleep(1.1)  # the breaker's interval
             raise AssertionError("every burst met a Redis slower than the limiter's bound")
@@ -155,11 +154,12 @@ async def test_two_processes_share_limit_and_survive_redis_stop(
         # money never lived there, so the ledger is untouched.
         import redis.asyncio as aioredis
 
-        async def spent_then_flushed() -> None:
-            assert [await one() for _ in range(6)].count(429) >= 1  # this user's limit is spent
+        async def spent_then_flushed() -> bool:
+            spent = [await one() for _ in range(6)].count(429) >= 1  # this user's limit is spent
             client = aioredis.Redis(port=redis_port)
             await client.flushall()
             await client.aclose()
+            return spent
 
         statuses = await shared_burst(8, "flushed", spent_then_flushed)
         assert statuses.count(200) == 5 and statuses.count(429) == 3, statuses

@@ -77,20 +77,61 @@ FAN_OUT_KEYS = frozenset({
 # (a provider's own parameter) are added with GATE_EXTRA_BODY_FIELDS, and billed as text.
 _SAMPLING = frozenset({"model", "stream", "stream_options", "temperature", "top_p", "top_k", "n", "stop",
                        "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "seed", "user"})
-CHAT_FIELDS = _SAMPLING | frozenset({
+_CACHING = frozenset({"prompt_cache_key", "prompt_cache_options", "prompt_cache_retention"})
+CHAT_FIELDS = _SAMPLING | _CACHING | frozenset({
     "messages", "max_tokens", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
     "parallel_tool_calls", "functions", "function_call", "response_format", "audio", "modalities",
-    "prediction", "reasoning_effort", "metadata", "store", "service_tier", "prompt_cache_key",
-    "safety_identifier", "verbosity",
+    "prediction", "reasoning_effort", "metadata", "store", "service_tier", "safety_identifier",
+    "verbosity", "moderation",
 })
 COMPLETIONS_FIELDS = _SAMPLING | frozenset({"prompt", "suffix", "max_tokens", "best_of", "echo"})
 EMBEDDINGS_FIELDS = frozenset({"model", "input", "dimensions", "encoding_format", "user"})
-RESPONSES_FIELDS = frozenset({
+RESPONSES_FIELDS = _CACHING | frozenset({
     "model", "input", "instructions", "stream", "stream_options", "temperature", "top_p", "top_logprobs",
     "max_output_tokens", "max_tool_calls", "tools", "tool_choice", "parallel_tool_calls", "text",
-    "reasoning", "metadata", "store", "service_tier", "include", "background", "truncation",
-    "previous_response_id", "conversation", "prompt", "prompt_cache_key", "safety_identifier", "user",
+    "reasoning", "metadata", "store", "service_tier", "include", "background", "background_options",
+    "truncation", "previous_response_id", "conversation", "prompt", "safety_identifier", "user",
+    "moderation", "context_management", "image", "access_programs",
 })
+# OpenAI fields left out of the lists on purpose, and why (tests/test_estimate.py checks that
+# every field of the installed OpenAI SDK is in a list or here).
+REFUSED_OPENAI_FIELDS = {
+    "web_search_options": "a web search has a per-call fee besides its tokens: no estimate covers it "
+                          "(an operator who accepts that adds it with GATE_EXTRA_BODY_FIELDS)",
+}
+# OpenAI's ``metadata``: at most 16 string pairs. LiteLLM reads its own controls from a chat
+# request's metadata (``tags`` route to tagged deployments, ``guardrails`` pick guardrails),
+# so names it uses are refused there too.
+METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
+METADATA_RESERVED = ("tags", "guardrail", "litellm", "user_api_key", "spend_logs", "model_group",
+                     "disable_fallbacks", "prompt_id", "prompt_variables")
+# Every body parameter LiteLLM 1.63 itself acts on (``litellm.types.utils.all_litellm_params``,
+# checked against the installed LiteLLM by tests/test_estimate.py) and the prefixes of its
+# per-provider credentials and settings: an operator cannot allow one (GATE_EXTRA_BODY_FIELDS).
+LITELLM_PARAMS = frozenset({
+    "acompletion", "aimg_generation", "allowed_model_region", "api_base", "api_key", "api_version",
+    "assistant_continue_message", "atext_completion", "azure", "azure_ad_token_provider",
+    "azure_password", "azure_username", "base_model", "bos_token", "budget_duration", "cache",
+    "cache_key", "caching", "caching_groups", "client", "client_id", "client_secret",
+    "complete_response", "configurable_clientside_auth_params", "context_window_fallback_dict",
+    "cooldown_time", "custom_llm_provider", "disable_add_transform_inline_image_block",
+    "ensure_alternating_roles", "eos_token", "fallback_depth", "fallbacks", "fastest_response",
+    "final_prompt_value", "force_timeout", "gcs_bucket_name", "gcs_path_service_account", "headers",
+    "hf_model_name", "humanloop_api_key", "id", "input_cost_per_second", "input_cost_per_token",
+    "langfuse_host", "langfuse_public_key", "langfuse_secret", "langfuse_secret_key",
+    "langsmith_api_key", "langsmith_base_url", "langsmith_project", "litellm_call_id",
+    "litellm_credential_name", "litellm_logging_obj", "litellm_metadata", "litellm_trace_id",
+    "logger_fn", "max_budget", "max_fallbacks", "max_parallel_requests", "max_retries",
+    "merge_reasoning_content_in_choices", "metadata", "mock_response", "mock_timeout", "model_config",
+    "model_info", "model_list", "no-log", "num_retries", "output_cost_per_second",
+    "output_cost_per_token", "preset_cache_key", "prompt_id", "prompt_variables",
+    "provider_specific_header", "proxy_server_request", "region_name", "request_timeout",
+    "retry_policy", "retry_strategy", "roles", "rpm", "self", "stream_timeout",
+    "supports_system_message", "tags", "tenant_id", "text_completion", "tpm", "ttl",
+    "turn_off_message_logging", "use_client", "use_in_pass_through", "user_continue_message",
+    "verbose", "weight",
+})
+LITELLM_PREFIXES = ("aws_", "vertex_", "azure_", "watsonx_", "litellm_", "mock_", "api_", "extra_")
 # Service tiers priced as the standard one (or cheaper); a dearer tier is refused.
 SERVICE_TIERS = frozenset({"auto", "default", "flex"})
 IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image"})
@@ -149,10 +190,10 @@ def check_model(model: object, allowed: frozenset[str] = frozenset()) -> str:
     one is configured."""
     if not isinstance(model, str) or not model.strip():
         raise Refusal("model_required")
+    if not model.isprintable():  # control, format and surrogate characters are not
+        raise Refusal("model_invalid", model[:200])
     if "," in model:
         raise Refusal("model_list", model[:200])
-    if not model.isprintable():  # control, format and surrogate characters are not
-        raise Refusal("model_invalid", model.encode("unicode_escape").decode("ascii")[:200])
     if allowed and model not in allowed:
         raise Refusal("model_not_allowed", model[:200])
     return model
@@ -160,16 +201,28 @@ def check_model(model: object, allowed: frozenset[str] = frozenset()) -> str:
 
 def check_fields(body: Mapping[str, object], known: frozenset[str]) -> None:
     """Refuse the first top-level key that is not one of ``known`` (the schema's fields and
-    the operator's additions)."""
+    the operator's additions), and a ``metadata`` that is not OpenAI's (string pairs) or
+    names one of LiteLLM's own controls."""
     for key in body:
         if key not in known:
             raise Refusal("unknown_field", key[:100])
+    metadata = body.get("metadata")
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping) or len(metadata) > METADATA_MAX_PAIRS:
+        raise Refusal("bad_metadata", "metadata")
+    for key, value in metadata.items():
+        if (not isinstance(value, str) or len(key) > METADATA_MAX_KEY or len(value) > METADATA_MAX_VALUE
+                or key.lower().startswith(METADATA_RESERVED)):
+            raise Refusal("bad_metadata", f"metadata.{key[:64]}")
 
 
 def operator_fields(names: frozenset[str]) -> frozenset[str]:
-    """GATE_EXTRA_BODY_FIELDS, checked: a key refused for what LiteLLM does with it cannot be
-    allowed (the service refuses to start)."""
-    if refused := sorted(names & FAN_OUT_KEYS):
+    """GATE_EXTRA_BODY_FIELDS, checked: a key LiteLLM acts on itself (its parameters, the
+    fan-out keys, its per-provider credentials and settings) cannot be allowed (the service
+    refuses to start). ``metadata`` is OpenAI's too: the schemas that have it check its shape."""
+    refused = sorted(n for n in names if n in FAN_OUT_KEYS or n in LITELLM_PARAMS or n.startswith(LITELLM_PREFIXES))
+    if refused:
         raise ValueError(f"GATE_EXTRA_BODY_FIELDS: {', '.join(refused)} change how the proxy calls the model "
                          "and cannot be accepted")
     return names

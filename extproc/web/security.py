@@ -33,6 +33,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from ..ratelimit import abandon
 from . import queries as q
 from .kit import (
     SERVICES,
@@ -202,13 +203,20 @@ class SigninLimiter:
         now = self._clock()
         if script is None or now < self._skip_redis_until:
             return None
+        # In a task of its own, abandoned at the timeout: a cancel can be lost inside redis-py
+        # (ratelimit.abandon), and the sign-in must not wait for the client's socket timeout.
+        call = asyncio.ensure_future(script(keys=keys, args=args))
         try:
-            async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
-                return list(await script(keys=keys, args=args))
+            await asyncio.wait({call}, timeout=REDIS_TIMEOUT_SECONDS)
+            if not call.done():
+                raise TimeoutError("Redis did not answer")
+            return list(call.result())
         except (RedisError, TimeoutError, OSError) as exc:
             self._skip_redis_until = now + REDIS_RETRY_SECONDS
             log.warning("sign-in limiter: Redis failed (%s); counting in process memory", type(exc).__name__)
             return None
+        finally:
+            abandon(call)  # nothing when it ended; cancelled and read when it did not
 
     def _local_attempt(self, keys: list[str]) -> list[Any]:
         now = self._clock()
