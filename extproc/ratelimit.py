@@ -294,13 +294,10 @@ def abandon(call: asyncio.Task[Any]) -> None:
     the loop holds may be collected mid-flight) and read its outcome, so the loop never logs it
     as never retrieved. Callers wait for their Redis calls in a task of their own, because a
     cancel can be lost inside redis-py (Python 3.11's asyncio.wait_for, see _redis_call)."""
-    if call.done():
-        if not call.cancelled():
-            call.exception()
-        return
-    call.cancel()
+    if not call.done():
+        call.cancel()
     ABANDONED.add(call)
-    call.add_done_callback(_forget)
+    call.add_done_callback(_forget)  # on a call already done: soon, still referenced meanwhile
 
 
 def _forget(call: asyncio.Task[Any]) -> None:

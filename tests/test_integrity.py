@@ -344,10 +344,8 @@ async def test_litellm_body_parameters_never_reach_it(http, envoy, service, upst
                  ('"model": "gpt-4o-mini", "metadata": {"tags": "premium"}', "bad_metadata")]
     for raw_model, code in raw_cases:
         raw_body = json.dumps(chat()).replace('"model": "gpt-4o-mini"', raw_model).encode()
-        async with http.post(envoy.url + CHAT, data=raw_body, headers={
-                **auth(user), "content-type": "application/json"}) as resp:
-            answer = await resp.read()
-            assert resp.status == 400, (raw_model, answer)
+        status, _, answer = await post(http, envoy, auth(user), raw_body)
+        assert status == 400, (raw_model, answer)
         assert refusal(answer)["code"] == code, (raw_model, answer)
     assert len(upstream.requests) == before
     assert await balance(service, user) is None
@@ -595,7 +593,6 @@ async def test_langchain_chatopenai_as_a_librechat_custom_endpoint(
     await assert_invariants(service, user)
 
 
-
 NODE_SDK = Path(__file__).resolve().parent.parent / "node_modules" / "openai"
 NODE_SCRIPT = Path(__file__).resolve().parent / "support" / "openai_node.mjs"
 
@@ -641,6 +638,7 @@ async def test_the_openai_node_sdk(envoy, service, upstream, user, settings):
     assert account.email == "caio@example.com" and account.balance == settings.default_monthly_tokens - 32
     assert (await balance(service, broke)).balance == 0
     await assert_invariants(service, user)
+
 
 # ---------------------------------------------------------------- 16. found in review
 

@@ -199,12 +199,12 @@ def check_model(model: object, allowed: frozenset[str] = frozenset()) -> str:
     return model
 
 
-def check_fields(body: Mapping[str, object], known: frozenset[str]) -> None:
-    """Refuse the first top-level key that is not one of ``known`` (the schema's fields and
-    the operator's additions), and a ``metadata`` that is not OpenAI's (string pairs) or
-    names one of LiteLLM's own controls."""
+def check_fields(body: Mapping[str, object], fields: frozenset[str], extra: frozenset[str]) -> None:
+    """Refuse the first top-level key that is neither one of the schema's ``fields`` nor one of
+    the operator's ``extra`` (looked up in both: no union built per request), and a
+    ``metadata`` that is not OpenAI's (string pairs) or names one of LiteLLM's own controls."""
     for key in body:
-        if key not in known:
+        if key not in fields and key not in extra:
             raise Refusal("unknown_field", key[:100])
     metadata = body.get("metadata")
     if metadata is None:
@@ -229,8 +229,8 @@ def operator_fields(names: frozenset[str]) -> frozenset[str]:
 
 
 def check_fan_out(body: Mapping[str, object]) -> None:
-    for key in FAN_OUT_KEYS:
-        if key in body:
+    for key in body:  # a body has a handful of keys; FAN_OUT_KEYS has dozens
+        if key in FAN_OUT_KEYS:
             raise Refusal("fan_out", key)
     tier = body.get("service_tier")
     if tier is not None and tier not in SERVICE_TIERS:

@@ -49,7 +49,7 @@ class Translator:
         """The estimate of a parsed request body; raises ``billable.Refusal`` for what cannot
         be accounted for."""
         billable.check_fan_out(body)
-        billable.check_fields(body, self.fields | limits.extra_fields)
+        billable.check_fields(body, self.fields, limits.extra_fields)
         allowance = billable.completion_allowance(body, limits.default_completion, limits.max_completion)
         count = self.count(body, limits.server_context_tokens)
         if not self.produces_completions:
