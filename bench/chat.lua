@@ -7,6 +7,7 @@
 -- A deterministic share BENCH_STREAM_RATIO (0..1) of requests asks for `"stream": true`;
 -- BENCH_STREAM_CHUNKS asks the fast upstream for that many SSE chunks per streamed answer
 -- (realistic answers are hundreds of chunks; each one crosses the processor).
+-- BENCH_JSON_MAX_TOKENS > 0 gives the JSON requests that max_tokens (0: none).
 -- BENCH_THINK_MS > 0 paces each connection: it waits an exponentially distributed think
 -- time with that mean before each request (a "moderate load" instead of flat out).
 -- Configuration comes from the environment because wrk decides whether a script paces
@@ -30,8 +31,7 @@ if think_ms > 0 then
   end
 end
 
-local BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":'
-  .. '"Say hello to the Solaris benchmark in one short sentence, please."}]}'
+local BODY = nil  -- made in init(): its max_tokens comes from the environment
 local STREAM_BODY = nil  -- made in init(): the chunk count comes from the environment
 
 function setup(thread)
@@ -46,6 +46,14 @@ function init(args)
   -- max_tokens: a bounded stream, which the gate hands to Envoy (docs/streams.md)
   STREAM_BODY = '{"model":"gpt-4o-mini","stream":true,"max_tokens":256,"x_test":{"chunks":' .. chunks .. '},'
     .. '"messages":[{"role":"user","content":'
+    .. '"Say hello to the Solaris benchmark in one short sentence, please."}]}'
+  -- BENCH_JSON_MAX_TOKENS > 0: bounded JSON answers, which the gate hands to Envoy
+  local json_max = tonumber(os.getenv("BENCH_JSON_MAX_TOKENS") or "0") or 0
+  local bound = ''
+  if json_max > 0 then
+    bound = '"max_tokens":' .. json_max .. ','
+  end
+  BODY = '{"model":"gpt-4o-mini",' .. bound .. '"messages":[{"role":"user","content":'
     .. '"Say hello to the Solaris benchmark in one short sentence, please."}]}'
   math.randomseed(os.time() + (thread_id or 0))
   for line in io.lines(path) do

@@ -9,8 +9,10 @@ The processors run on uvloop (GATE_EVENT_LOOP's default); `noop-asyncio` and `ga
 same stacks on asyncio's standard loop, to compare the loops within one run (--mode), and
 `gate-nolease` is the gate with one Redis call per request (GATE_RATE_LIMIT_LEASE=0), and
 `gate-chunks` the gate reading every stream's chunks itself (GATE_STREAM_USAGE=processor; the
-default hands bounded streams to Envoy, docs/streams.md). Streamed requests carry max_tokens
-(bounded, as SDK clients send them); the no-op's Envoy has no SSE usage filter or access log.
+default hands bounded streams to Envoy, docs/streams.md), and `gate-jsonproc` the gate reading
+every JSON answer itself (GATE_JSON_USAGE=processor; the default hands bounded JSON answers to
+Envoy). Requests carry max_tokens (bounded, as SDK clients send them; --json-max-tokens 0 sends
+JSON requests without it); the no-op's Envoy has no usage filter or access log.
 
 Each stack runs three passes of POST /v1/chat/completions, rotating over --users users' JWTs:
   throughput  --concurrency connections flat out (closed loop): requests/s, p50, p99
@@ -70,25 +72,30 @@ LUA = BENCH / "chat.lua"
 STREAM_CHUNKS = [3]
 # Streamed requests bound their answers, as SDK clients do (and bench/chat.lua's body says).
 STREAM_MAX_TOKENS = 256
+# JSON requests' max_tokens (--json-max-tokens; 0: none, an unbounded answer the processor reads).
+JSON_MAX_TOKENS = [256]
 UPSTREAM = ROOT / "tests" / "support" / "upstream.py"
 PATH = "/v1/chat/completions"
 PROMPT = "Say hello to the Solaris benchmark in one short sentence, please."
-SCENARIOS = ("direct", "noop-asyncio", "noop", "gate-asyncio", "gate-nolease", "gate-chunks", "gate")
+SCENARIOS = ("direct", "noop-asyncio", "noop", "gate-asyncio", "gate-nolease", "gate-chunks", "gate-jsonproc",
+             "gate")
 DEFAULT_SCENARIOS = ("direct", "noop", "gate")
 LABELS = {"direct": "(a) envoy direct", "noop": "(b) envoy + noop", "gate": "(c) envoy + gate",
           "noop-asyncio": "(b) noop, asyncio", "gate-asyncio": "(c) gate, asyncio",
-          "gate-nolease": "(c) gate, no lease", "gate-chunks": "(c) gate, chunks"}
+          "gate-nolease": "(c) gate, no lease", "gate-chunks": "(c) gate, chunks",
+          "gate-jsonproc": "(c) gate, JSON by processor"}
 # The variants' settings (the processors' environment) on top of the defaults.
 SCENARIO_ENV = {"noop-asyncio": {"GATE_EVENT_LOOP": "asyncio"}, "gate-asyncio": {"GATE_EVENT_LOOP": "asyncio"},
                 "gate-nolease": {"GATE_RATE_LIMIT_LEASE": "0"},
-                "gate-chunks": {"GATE_STREAM_USAGE": "processor"}}
+                "gate-chunks": {"GATE_STREAM_USAGE": "processor"},
+                "gate-jsonproc": {"GATE_JSON_USAGE": "processor"}}
 # Short names in the ratios: c/b is the issue's figure (gate over the four-message no-op).
 KEYS = {"direct": "a", "noop-asyncio": "b_asyncio", "noop": "b", "gate-asyncio": "c_asyncio",
-        "gate-nolease": "c_nolease", "gate-chunks": "c_chunks", "gate": "c"}
+        "gate-nolease": "c_nolease", "gate-chunks": "c_chunks", "gate-jsonproc": "c_jsonproc", "gate": "c"}
 RATIO_PAIRS = (("c", "b"), ("c", "a"), ("b", "a"), ("c_asyncio", "b_asyncio"), ("c_asyncio", "a"),
                ("b_asyncio", "a"), ("c", "b_asyncio"), ("c", "c_asyncio"), ("b", "b_asyncio"),
                ("c_nolease", "b"), ("c", "c_nolease"), ("c_chunks", "b"), ("c_chunks", "a"),
-               ("c", "c_chunks"))
+               ("c", "c_chunks"), ("c_jsonproc", "b"), ("c", "c_jsonproc"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 COMPONENTS = ("processors", "envoy", "upstream", "postgres", "redis", "loadgen")
 GOAL_THROUGHPUT = 0.70  # c >= 70 % of b
@@ -194,7 +201,8 @@ class Wrk:
                "--timeout", "10s", "--latency", "-s", str(LUA), url + PATH]
         env = child_env(BENCH_TOKENS_FILE=str(self.tokens_file),
                         BENCH_STREAM_RATIO=str(stream_ratio), BENCH_THINK_MS=str(think_ms),
-                        BENCH_STREAM_CHUNKS=str(STREAM_CHUNKS[0]))
+                        BENCH_STREAM_CHUNKS=str(STREAM_CHUNKS[0]),
+                        BENCH_JSON_MAX_TOKENS=str(JSON_MAX_TOKENS[0]))
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -233,9 +241,10 @@ class PythonLoad:
                    think_ms: float) -> Load:
         import aiohttp
 
+        bounded = {"max_tokens": JSON_MAX_TOKENS[0]} if JSON_MAX_TOKENS[0] else {}
         bodies = [json.dumps({"model": "gpt-4o-mini",
                               **({"stream": True, "max_tokens": STREAM_MAX_TOKENS,
-                                  "x_test": {"chunks": STREAM_CHUNKS[0]}} if s else {}),
+                                  "x_test": {"chunks": STREAM_CHUNKS[0]}} if s else bounded),
                               "messages": [{"role": "user", "content": PROMPT}]}).encode()
                   for s in (False, True)]
         headers = [{"Content-Type": "application/json", "Authorization": f"Bearer {t}"}
@@ -527,8 +536,10 @@ class Bench:
             status, headers, text = exc.code, exc.headers, exc.read().decode(errors="replace")
         if status != 200:
             raise RuntimeError(f"smoke request through {stack.name} got {status}: {text[:500]}")
-        if stack.is_gate and "x-solaris-tokens-remaining" not in headers:
-            raise RuntimeError("smoke request through the gate lacks x-solaris-tokens-remaining: "
+        # The gate adds the rate-limit headers to every answer it admitted (a JSON answer handed
+        # to Envoy carries no remaining-tokens header).
+        if stack.is_gate and "x-ratelimit-remaining-requests" not in headers:
+            raise RuntimeError("smoke request through the gate lacks x-ratelimit-remaining-requests: "
                                "it did not pass the gate")
         stack.extra_ok += 1
 
@@ -818,6 +829,7 @@ class Bench:
         print(f"Solaris gate benchmark — {os.cpu_count()} CPUs shared by everything; load generator {gen}; "
               f"{args.users} users; {args.processors} processor process(es); "
               f"stream ratio {args.stream_ratio} x {args.stream_chunks} chunks; "
+              f"JSON max_tokens {args.json_max_tokens or 'none'}; "
               f"Envoy --concurrency {args.envoy_concurrency}")
         if args.rounds > 1 and args.pick == "quietest":
             picked = next(iter(self.stacks.values())).picked
@@ -1087,6 +1099,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-ratio", type=float, default=0.0, help="share of requests with stream: true (0..1)")
     p.add_argument("--stream-chunks", type=int, default=3,
                    help="SSE chunks per streamed answer (realistic answers: 200 and more)")
+    p.add_argument("--json-max-tokens", type=int, default=256,
+                   help="max_tokens of JSON requests (0: none; the gate hands bounded JSON answers to Envoy)")
     p.add_argument("--paced-fraction", type=float, default=0.5,
                    help="the paced pass offers this share of the gate's throughput (0: skip)")
     p.add_argument("--rate", type=float, default=0, help="offered req/s of the paced pass (overrides the fraction)")
@@ -1117,6 +1131,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.stream_chunks < 1:
         p.error("--stream-chunks must be >= 1")
     STREAM_CHUNKS[0] = args.stream_chunks
+    if args.json_max_tokens < 0:
+        p.error("--json-max-tokens must be >= 0")
+    JSON_MAX_TOKENS[0] = args.json_max_tokens
     if min(args.processors, args.users, args.concurrency, args.rounds) < 1:
         p.error("--processors, --users, --concurrency and --rounds must be >= 1")
     return args

@@ -166,19 +166,32 @@ class Service:
         await asyncio.to_thread(self.spool.close)
 
     async def _await_handed_off(self, deadline: float) -> None:
-        """Streams handed to Envoy (gate.handoff) settle when Envoy's access log brings their
+        """Answers handed to Envoy (gate.handoff) settle when Envoy's access log brings their
         end: wait (until the loop's clock reads ``deadline``) for the ext_proc streams in
         progress to end and for the entries of this process's handoffs, then end Envoy's log
-        streams (the gRPC server would wait for them: Envoy never ends them)."""
+        streams (the gRPC server would wait for them: Envoy never ends them).
+
+        A handed-off stream may run for minutes, so its entry is waited for until the deadline.
+        A JSON answer was whole when it was handed off: its entry follows within a log flush,
+        or went to another processor (with several, Envoy's log stream may reach any) and is
+        not coming here; so once only JSON answers are left, they get ``JSON_ENTRY_WAIT``
+        (otherwise every stop of one of several processors would wait its whole grace period)."""
         if self.gate is None or self.processor is None or self.stream_log is None:
             return
         loop = asyncio.get_running_loop()
-        # Polled: two counters that many places change, once at shutdown.
-        while (self.processor.active or self.gate.handed) and loop.time() < deadline:  # noqa: ASYNC110
+        json_until: float | None = None
+        # Polled: counters that many places change, once at shutdown.
+        while loop.time() < deadline:
+            if not self.processor.active and not any(self.gate.handed.values()):
+                if not self.gate.handed:
+                    break
+                json_until = json_until if json_until is not None else loop.time() + JSON_ENTRY_WAIT
+                if loop.time() >= json_until:
+                    break
             await asyncio.sleep(0.05)
         if self.gate.handed:
-            log.warning("stopping with %d handed-off stream(s) not yet settled: the sweep charges "
-                        "their reservations", len(self.gate.handed))
+            log.warning("stopping with %d handed-off answer(s) not settled here: their entries went to "
+                        "another processor, or the sweep charges their reservations", len(self.gate.handed))
         self.stream_log.close()
 
     # ------------------------------------------------------------ background work
@@ -222,6 +235,11 @@ class Service:
         self.metrics.spool_pending.set(self.spool.pending())  # includes lines left by a crash
         with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             await self.alerts.refresh_depth()
+
+
+# How long a stopping processor waits for the access-log entries of the JSON answers it handed
+# off once nothing else is left: ten of Envoy's 0.1 s log flushes (envoy.yaml).
+JSON_ENTRY_WAIT = 1.0
 
 
 def loop_name(loop: asyncio.AbstractEventLoop | None = None) -> str:

@@ -49,8 +49,8 @@ class Metrics:
             registry=r)
         self.handoffs = Counter(
             "solaris_stream_handoffs_total",
-            "Streams whose usage Envoy reads (docs/streams.md), by event: handed (the processor "
-            "let the chunks pass), settled (from the access log, with usage), no_usage (settled "
+            "Answers (streams and JSON) whose usage Envoy reads (docs/streams.md), by event: "
+            "handed (the processor let the body pass), settled (from the access log, with usage), no_usage (settled "
             "by the reservation), unreadable (an entry that was not the processor's).",
             ["event"], registry=r)
         self.settle_backlog = Gauge(

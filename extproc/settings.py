@@ -114,6 +114,12 @@ FIELDS: list[tuple[str, str, str]] = [
      "sse_to_metadata filter; the chunks pass without waiting on the processor, which settles "
      "from Envoy's access log; only for answers whose length the request bounds, docs/streams.md) "
      "or `processor` (every chunk through the processor, as for every other stream)."),
+    ("GATE_JSON_USAGE", "json_usage",
+     "Who reads a JSON (not streamed) Chat Completions or Completions answer's usage: `envoy` "
+     "(Envoy's json_to_metadata filter; the body passes without a message to the processor, "
+     "which settles from Envoy's access log; only for answers whose length the request bounds; "
+     "such answers carry no `x-solaris-tokens-remaining`, docs/streams.md) or `processor` (the "
+     "body through the processor, with the remaining-tokens headers)."),
     ("STRIPE_SECRET_KEY", "stripe_secret_key", "Stripe API key; billing is on only when both Stripe keys are set."),
     ("STRIPE_WEBHOOK_SECRET", "stripe_webhook_secret", "Stripe webhook signing secret."),
     ("STRIPE_API_BASE", "stripe_api_base", "Override of Stripe's API base URL (tests)."),
@@ -211,6 +217,7 @@ class Settings:
     log_level: str = "INFO"
     event_loop: str = "uvloop"
     stream_usage: str = "envoy"
+    json_usage: str = "envoy"
     stripe_secret_key: str = ""
     stripe_webhook_secret: str = ""
     stripe_api_base: str = ""
@@ -259,6 +266,8 @@ class Settings:
             raise ValueError("GATE_EVENT_LOOP must be uvloop or asyncio")
         if self.stream_usage not in ("envoy", "processor"):
             raise ValueError("GATE_STREAM_USAGE must be envoy or processor")
+        if self.json_usage not in ("envoy", "processor"):
+            raise ValueError("GATE_JSON_USAGE must be envoy or processor")
         if not 0 < self.conversion_factor <= 10:
             raise ValueError("GATE_CONVERSION_FACTOR must be in (0, 10]")
         if self.jwks_url and not self.jwt_audience:

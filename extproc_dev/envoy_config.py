@@ -15,6 +15,8 @@ import yaml
 from extproc.settings import Settings
 
 # Envoy's own error replies (local_reply_config), by language, in the order of its mappers.
+# What reads the usage of answers handed to Envoy (gate.handoff), with the access log.
+USAGE_FILTERS = ("envoy.filters.http.sse_to_metadata", "envoy.filters.http.json_to_metadata")
 LOCAL_REPLIES = {
     "pt-BR": ("A conversa é grande demais para o gateway. Inicie uma nova conversa.",
               "O controle de tokens está indisponível (%RESPONSE_CODE_DETAILS%). "
@@ -44,7 +46,7 @@ def render(
 ) -> dict[str, Any]:
     """The configuration with the given ports. ``extproc=None`` removes the ext_proc filter
     (the benchmark's "Envoy direct" baseline); ``stream_usage=False`` (implied by it) removes
-    what reads handed-off streams, the SSE usage filter and the access log (the benchmark's
+    what reads handed-off answers, the usage filters and the access log (the benchmark's
     no-op reference stays the one of before). ``template``: default, the package's own."""
     template = template or Settings().envoy_template_path()
     config = copy.deepcopy(yaml.safe_load(template.read_text()))
@@ -59,8 +61,7 @@ def render(
     clusters["extproc_http"]["load_assignment"]["endpoints"] = _endpoints([http])
     if extproc is None or not stream_usage:
         hcm.pop("access_log", None)
-        hcm["http_filters"] = [f for f in hcm["http_filters"]
-                               if f["name"] != "envoy.filters.http.sse_to_metadata"]
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in USAGE_FILTERS]
     if extproc is None:
         hcm["http_filters"] = [f for f in hcm["http_filters"]
                                if f["name"] != "envoy.filters.http.ext_proc"]

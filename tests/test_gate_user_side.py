@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from support.gate import balance, chat, ledger_sums, post, settled, usage_entries
+from support.gate import balance, chat, gate_settings, ledger_sums, post, settled, usage_entries
 
 from extproc.errors import Messages
 from extproc.formats import fmt_date_text
@@ -46,9 +46,11 @@ async def test_past_the_personal_cap_is_a_402_naming_the_cap(http, envoy, servic
                    f" Para mudar esse limite, acesse {ME}."}}
     assert len(upstream.requests) == before
     await nothing_held_or_debited(service, user, 1)
-    # A request that fits under the cap still goes through, and is debited exactly.
-    status, headers, raw = await post(http, envoy, auth(user), chat(max_tokens=100, x_test={
-        "prompt": 6, "completion": 4}), service=service)
+    # A request that fits under the cap still goes through, and is debited exactly (read by the
+    # processor, whose reply says what is left).
+    with gate_settings(service, json_usage="processor"):
+        status, headers, raw = await post(http, envoy, auth(user), chat(max_tokens=100, x_test={
+            "prompt": 6, "completion": 4}), service=service)
     assert status == 200, raw
     assert [-e["tokens"] for e in await usage_entries(service, user)] == [400, 10]
     # What is left, and the usage %, are the cap's: 1,000 - 410.

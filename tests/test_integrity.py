@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.gate import CHAT, balance, chat, ledger_sums, post, settled, spend, usage_entries
+from support.gate import CHAT, balance, chat, gate_settings, ledger_sums, post, settled, spend, usage_entries
 from support.stack import GATE_KEY
 
 from extproc.errors import MESSAGES
@@ -272,7 +272,8 @@ async def test_weight_applies_to_the_reservation_and_the_debit(
     assert len(upstream.requests) == before
 
     await service.ledger.grant(user, 1000, actor="test", reason="top up", kind="adjustment")
-    status, headers, raw = await post(http, envoy, auth(user), body, service=service)
+    with gate_settings(service, json_usage="processor"):  # the remaining-tokens header is its
+        status, headers, raw = await post(http, envoy, auth(user), body, service=service)
     assert status == 200, raw
     assert len(upstream.requests) == before + 1
     [_, entry] = await usage_entries(service, user)
@@ -354,16 +355,18 @@ async def test_litellm_body_parameters_never_reach_it(http, envoy, service, upst
 # ---------------------------------------------------------------- 9. unreadable usage
 
 
+@pytest.mark.parametrize("reader", ["processor", "envoy"])
 async def test_2xx_json_list_is_charged_the_reservation(
-        http, envoy, service, upstream, auth, user, settings):
+        http, envoy, service, upstream, auth, user, settings, reader):
     before = len(upstream.requests)
-    status, _, raw = await post(http, envoy, auth(user), chat(
-        max_tokens=100, x_test={"json_list": True}), service=service)
+    with gate_settings(service, json_usage=reader):
+        status, _, raw = await post(http, envoy, auth(user), chat(
+            max_tokens=100, x_test={"json_list": True}), service=service)
     assert status == 200, raw
     assert isinstance(json.loads(raw), list)
     assert len(upstream.requests) == before + 1
     [entry] = await usage_entries(service, user)
-    assert list(entry["flags"]) == ["no_usage", "reservation"]
+    assert list(entry["flags"]) == ["no_usage", "reservation"] + (["envoy"] if reader == "envoy" else [])
     assert (entry["prompt_tokens"], entry["completion_tokens"]) == (HELLO_TOKENS, 100)
     assert entry["tokens"] == -106 == -entry["estimate"]
     assert (await balance(service, user)).balance == settings.default_monthly_tokens - 106
@@ -633,7 +636,8 @@ async def test_the_openai_node_sdk(envoy, service, upstream, user, settings):
     assert {**refused, "message": ""} == {
         "sdkError": True, "status": 402, "type": "insufficient_quota", "code": "quota_exceeded", "message": ""}
     await settled(service)
-    assert [-e["tokens"] for e in await usage_entries(service, user)] == [19, 13]
+    # both handed to Envoy: their settles come in one access-log flush, in either order
+    assert sorted(-e["tokens"] for e in await usage_entries(service, user)) == [13, 19]
     account = await balance(service, user)
     assert account.email == "caio@example.com" and account.balance == settings.default_monthly_tokens - 32
     assert (await balance(service, broke)).balance == 0

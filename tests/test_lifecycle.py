@@ -157,3 +157,24 @@ async def test_restart_under_load_admits_nothing_unreserved_and_debits_once(
         assert await Ledger(pool, Settings(database_url=database)).reconcile() == []
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize(("handed", "waits"), [({"json-1": False}, "json"), ({"json-1": False, "sse-1": True}, "all"),
+                                               ({}, "nothing")])
+async def test_a_stop_waits_for_handed_off_streams_not_for_json_entries_gone_elsewhere(handed, waits):
+    """With several processors a JSON answer's entry may reach another one and never clear here:
+    once only those are left a stop gives them a few log flushes, not its whole grace period; a
+    handed-off stream may still be running, and is waited for until the deadline."""
+    from types import SimpleNamespace
+
+    from extproc.app import JSON_ENTRY_WAIT, Service
+
+    closed: list[bool] = []
+    fake = SimpleNamespace(gate=SimpleNamespace(handed=dict(handed)), processor=SimpleNamespace(active=0),
+                           stream_log=SimpleNamespace(close=lambda: closed.append(True)))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await Service._await_handed_off(fake, started + JSON_ENTRY_WAIT + 1.5)  # type: ignore[arg-type]
+    took = loop.time() - started
+    expected = {"json": JSON_ENTRY_WAIT, "all": JSON_ENTRY_WAIT + 1.5, "nothing": 0.0}[waits]
+    assert expected <= took < expected + 0.4 and closed == [True]

@@ -1,25 +1,39 @@
-"""Streams handed to Envoy (GATE_STREAM_USAGE=envoy, docs/streams.md): a bounded Chat
-Completions stream's chunks pass without a message to the processor; Envoy reads the usage
-event and its access log brings the exchange's end back for the settle. Through a real Envoy,
-the processor, PostgreSQL and the fake upstream; the access-log entries are Envoy's own."""
+"""Answers handed to Envoy (GATE_STREAM_USAGE, GATE_JSON_USAGE, docs/streams.md): a bounded
+Chat Completions stream's chunks, or a bounded JSON answer's body, pass without a message to the
+processor; Envoy reads the usage and its access log brings the exchange's end back for the
+settle. Through a real Envoy, the processor, PostgreSQL and the fake upstream; the access-log
+entries are Envoy's own."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 from multidict import CIMultiDict
-from support.gate import CHAT, balance, chat, first_usage_entries, handoffs, ledger_sums, post, settled, usage_entries
+from support.gate import (
+    CHAT,
+    balance,
+    chat,
+    first_usage_entries,
+    gate_settings,
+    handoffs,
+    ledger_sums,
+    post,
+    settled,
+    usage_entries,
+)
 
 from extproc.gate import handoff
 from extproc.gate.access_log import StreamLog
+from extproc.settings import Settings
 
 
 def chunks_seen(service: Any) -> float:
@@ -28,11 +42,9 @@ def chunks_seen(service: Any) -> float:
 
 @pytest.fixture
 def processor_reads(service: Any) -> Iterator[None]:
-    """GATE_STREAM_USAGE=processor for one test (the gate reads its settings per exchange)."""
-    before = service.gate.settings
-    service.gate.settings = dataclasses.replace(before, stream_usage="processor")
-    yield
-    service.gate.settings = before
+    """GATE_STREAM_USAGE=processor for one test."""
+    with gate_settings(service, stream_usage="processor"):
+        yield
 
 
 async def read_stream(http: aiohttp.ClientSession, envoy: Any, headers: dict[str, str],
@@ -61,15 +73,11 @@ async def test_a_bounded_stream_is_settled_from_envoys_reading(http, envoy, serv
 
 
 async def test_the_gate_enforcing_max_tokens_makes_a_stream_bounded(http, envoy, service, upstream, auth, user):
-    before = service.gate.settings
-    service.gate.settings = dataclasses.replace(before, enforce_max_tokens=True)
-    try:
-        handed = handoffs(service, "handed")
+    handed = handoffs(service, "handed")
+    with gate_settings(service, enforce_max_tokens=True):
         status, _, _ = await read_stream(http, envoy, auth(user), chat(stream=True, x_test={"chunks": 3}))
-    finally:
-        service.gate.settings = before
     assert status == 200 and handoffs(service, "handed") == handed + 1
-    assert upstream.requests[-1]["body"]["max_tokens"] == before.default_completion_tokens
+    assert upstream.requests[-1]["body"]["max_tokens"] == service.gate.settings.default_completion_tokens
     await settled(service)
     [entry] = await usage_entries(service, user)
     assert entry["real_tokens"] == 12
@@ -257,9 +265,11 @@ def test_handed_metadata_is_read_strictly() -> None:
     fields = {"exchange_id": "e", "user_id": "u", "model": "", "request_id": "r", "estimate": 5.0,
               "prompt_estimate": 2.0, "prompt_chars": 7.0}
     got = handoff.handed({handoff.NAMESPACE: fields})
-    assert got == handoff.Handed("e", "u", None, "r", 5, 2, 7)
+    assert got == handoff.Handed("e", "u", None, "r", 5, 2, 7, stream=True)  # written before JSON handoffs
+    assert handoff.handed({handoff.NAMESPACE: {**fields, "stream": False}}) == handoff.Handed(
+        "e", "u", None, "r", 5, 2, 7, stream=False)
     for bad in ({"estimate": 1.5}, {"estimate": float("inf")}, {"estimate": True}, {"user_id": ""},
-                {"exchange_id": 3}, {"prompt_chars": "7"}):
+                {"exchange_id": 3}, {"prompt_chars": "7"}, {"stream": 0.0}, {"stream": "false"}):
         assert handoff.handed({handoff.NAMESPACE: {**fields, **bad}}) is None, bad
     assert handoff.handed({}) is None
     assert handoff.observed({handoff.USAGE_NAMESPACE: {"prompt_tokens": 3.0, "completion_tokens": 4.0}},
@@ -269,12 +279,12 @@ def test_handed_metadata_is_read_strictly() -> None:
     assert handoff.observed({}, 100) is None
 
 
-@pytest.mark.parametrize(("stream", "bounded", "usage_last", "account", "notice", "expected"), [
+@pytest.mark.parametrize(("envoy_reads", "bounded", "usage_last", "account", "notice", "expected"), [
     (True, True, True, True, False, True), (False, True, True, True, False, False),
     (True, False, True, True, False, False), (True, True, False, True, False, False),
     (True, True, True, False, False, False), (True, True, True, True, True, False)])
-def test_which_requests_are_candidates(stream, bounded, usage_last, account, notice, expected) -> None:
-    assert handoff.candidate(stream=stream, bounded=bounded, usage_last=usage_last,
+def test_which_requests_are_candidates(envoy_reads, bounded, usage_last, account, notice, expected) -> None:
+    assert handoff.candidate(envoy_reads=envoy_reads, bounded=bounded, usage_last=usage_last,
                              admitted_by_ledger=account, notice_due=notice) is expected
 
 
@@ -299,16 +309,133 @@ async def test_a_limit_the_upstream_ignores_is_refused_not_handed_off(http, envo
 
 
 def test_which_answers_go_to_envoy() -> None:
-    assert handoff.goes_to_envoy(200, "text/event-stream; charset=utf-8")
-    assert handoff.goes_to_envoy(206, "Text/Event-Stream")
-    assert not handoff.goes_to_envoy(500, "text/event-stream")
-    assert not handoff.goes_to_envoy(200, "application/json")
-    assert not handoff.goes_to_envoy(0, "")
+    """The kind the request asked for, 2xx, and for JSON only a content type Envoy's filter
+    parses (compared whole, as Envoy does)."""
+    assert handoff.goes_to_envoy(200, "text/event-stream; charset=utf-8", True)
+    assert handoff.goes_to_envoy(206, "Text/Event-Stream", True)
+    assert not handoff.goes_to_envoy(500, "text/event-stream", True)
+    assert not handoff.goes_to_envoy(200, "application/json", True)  # a stream answered in JSON
+    assert not handoff.goes_to_envoy(0, "", True)
+    assert handoff.goes_to_envoy(200, "application/json", False)
+    assert handoff.goes_to_envoy(200, "application/json; charset=utf-8", False)
+    for status, kind in ((200, "text/event-stream"), (200, "application/json;charset=UTF-8"),
+                         (200, "Application/JSON"), (200, "application/jsonl"), (400, "application/json"),
+                         (0, "")):
+        assert not handoff.goes_to_envoy(status, kind, False), (status, kind)
 
 
-async def test_json_answers_are_unchanged(http, envoy, service, auth, user):
-    handed = handoffs(service, "handed")
-    status, headers, _ = await post(http, envoy, auth(user), chat(max_tokens=20), service=service)
+def test_envoy_reads_the_json_types_the_rule_counts_on() -> None:
+    """If envoy.yaml's filter parsed fewer types than ``goes_to_envoy`` hands off, an answer of
+    the missing type would be settled as if it had no usage (its whole reservation)."""
+    config = yaml.safe_load(Settings().envoy_template_path().read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    [json_filter] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.json_to_metadata"]
+    rules = json_filter["typed_config"]["response_rules"]
+    assert set(rules["allow_content_types"]) == handoff.JSON_TYPES
+    assert {r["on_present"]["metadata_namespace"] for r in rules["rules"]} == {handoff.USAGE_NAMESPACE}
+    names = [f["name"] for f in hcm["http_filters"]]  # after ext_proc: it reads the answer first
+    assert names.index("envoy.filters.http.ext_proc") < names.index("envoy.filters.http.json_to_metadata")
+
+
+# ---------------------------------------------------------------- JSON answers
+
+
+def body_messages(service: Any) -> float:
+    """Response-body messages the processor answered."""
+    value = service.gate.metrics.registry.get_sample_value(
+        "solaris_extproc_phase_seconds_count", {"phase": "response_body"})
+    return value or 0.0
+
+
+async def test_a_bounded_json_answer_is_settled_from_envoys_reading(http, envoy, service, auth, user, settings):
+    bodies, handed = body_messages(service), handoffs(service, "handed")
+    status, headers, raw = await post(http, envoy, auth(user), chat(
+        max_tokens=120, n=2, x_test={"prompt": 13, "completion": 31}))
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == "hello there"
+    assert "x-ratelimit-remaining-requests" in headers
+    # the body never reached the processor, so no header says what is left after it
+    assert "x-solaris-tokens-remaining" not in headers and "x-solaris-quota-used-pct" not in headers
+    assert body_messages(service) == bodies and handoffs(service, "handed") == handed + 1
+    await settled(service)
+    [entry] = await usage_entries(service, user)
+    assert (entry["prompt_tokens"], entry["completion_tokens"], list(entry["flags"])) == (13, 31, ["envoy"])
+    assert entry["estimate"] == 6 + 2 * 120
+    account = await balance(service, user)
+    assert account.balance == settings.default_monthly_tokens - 44 and account.reserved == 0
+    bal, reserved, total = await ledger_sums(service, user)
+    assert bal == total and reserved == 0
+
+
+async def test_json_answers_the_processor_keeps(http, envoy, service, auth, user, settings):
+    """Unbounded (an answer without usage must be counted), an upstream error (charged by its
+    output or released), GATE_JSON_USAGE=processor: the body goes through the processor, with
+    the remaining-tokens headers on a 2xx."""
+    handed, bodies = handoffs(service, "handed"), body_messages(service)
+    status, headers, _ = await post(http, envoy, auth(user), chat(x_test={"completion": 3}), service=service)
+    assert status == 200 and headers["x-solaris-tokens-remaining"] == str(settings.default_monthly_tokens - 10)
+    status, _, _ = await post(http, envoy, auth(user), chat(max_tokens=9, x_test={"status": 500}), service=service)
+    assert status == 500
+    with gate_settings(service, json_usage="processor"):
+        status, headers, _ = await post(http, envoy, auth(user), chat(max_tokens=9), service=service)
     assert status == 200 and "x-solaris-tokens-remaining" in headers
-    assert handoffs(service, "handed") == handed
+    assert handoffs(service, "handed") == handed and body_messages(service) == bodies + 3
+    assert [e["real_tokens"] for e in await usage_entries(service, user)] == [10, 12]  # the 500 released
+    assert (await balance(service, user)).reserved == 0
+
+
+@pytest.mark.parametrize("usage", ["none", "garbled", {"prompt_tokens": 5, "completion_tokens": 2.5},
+                                   {"prompt_tokens": -5, "completion_tokens": 2}])
+async def test_a_json_answer_without_a_usable_usage_is_charged_its_reservation(
+        http, envoy, service, auth, user, usage):
+    """What the processor does with the same answer: the request was bounded, so its
+    reservation covers any output (and a 2xx is never free)."""
+    status, _, _ = await post(http, envoy, auth(user), chat(max_tokens=40, x_test={"usage": usage}),
+                              service=service)
+    assert status == 200
+    [entry] = await usage_entries(service, user)
+    assert list(entry["flags"]) == ["no_usage", "reservation", "envoy"]
+    assert entry["completion_tokens"] == 40 and -entry["tokens"] == entry["estimate"]
+
+
+async def test_a_json_answer_that_is_not_an_object_is_charged_its_reservation(http, envoy, service, auth, user):
+    status, _, raw = await post(http, envoy, auth(user), chat(max_tokens=25, x_test={"json_list": True}),
+                                service=service)
+    assert status == 200 and raw.startswith(b"[")
+    [entry] = await usage_entries(service, user)
+    assert list(entry["flags"]) == ["no_usage", "reservation", "envoy"] and -entry["tokens"] == 6 + 25
+
+
+async def test_a_client_gone_before_a_json_answer_is_charged_once(envoy, service, auth, user):
+    """The client leaves while the upstream thinks: no answer reached Envoy, so its entry (if
+    any) is not a handoff and the processor charges the reservation, once."""
+    async with aiohttp.ClientSession() as own:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await own.post(envoy.url + CHAT, headers=auth(user), json=chat(max_tokens=30, x_test={"delay": 1.0}),
+                           timeout=aiohttp.ClientTimeout(total=0.3))
+    [entry] = await first_usage_entries(service, user)
+    await asyncio.sleep(1.2)  # the upstream's answer, had it been delivered, and a log flush
+    await settled(service)
+    [again] = await usage_entries(service, user)
+    assert again["id"] == entry["id"] and "abandoned" in entry["flags"] and -entry["tokens"] == 6 + 30
+    assert (await balance(service, user)).reserved == 0
+
+
+async def test_a_json_entry_settles_by_the_kind_it_was_admitted_for(service, user):
+    """The access-log side of the rule: a JSON exchange's entry settles a JSON answer, not an
+    SSE one (that answer stayed with its processor), and the reverse for a stream."""
+    assert service.ledger is not None and service.gate is not None
+    log = StreamLog(service.gate)
+    fields = {"user_id": user, "model": "gpt-4o-mini", "request_id": "", "estimate": 50, "prompt_estimate": 10,
+              "prompt_chars": 30, "stream": False}
+    usage = {handoff.USAGE_NAMESPACE: {"prompt_tokens": 9.0, "completion_tokens": 4.0}}
+    for exchange in ("ex-json-1", "ex-json-2"):
+        assert (await service.ledger.admit(user, 50, exchange)).outcome == "ok"
+    assert log.entry(entry({handoff.NAMESPACE: {**fields, "exchange_id": "ex-json-1"}, **usage},
+                           content_type="text/event-stream")) is None
+    task = log.entry(entry({handoff.NAMESPACE: {**fields, "exchange_id": "ex-json-2"}, **usage},
+                           content_type="application/json"))
+    assert task is not None
+    await task
+    [row] = await usage_entries(service, user)
+    assert (row["exchange_id"], row["real_tokens"], list(row["flags"])) == ("ex-json-2", 13, ["envoy"])
 

@@ -96,9 +96,9 @@ class Gate:
                                       billable.operator_fields(settings.extra_body_field_set()))
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pending_settles = 0
-        # Streams this process handed to Envoy whose access-log entry has not come back here
+        # Answers this process handed to Envoy whose access-log entry has not come back here
         # yet, oldest first (an ordered set): a graceful stop waits for them (gate.handoff).
-        self.handed: dict[str, None] = {}
+        self.handed: dict[str, bool] = {}  # exchange id -> a stream (else a JSON answer)
         credentials = upstream_credentials(settings.upstream_api_key, settings.jwt_header)
         # The body the gate priced is read as JSON, so the upstream must read it as JSON too:
         # LiteLLM parses a form-encoded body as a form, where "&model=..." hidden in a JSON
@@ -304,8 +304,9 @@ class Gate:
         s = self.settings
         changed = ex.translator.mutate(body, stream=ex.stream, enforce_limit=s.enforce_max_tokens,
                                        default_completion=s.default_completion_tokens)
-        ex.candidate = s.stream_usage == "envoy" and handoff.candidate(
-            stream=ex.stream, bounded=handoff.bounded(body, ex.translator.limit_keys),
+        ex.candidate = handoff.candidate(
+            envoy_reads=(s.stream_usage if ex.stream else s.json_usage) == "envoy",
+            bounded=handoff.bounded(body, ex.translator.limit_keys),
             usage_last=ex.translator.asks_for_stream_usage, admitted_by_ledger=ex.account is not None,
             notice_due=bool(ex.notice))
         # A candidate's fields ride with the admission (gate.handoff: why not later).
@@ -343,9 +344,9 @@ class Gate:
             return CONTINUE
         rate = ex.rate.headers() if ex.rate else ()
         content_type = headers.get("content-type", "")
-        if ex.candidate and handoff.goes_to_envoy(ex.status, content_type):
+        if ex.candidate and handoff.goes_to_envoy(ex.status, content_type, ex.stream):
             # Envoy reads the usage and its access log brings it back (gate.handoff): the
-            # chunks no longer wait on this process, whose stream ends here. (The settling
+            # body no longer waits on this process, whose stream ends here. (The settling
             # side applies the same rule to the entry's status and content type.)
             self._hand_off(ex)
             return Continue(set_headers=rate, done=True)
@@ -372,7 +373,7 @@ class Gate:
         ex.closed = True  # this stream's end settles nothing
         if len(self.handed) >= MAX_HANDED_TRACKED:
             del self.handed[next(iter(self.handed))]  # the oldest: its entry went elsewhere
-        self.handed[ex.exchange_id] = None
+        self.handed[ex.exchange_id] = ex.stream
         if ex.reserved:
             self.metrics.reservations_held.dec()
         self.metrics.handoffs.labels("handed").inc()
@@ -389,13 +390,13 @@ class Gate:
             self.metrics.handoffs.labels("unreadable").inc()
             log.warning("access-log entry without a candidate exchange: ignored")
             return None
-        if not handoff.goes_to_envoy(status, content_type):
+        if not handoff.goes_to_envoy(status, content_type, handed.stream):
             return None  # not handed off: settled by its own ext_proc stream
         self.handed.pop(handed.exchange_id, None)
         ex = Exchange(exchange_id=handed.exchange_id, identity=Identity(user_id=handed.user_id),
                       request_id=handed.request_id, model=handed.model, estimate=handed.estimate,
                       prompt_estimate=handed.prompt_estimate, prompt_chars=handed.prompt_chars,
-                      status=status, stream=True, admitted=True, closed=True,
+                      status=status, stream=handed.stream, admitted=True, closed=True,
                       started=time.perf_counter() - duration)  # the log line's latency: Envoy's
         # Without usage: the request was bounded, so no output is counted past the reservation,
         # and a 2xx answer is never released.

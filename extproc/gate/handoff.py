@@ -1,4 +1,4 @@
-"""A stream handed to Envoy: the rule for which answers qualify, what the processor leaves in
+"""An answer handed to Envoy: the rule for which answers qualify, what the processor leaves in
 Envoy's dynamic metadata for the settle, and how that settle reads it back (docs/streams.md).
 
 A plain SSE answer is the gate's costliest exchange: every chunk is an ext_proc message that
@@ -7,16 +7,20 @@ end. When the usage is the small last event of the stream (Chat Completions, Com
 the request bounds the answer's length, Envoy can do that reading itself: its sse_to_metadata
 filter writes the usage event's numbers into ``USAGE_NAMESPACE``, and Envoy's access log (gRPC,
 to the processors) carries them with the exchange's fields (``NAMESPACE``) when the stream ends.
+A JSON answer of the same schemas is one buffered message, but still a fourth ext_proc message
+and a parse in Python for three numbers: Envoy's json_to_metadata filter reads the same
+``usage`` fields into the same namespace, and the same access log brings them back.
 The settle is the same exactly-once ``Ledger.settle`` keyed by the exchange id the processor
 minted.
 
 Who settles is decided by one rule both sides apply to the same facts, so that exactly one of
 them does even when the client leaves at the worst moment: the processor writes the exchange's
-fields at admission, only for a ``candidate``; the stream is handed to Envoy when its answer
-``goes_to_envoy`` (2xx, text/event-stream), which the processor sees in the response headers
-and the settling processor in the access-log entry. (Envoy drops a reply that arrives after the
-client left, so a mark written with the response headers' reply could be missing from an entry
-whose exchange the processor already handed off: the mark is the admission's instead.)
+fields at admission, only for a ``candidate``, with the kind of answer the request asked for
+(``stream``); the answer is handed to Envoy when it ``goes_to_envoy`` (2xx, of that kind: SSE
+for a stream, JSON otherwise), which the processor sees in the response headers and the
+settling processor in the access-log entry. (Envoy drops a reply that arrives after the client
+left, so a mark written with the response headers' reply could be missing from an entry whose
+exchange the processor already handed off: the mark is the admission's instead.)
 
 Pure values here; Envoy's protocols are ``gate.envoy`` (ext_proc) and ``gate.access_log``.
 """
@@ -35,9 +39,13 @@ if TYPE_CHECKING:
     from .exchange import Exchange
 
 # Dynamic metadata namespaces: the processor writes NAMESPACE (ext_proc receiving namespace),
-# Envoy's sse_to_metadata writes USAGE_NAMESPACE; envoy.yaml names both.
+# Envoy's sse_to_metadata and json_to_metadata write USAGE_NAMESPACE; envoy.yaml names both.
 NAMESPACE = "solaris.exchange"
 USAGE_NAMESPACE = "solaris.usage"
+# The JSON answers Envoy reads: its json_to_metadata filter compares the whole content type
+# with its list (envoy.yaml's allow_content_types, kept equal to this by a test), so an answer
+# of another spelling stays with the processor rather than be charged as if it had no usage.
+JSON_TYPES = frozenset({"application/json", "application/json; charset=utf-8"})
 
 
 @dataclass(frozen=True)
@@ -52,31 +60,44 @@ class Handed:
     estimate: int
     prompt_estimate: int
     prompt_chars: int
+    # The kind of answer the request asked for: SSE (True) or JSON. An entry without it was
+    # written by a processor that handed off streams only.
+    stream: bool = True
 
 
-def candidate(*, stream: bool, bounded: bool, usage_last: bool, admitted_by_ledger: bool,
+def candidate(*, envoy_reads: bool, bounded: bool, usage_last: bool, admitted_by_ledger: bool,
               notice_due: bool) -> bool:
     """Whether an admitted request's answer may be handed to Envoy (decided at admission).
 
-    * ``stream``: the request asks for SSE.
+    * ``envoy_reads``: the deployment lets Envoy read this kind of answer (GATE_STREAM_USAGE
+      for streams, GATE_JSON_USAGE for JSON answers).
     * ``bounded``: the request carries a max-token limit its upstream honours (``bounded``; the
       client's, or the one the gate wrote under GATE_ENFORCE_MAX_TOKENS). A stream cut before
-      its usage event is then charged its reservation, which covers any output; without a
-      limit the processor must count the output seen, since it may exceed the reservation.
+      its usage event (or a JSON answer without a readable usage) is then charged its
+      reservation, which covers any output; without a limit the processor must count the
+      output seen, since it may exceed the reservation.
     * ``usage_last``: the schema reports usage in a small last event (Chat Completions,
-      Completions), not inside a final event that repeats the whole answer (Responses).
+      Completions), not inside a final event that repeats the whole answer (Responses); its
+      JSON answers keep it in ``usage.prompt_tokens``/``completion_tokens``, where envoy.yaml
+      looks.
     * ``admitted_by_ledger``: the account exists (a fail-open admission's settle may have to
       open it, with the e-mail the metadata never carries).
-    * not ``notice_due``: an in-chat notice is written into the stream by the processor.
+    * not ``notice_due``: an in-chat notice is written into the answer by the processor.
     """
-    return stream and bounded and usage_last and admitted_by_ledger and not notice_due
+    return envoy_reads and bounded and usage_last and admitted_by_ledger and not notice_due
 
 
-def goes_to_envoy(status: int, content_type: str) -> bool:
-    """Whether a candidate's answer is handed to Envoy: a 2xx SSE stream. An error answer with
-    output is charged by the output seen (accounting.unreported_charge), which only the
-    processor can count; a JSON answer is one buffered message anyway."""
-    return 200 <= status < 300 and content_type.lower().startswith("text/event-stream")
+def goes_to_envoy(status: int, content_type: str, stream: bool) -> bool:
+    """Whether a candidate's answer is handed to Envoy: a 2xx answer of the kind the request
+    asked for, an SSE stream for a stream and a JSON body of a type Envoy's filter parses
+    otherwise (the filter reading the other kind is not the one the rule counted on). An error
+    answer with output is charged by the output seen (accounting.unreported_charge), which only
+    the processor can count."""
+    if not 200 <= status < 300:
+        return False
+    if stream:
+        return content_type.lower().startswith("text/event-stream")
+    return content_type in JSON_TYPES
 
 
 def bounded(body: Mapping[str, Any], limit_keys: tuple[str, ...]) -> bool:
@@ -90,7 +111,7 @@ def fields(ex: Exchange) -> tuple[tuple[str, str | int], ...]:
     assert ex.identity is not None
     values = Handed(exchange_id=ex.exchange_id, user_id=ex.identity.user_id, model=ex.model,
                     request_id=ex.request_id, estimate=ex.estimate, prompt_estimate=ex.prompt_estimate,
-                    prompt_chars=ex.prompt_chars)
+                    prompt_chars=ex.prompt_chars, stream=ex.stream)
     return tuple((name, "" if value is None else value) for name, value in dataclasses.asdict(values).items())
 
 
@@ -122,17 +143,21 @@ def handed(metadata: Mapping[str, Any]) -> Handed | None:
         return None
     if any(n is None for n in numbers):
         return None
+    stream = values.get("stream", True)
+    if not isinstance(stream, bool):
+        return None
     estimate, prompt_estimate, prompt_chars = (int(n or 0) for n in numbers)
     model, request_id = values.get("model"), values.get("request_id")
     return Handed(exchange_id=exchange_id, user_id=user_id,
                   model=model if isinstance(model, str) and model else None,
                   request_id=request_id if isinstance(request_id, str) and request_id else None,
-                  estimate=estimate, prompt_estimate=prompt_estimate, prompt_chars=prompt_chars)
+                  estimate=estimate, prompt_estimate=prompt_estimate, prompt_chars=prompt_chars,
+                  stream=stream)
 
 
 def observed(metadata: Mapping[str, Any], cap: int) -> Observed | None:
-    """The usage Envoy read from the stream's last usage event, by the same rules as a usage
-    the processor reads (read_usage: integers only, never negative, capped and flagged)."""
+    """The usage Envoy read (a stream's last usage event, a JSON answer's ``usage``), by the
+    same rules as a usage the processor reads (read_usage: integers only, never negative, capped and flagged)."""
     values = metadata.get(USAGE_NAMESPACE)
     if not isinstance(values, Mapping) or not values:
         return None

@@ -7,8 +7,10 @@ Settles run right after the reply, off the request's path: every reader here wai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -21,6 +23,18 @@ from extproc_dev.devstack import Envoy
 from support.wait import eventually
 
 CHAT = "/v1/chat/completions"
+
+
+@contextlib.contextmanager
+def gate_settings(service: Service, **changes: Any) -> Iterator[None]:
+    """The gate's settings changed for a while (it reads them per exchange)."""
+    assert service.gate is not None
+    before = service.gate.settings
+    service.gate.settings = before.replace(**changes)
+    try:
+        yield
+    finally:
+        service.gate.settings = before
 
 
 def chat(content: str = "Olá, tudo bem?", **extra: Any) -> dict[str, Any]:
