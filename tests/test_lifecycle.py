@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from support.gate import CHAT
 from support.stack import JWT_SECRET, start_serve
+from support.wait import eventually
 
 from extproc.identity import mint_token
 from extproc.ledger import Ledger
@@ -96,6 +97,41 @@ async def test_sigkill_mid_stream_leaks_no_reservation(http, make_database, redi
         assert [(r["real_tokens"], list(r["flags"])) for r in rows] == [(reserved, ["expired"])]
         assert await pool.fetchval("SELECT reserved FROM accounts WHERE user_id = $1", user) == 0
         assert await Ledger(pool, settings).reconcile() == []
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+async def test_sigkill_before_a_json_answer_delivers_nothing(
+        http, make_database, redis_url, upstream, tmp_path, bounded):
+    """The processor dies after the admission, while the upstream thinks: Envoy never delivers
+    the answer (failure_mode_allow is off; a bounded one would have been handed off only at the
+    response headers), so the user gets Envoy's error, and the hold left behind is the sweep's,
+    as for a stream cut by the same death (docs/scaling.md relies on this)."""
+    database = make_database()
+    proc, proxy = await _start(database, redis_url, tmp_path, upstream.port)
+    user = f"killed-json-{uuid.uuid4().hex[:6]}"
+    headers = {"authorization": f"Bearer {mint_token(Settings(jwt_secret=JWT_SECRET), user)}"}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "conte"}],
+            "x_test": {"delay": 1.0, "completion": 9}, **({"max_tokens": 50} if bounded else {})}
+    before = len(upstream.requests)
+    try:
+        answer = asyncio.create_task(http.post(proxy.url + CHAT, json=body, headers=headers))
+        await eventually(lambda: len(upstream.requests) > before, "the request reaching the upstream")
+        proc.kill()
+        async with await answer as resp:
+            status, raw = resp.status, await resp.read()
+        await asyncio.to_thread(proc.wait, 10)
+    finally:
+        proxy.stop()
+        devstack.stop_process(proc)
+    assert status >= 500 and b"hello there" not in raw and b"gateway_unavailable" in raw, (status, raw)
+    import asyncpg
+
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=1)
+    try:
+        assert await _usage_rows(pool, user) == []
+        assert await pool.fetchval("SELECT reserved FROM accounts WHERE user_id = $1", user) > 0  # the sweep's
     finally:
         await pool.close()
 

@@ -383,6 +383,19 @@ async def test_json_answers_the_processor_keeps(http, envoy, service, auth, user
     assert (await balance(service, user)).reserved == 0
 
 
+@pytest.mark.parametrize("reader", ["envoy", "processor"])
+async def test_envoy_reads_the_usage_names_the_processor_reads(http, envoy, service, auth, user, reader):
+    """usage.read_usage also takes input_tokens/output_tokens: Envoy's filter looks for them too,
+    so the debit does not depend on who read the answer."""
+    with gate_settings(service, json_usage=reader):
+        status, _, _ = await post(http, envoy, auth(user), chat(max_tokens=40, x_test={
+            "usage": {"input_tokens": 8, "output_tokens": 3}}), service=service)
+    assert status == 200
+    [entry] = await usage_entries(service, user)
+    assert (entry["prompt_tokens"], entry["completion_tokens"]) == (8, 3)
+    assert ("envoy" in entry["flags"]) is (reader == "envoy")
+
+
 @pytest.mark.parametrize("usage", ["none", "garbled", {"prompt_tokens": 5, "completion_tokens": 2.5},
                                    {"prompt_tokens": -5, "completion_tokens": 2}])
 async def test_a_json_answer_without_a_usable_usage_is_charged_its_reservation(
