@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ from redis.backoff import NoBackoff
 
 from . import web as webapp
 from .alerts import AlertWorker
-from .gate import usage
+from .gate import handoff, usage
 from .gate.access_log import StreamLog
 from .gate.decisions import Gate
 from .gate.envoy import NoopProcessor, Processor
@@ -174,20 +175,16 @@ class Service:
         A handed-off stream may run for minutes, so its entry is waited for until the deadline.
         A JSON answer was whole when it was handed off: its entry follows within a log flush,
         or went to another processor (with several, Envoy's log stream may reach any) and is
-        not coming here; so once only JSON answers are left, they get ``JSON_ENTRY_WAIT``
+        not coming here; so each is waited for until ``JSON_ENTRY_WAIT`` after its handoff
         (otherwise every stop of one of several processors would wait its whole grace period)."""
         if self.gate is None or self.processor is None or self.stream_log is None:
             return
         loop = asyncio.get_running_loop()
-        json_until: float | None = None
         # Polled: counters that many places change, once at shutdown.
         while loop.time() < deadline:
-            if not self.processor.active and not any(self.gate.handed.values()):
-                if not self.gate.handed:
-                    break
-                json_until = json_until if json_until is not None else loop.time() + JSON_ENTRY_WAIT
-                if loop.time() >= json_until:
-                    break
+            if not self.processor.active and not handoff.awaited(self.gate.handed, time.monotonic(),
+                                                                 JSON_ENTRY_WAIT):
+                break
             await asyncio.sleep(0.05)
         if self.gate.handed:
             log.warning("stopping with %d handed-off answer(s) not settled here: their entries went to "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -195,22 +196,42 @@ async def test_restart_under_load_admits_nothing_unreserved_and_debits_once(
         await pool.close()
 
 
-@pytest.mark.parametrize(("handed", "waits"), [({"json-1": False}, "json"), ({"json-1": False, "sse-1": True}, "all"),
-                                               ({}, "nothing")])
-async def test_a_stop_waits_for_handed_off_streams_not_for_json_entries_gone_elsewhere(handed, waits):
+@pytest.mark.parametrize("case", ["old json", "fresh json", "stream", "json handed while stopping", "nothing"])
+async def test_a_stop_waits_for_handed_off_streams_not_for_json_entries_gone_elsewhere(case):
     """With several processors a JSON answer's entry may reach another one and never clear here:
-    once only those are left a stop gives them a few log flushes, not its whole grace period; a
-    handed-off stream may still be running, and is waited for until the deadline."""
+    a stop gives each JSON answer a few log flushes after its handoff (also one handed off while
+    the stop waits, as Envoy keeps sending requests until its health checks mark the processor
+    down), not its whole grace period; a handed-off stream may still be running, and is waited
+    for until the deadline."""
     from types import SimpleNamespace
 
     from extproc.app import JSON_ENTRY_WAIT, Service
 
+    now = time.monotonic()
+    handed = {"old json": {"j0": (False, now - 5)}, "fresh json": {"j0": (False, now - 5), "j1": (False, now)},
+              "stream": {"s1": (True, now - 5)}, "json handed while stopping": {"j0": (False, now - 0.2)},
+              "nothing": {}}[case]
     closed: list[bool] = []
     fake = SimpleNamespace(gate=SimpleNamespace(handed=dict(handed)), processor=SimpleNamespace(active=0),
                            stream_log=SimpleNamespace(close=lambda: closed.append(True)))
+
+    async def a_request_meanwhile() -> None:
+        """Envoy sends one more request (its health checks have not yet marked the processor
+        down) while the stop waits for j0's entry; its answer is handed off at 0.9 s."""
+        await asyncio.sleep(0.5)
+        fake.processor.active = 1
+        await asyncio.sleep(0.4)
+        fake.gate.handed["j2"] = (False, time.monotonic())
+        fake.processor.active = 0
+
+    grace = JSON_ENTRY_WAIT + 1.5
+    meanwhile = asyncio.create_task(a_request_meanwhile()) if case == "json handed while stopping" else None
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await Service._await_handed_off(fake, started + JSON_ENTRY_WAIT + 1.5)  # type: ignore[arg-type]
+    await Service._await_handed_off(fake, started + grace)  # type: ignore[arg-type]
     took = loop.time() - started
-    expected = {"json": JSON_ENTRY_WAIT, "all": JSON_ENTRY_WAIT + 1.5, "nothing": 0.0}[waits]
-    assert expected <= took < expected + 0.4 and closed == [True]
+    expected = {"old json": 0.0, "fresh json": JSON_ENTRY_WAIT, "stream": grace,
+                "json handed while stopping": 0.9 + JSON_ENTRY_WAIT, "nothing": 0.0}[case]
+    assert expected - 0.05 <= took < expected + 0.4 and closed == [True]
+    if meanwhile is not None:
+        await meanwhile

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -275,7 +276,11 @@ def test_handed_metadata_is_read_strictly() -> None:
     assert handoff.observed({handoff.USAGE_NAMESPACE: {"prompt_tokens": 3.0, "completion_tokens": 4.0}},
                             100).prompt_tokens == 3
     assert handoff.observed({handoff.USAGE_NAMESPACE: {"prompt_tokens": float("nan")}}, 100) is None
-    assert handoff.observed({handoff.USAGE_NAMESPACE: {"total_tokens": 9.0}}, 100).prompt_tokens == 9
+    # a handed-off answer's schema reports both counts: a total alone (or one count) is unusable
+    assert handoff.observed({handoff.USAGE_NAMESPACE: {"total_tokens": 9.0}}, 100) is None
+    assert handoff.observed({handoff.USAGE_NAMESPACE: {"completion_tokens": 9.0}}, 100) is None
+    assert handoff.observed({handoff.USAGE_NAMESPACE: {"prompt_tokens": 1e17, "completion_tokens": 1.0}},
+                            100).flags == ("capped",)
     assert handoff.observed({}, 100) is None
 
 
@@ -340,6 +345,23 @@ def test_envoy_reads_the_json_types_the_rule_counts_on() -> None:
 # ---------------------------------------------------------------- JSON answers
 
 
+def json_filter_runs(envoy: Any) -> int:
+    """How many answers Envoy's JSON usage filter looked at (its counters, all outcomes)."""
+    stats = urllib.request.urlopen(f"http://127.0.0.1:{envoy.admin_port}/stats?filter=json_to_metadata.resp").read()
+    return sum(int(line.rsplit(b":", 1)[1]) for line in stats.splitlines() if line.strip())
+
+
+async def test_the_json_filter_reads_llm_answers_only(http, envoy, service, auth, user):
+    """The console's pages and API are no LLM answers: Envoy's usage filter is off on them."""
+    before = json_filter_runs(envoy)
+    for path in ("/api/me", "/api/admin/users", "/me"):
+        async with http.get(envoy.url + path) as resp:
+            await resp.read()
+    assert json_filter_runs(envoy) == before
+    await post(http, envoy, auth(user), chat(max_tokens=10), service=service)
+    assert json_filter_runs(envoy) == before + 1
+
+
 def body_messages(service: Any) -> float:
     """Response-body messages the processor answered."""
     value = service.gate.metrics.registry.get_sample_value(
@@ -383,17 +405,37 @@ async def test_json_answers_the_processor_keeps(http, envoy, service, auth, user
     assert (await balance(service, user)).reserved == 0
 
 
+RESERVATION = "reservation"
+
+
+@pytest.mark.parametrize(("usage", "debit"), [
+    ({"input_tokens": 8, "output_tokens": 3}, 11),  # the other names the processor reads
+    ({"prompt_tokens": 10.0, "completion_tokens": 5.0}, 15),  # whole numbers written as floats
+    ({"prompt_tokens": None, "input_tokens": 8, "completion_tokens": 3}, 11),  # a null is no value
+    ({"prompt_tokens": 5, "completion_tokens": {"n": 1}}, RESERVATION),  # Envoy skips an object...
+    ({"prompt_tokens": 5, "completion_tokens": [1]}, RESERVATION),  # ...and a list
+    ({"completion_tokens": 5}, RESERVATION),  # a count missing: unusable, not a zero
+    ({"prompt_tokens": 5, "completion_tokens": True}, RESERVATION),
+    ({"prompt_tokens": 7, "completion_tokens": 10**17}, "capped"),  # past a double's exact range too
+])
 @pytest.mark.parametrize("reader", ["envoy", "processor"])
-async def test_envoy_reads_the_usage_names_the_processor_reads(http, envoy, service, auth, user, reader):
-    """usage.read_usage also takes input_tokens/output_tokens: Envoy's filter looks for them too,
-    so the debit does not depend on who read the answer."""
+async def test_envoy_and_the_processor_read_a_usage_alike(http, envoy, service, auth, user, settings,
+                                                         reader, usage, debit):
+    """The debit must not depend on who read the answer: Envoy's metadata holds doubles and
+    nothing for a null, an object or a list, so the processor's reading (usage.read_usage) takes
+    a whole float as its integer, a null as no value, and a usage without both counts as none."""
     with gate_settings(service, json_usage=reader):
-        status, _, _ = await post(http, envoy, auth(user), chat(max_tokens=40, x_test={
-            "usage": {"input_tokens": 8, "output_tokens": 3}}), service=service)
+        status, _, _ = await post(http, envoy, auth(user), chat(max_tokens=40, x_test={"usage": usage}),
+                                  service=service)
     assert status == 200
     [entry] = await usage_entries(service, user)
-    assert (entry["prompt_tokens"], entry["completion_tokens"]) == (8, 3)
     assert ("envoy" in entry["flags"]) is (reader == "envoy")
+    if debit == RESERVATION:
+        assert "no_usage" in entry["flags"] and -entry["tokens"] == entry["estimate"]
+    elif debit == "capped":
+        assert "capped" in entry["flags"] and entry["real_tokens"] == settings.max_usage_tokens
+    else:
+        assert entry["real_tokens"] == debit and "no_usage" not in entry["flags"]
 
 
 @pytest.mark.parametrize("usage", ["none", "garbled", {"prompt_tokens": 5, "completion_tokens": 2.5},

@@ -98,7 +98,8 @@ class Gate:
         self.pending_settles = 0
         # Answers this process handed to Envoy whose access-log entry has not come back here
         # yet, oldest first (an ordered set): a graceful stop waits for them (gate.handoff).
-        self.handed: dict[str, bool] = {}  # exchange id -> a stream (else a JSON answer)
+        # exchange id -> (a stream, else a JSON answer; when it was handed off, time.monotonic())
+        self.handed: dict[str, tuple[bool, float]] = {}
         credentials = upstream_credentials(settings.upstream_api_key, settings.jwt_header)
         # The body the gate priced is read as JSON, so the upstream must read it as JSON too:
         # LiteLLM parses a form-encoded body as a form, where "&model=..." hidden in a JSON
@@ -373,7 +374,7 @@ class Gate:
         ex.closed = True  # this stream's end settles nothing
         if len(self.handed) >= MAX_HANDED_TRACKED:
             del self.handed[next(iter(self.handed))]  # the oldest: its entry went elsewhere
-        self.handed[ex.exchange_id] = ex.stream
+        self.handed[ex.exchange_id] = (ex.stream, time.monotonic())
         if ex.reserved:
             self.metrics.reservations_held.dec()
         self.metrics.handoffs.labels("handed").inc()

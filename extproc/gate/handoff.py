@@ -116,9 +116,10 @@ def fields(ex: Exchange) -> tuple[tuple[str, str | int], ...]:
 
 
 def _integral(value: Any) -> Any:
-    """A metadata number (Envoy's metadata numbers are doubles) as the integer it stands for;
-    anything else unchanged, for the caller's own checks to refuse."""
-    if isinstance(value, float) and math.isfinite(value) and value == int(value) and abs(value) <= 2**53:
+    """A metadata number (Envoy's metadata numbers are doubles) as the integer it stands for
+    (past 2**53 only roughly, which the usage cap makes moot); anything else unchanged, for the
+    caller's own checks to refuse."""
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
         return int(value)
     return value
 
@@ -161,4 +162,13 @@ def observed(metadata: Mapping[str, Any], cap: int) -> Observed | None:
     values = metadata.get(USAGE_NAMESPACE)
     if not isinstance(values, Mapping) or not values:
         return None
-    return read_usage({name: _integral(v) for name, v in values.items()}, cap)
+    # Only Chat Completions and Completions answers are handed off: their usage has both counts.
+    return read_usage({name: _integral(v) for name, v in values.items()}, cap, pair=True)
+
+
+def awaited(handed: Mapping[str, tuple[bool, float]], now: float, json_wait: float) -> bool:
+    """Whether a stopping processor should still wait for an entry of its handoffs (``handed``:
+    exchange id -> (a stream, when it was handed off)): a stream may run for minutes; a JSON
+    answer was whole when handed off, so its entry comes within a few log flushes or went to
+    another processor: it is waited for until ``json_wait`` after its handoff."""
+    return any(stream or now - handed_at < json_wait for stream, handed_at in handed.values())

@@ -4,8 +4,10 @@ that counts visible output when the upstream reports none.
 
 Usage numbers come from the upstream, so they are validated like any input: non-integers
 and negatives are refused (never a credit through a negative usage), absurd values are capped
-and flagged. Where a schema keeps its usage and its visible text is each translator's
-business (``translators``), passed in as a ``Reader``.
+and flagged. The same rules read the usage Envoy hands back for an answer it read itself
+(gate.handoff), so a debit does not depend on who read the answer. Where a schema keeps its
+usage and its visible text is each translator's business (``translators``), passed in as a
+``Reader``.
 """
 
 from __future__ import annotations
@@ -85,19 +87,30 @@ def count_tokens(text: str, factor: float) -> tuple[int, str]:
 
 
 def _int_field(usage: dict[str, Any], *names: str) -> int | None:
+    """The first of ``names`` that holds a value. A null is no value (Envoy's JSON filter writes
+    nothing for one either); a whole number written as a float (``10.0``, ``1e1``) is that
+    integer, as it is in Envoy's metadata, where every number is a double."""
     for name in names:
-        if name in usage:
-            value = usage[name]
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"usage.{name} is not an integer")
-            if value < 0:
-                raise ValueError(f"usage.{name} is negative")
-            return value
+        value = usage.get(name)
+        if value is None:
+            continue
+        if isinstance(value, float) and math.isfinite(value) and value == int(value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"usage.{name} is not an integer")
+        if value < 0:
+            raise ValueError(f"usage.{name} is negative")
+        return value
     return None
 
 
-def read_usage(usage: Any, cap: int) -> Observed | None:
-    """(prompt, completion) from an OpenAI/Responses ``usage`` object; None if unusable."""
+def read_usage(usage: Any, cap: int, *, pair: bool = False) -> Observed | None:
+    """(prompt, completion) from an OpenAI/Responses ``usage`` object; None if unusable.
+
+    ``pair``: the schema always reports both (Chat Completions, Completions), so a usage
+    missing one of them is unusable rather than a zero. This also keeps the processor's
+    reading and Envoy's (gate.handoff) the same where Envoy's filter cannot say why a value is
+    missing: it writes nothing for a null, an object or a list."""
     if not isinstance(usage, dict):
         return None
     try:
@@ -106,6 +119,9 @@ def read_usage(usage: Any, cap: int) -> Observed | None:
         total = _int_field(usage, "total_tokens")
     except ValueError as exc:
         log.warning("garbled usage from upstream: %s", exc)
+        return None
+    if pair and (prompt is None or completion is None):
+        log.warning("usage from upstream without its prompt or completion count")
         return None
     if prompt is None and completion is None:
         if total is None:

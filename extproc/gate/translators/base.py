@@ -42,6 +42,8 @@ class Translator:
     # The fields of this schema that really bound an answer's length upstream (another schema's
     # field is dropped by LiteLLM, drop_params): what makes a stream "bounded" (gate.handoff).
     limit_keys: ClassVar[tuple[str, ...]] = ("max_tokens",)
+    # The schema's usage always has both a prompt and a completion count (usage.read_usage).
+    usage_pair: ClassVar[bool] = False
 
     # ------------------------------------------------------------ request
 
@@ -85,7 +87,7 @@ class Translator:
     def usage_of(self, data: dict[str, Any], cap: int) -> Observed | None:
         """The usage in one JSON body or SSE event, or None."""
         usage = data.get("usage")
-        return None if usage is None else read_usage(usage, cap)
+        return None if usage is None else read_usage(usage, cap, pair=self.usage_pair)
 
     def text_of(self, data: dict[str, Any]) -> str:
         """The visible output in one JSON body or SSE event."""
