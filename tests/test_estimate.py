@@ -263,6 +263,7 @@ def test_litellm_own_parameters_cannot_be_allowed_by_the_operator() -> None:
     ({"tags": "paid-tier"}, "metadata.tags"), ({"guardrails": "none"}, "metadata.guardrails"),
     ({"litellm_trace_id": "x"}, "metadata.litellm_trace_id"), ({"team": ["a"]}, "metadata.team"),
     ({"k": "v" * 513}, "metadata.k"), ({f"k{i}": "v" for i in range(17)}, "metadata"), ("tags", "metadata"),
+    ({"user_id": "someone-else"}, "metadata.user_id"),
 ])
 def test_metadata_is_openais_not_litellms(metadata: object, detail: str) -> None:
     """OpenAI's metadata is up to 16 string pairs; on a chat request LiteLLM also reads its own
@@ -273,6 +274,28 @@ def test_metadata_is_openais_not_litellms(metadata: object, detail: str) -> None
             est(kind, body)
         assert (refused.value.code, refused.value.detail) == ("bad_metadata", detail)
     assert est("chat", {"model": "m", "messages": [], "metadata": {"conversation": "c-1", "team": "sales"}})
+
+
+@pytest.mark.parametrize(("tool", "detail"), [
+    ({"type": "web_search_preview"}, "web_search_preview"), ({"type": "web_search"}, "web_search"),
+    ({"type": "file_search", "vector_store_ids": ["vs_1"]}, "file_search"), ({"type": "code_interpreter"},
+                                                                             "code_interpreter"),
+    ({"type": "image_generation"}, "image_generation"), ({"type": "mcp", "server_url": "https://x"}, "mcp"),
+    ({"function": {"name": "f"}}, "tools"), ("function", "tools"), ({"type": 3}, "tools"),
+])
+def test_tools_the_provider_runs_are_refused(tool: object, detail: str) -> None:
+    """A tool the provider runs itself has a fee per call that no token estimate covers (LiteLLM
+    passes the Responses API's tools on unchanged); function and custom tools are tokens."""
+    for kind in ("chat", "responses"):
+        body = {"model": "m", "tools": [{"type": "function", "name": "ok"}, tool],
+                **({"messages": []} if kind == "chat" else {"input": "x"})}
+        with pytest.raises(e.Refusal) as refused:
+            est(kind, body)
+        assert (refused.value.code, refused.value.detail) == ("tool_not_allowed", detail)
+    fine = [{"type": "function", "function": {"name": "f", "parameters": {}}},
+            {"type": "custom", "custom": {"name": "g"}}]
+    assert est("chat", {"model": "m", "messages": [], "tools": fine})
+    assert est("responses", {"model": "m", "input": "x", "tools": [{"type": "function", "name": "f"}]})
 
 
 @pytest.mark.parametrize("key", sorted(e.FAN_OUT_KEYS))

@@ -330,6 +330,10 @@ async def test_litellm_body_parameters_never_reach_it(http, envoy, service, upst
          "o campo 'aws_secret_access_key' não é aceito neste gateway"),
         (chat(thinking={"type": "enabled", "budget_tokens": 100_000}), "unknown_field",
          "o campo 'thinking' não é aceito neste gateway"),
+        # found by an audit of LiteLLM's nested readings: hosted tools are passed on, billed per call
+        (chat(tools=[{"type": "web_search_preview"}]), "tool_not_allowed",
+         "ferramentas do tipo 'web_search_preview' não são aceitas"),
+        (chat(metadata={"user_id": "someone-else"}), "bad_metadata", "'metadata.user_id' não é aceito"),
     ]
     for body, code, message in cases:
         status, _, raw = await post(http, envoy, auth(user), body)

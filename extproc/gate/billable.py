@@ -99,12 +99,19 @@ REFUSED_OPENAI_FIELDS = {
     "web_search_options": "a web search has a per-call fee besides its tokens: no estimate covers it "
                           "(an operator who accepts that adds it with GATE_EXTRA_BODY_FIELDS)",
 }
+# The tools a request may declare: the model calls them and the client runs them, so their cost
+# is tokens. Every other type (the Responses API's web_search, file_search, code_interpreter,
+# image_generation, mcp, computer use, a shell...) is run by the provider, which charges per
+# call or per session besides the tokens: no estimate covers it, and LiteLLM passes the tool on.
+ALLOWED_TOOL_TYPES = frozenset({"function", "custom"})
 # OpenAI's ``metadata``: at most 16 string pairs. LiteLLM reads its own controls from a chat
 # request's metadata (``tags`` route to tagged deployments, ``guardrails`` pick guardrails),
 # so names it uses are refused there too.
 METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
 METADATA_RESERVED = ("tags", "guardrail", "litellm", "user_api_key", "spend_logs", "model_group",
-                     "disable_fallbacks", "prompt_id", "prompt_variables")
+                     "disable_fallbacks", "prompt_id", "prompt_variables",
+                     # without a `user`, LiteLLM takes this as the end user's id (budgets, attribution)
+                     "user_id")
 # Every body parameter LiteLLM 1.63 itself acts on (``litellm.types.utils.all_litellm_params``,
 # checked against the installed LiteLLM by tests/test_estimate.py) and the prefixes of its
 # per-provider credentials and settings: an operator cannot allow one (GATE_EXTRA_BODY_FIELDS).
@@ -201,11 +208,18 @@ def check_model(model: object, allowed: frozenset[str] = frozenset()) -> str:
 
 def check_fields(body: Mapping[str, object], fields: frozenset[str], extra: frozenset[str]) -> None:
     """Refuse the first top-level key that is neither one of the schema's ``fields`` nor one of
-    the operator's ``extra`` (looked up in both: no union built per request), and a
-    ``metadata`` that is not OpenAI's (string pairs) or names one of LiteLLM's own controls."""
+    the operator's ``extra`` (looked up in both: no union built per request), a tool the
+    provider runs itself (``ALLOWED_TOOL_TYPES``), and a ``metadata`` that is not OpenAI's
+    (string pairs) or names one of LiteLLM's own controls."""
     for key in body:
         if key not in fields and key not in extra:
             raise Refusal("unknown_field", key[:100])
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        for tool in tools:
+            kind = tool.get("type") if isinstance(tool, Mapping) else None
+            if kind not in ALLOWED_TOOL_TYPES:
+                raise Refusal("tool_not_allowed", str(kind)[:64] if isinstance(kind, str) else "tools")
     metadata = body.get("metadata")
     if metadata is None:
         return
