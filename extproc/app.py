@@ -234,8 +234,8 @@ class Service:
             await self.alerts.refresh_depth()
 
 
-# How long a stopping processor waits for the access-log entries of the JSON answers it handed
-# off once nothing else is left: ten of Envoy's 0.1 s log flushes (envoy.yaml).
+# How long after handing off a JSON answer a stopping processor still waits for its access-log
+# entry: ten of Envoy's 0.1 s log flushes (envoy.yaml).
 JSON_ENTRY_WAIT = 1.0
 
 
