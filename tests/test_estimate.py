@@ -273,7 +273,8 @@ def test_metadata_is_openais_not_litellms(metadata: object, detail: str) -> None
         with pytest.raises(e.Refusal) as refused:
             est(kind, body)
         assert (refused.value.code, refused.value.detail) == ("bad_metadata", detail)
-    assert est("chat", {"model": "m", "messages": [], "metadata": {"conversation": "c-1", "team": "sales"}})
+    assert est("chat", {"model": "m", "messages": [], "metadata": {"conversation": "c-1", "team": "sales",
+                                                                  "user_identifier": "u"}})
 
 
 @pytest.mark.parametrize(("tool", "detail"), [
@@ -281,7 +282,8 @@ def test_metadata_is_openais_not_litellms(metadata: object, detail: str) -> None
     ({"type": "file_search", "vector_store_ids": ["vs_1"]}, "file_search"), ({"type": "code_interpreter"},
                                                                              "code_interpreter"),
     ({"type": "image_generation"}, "image_generation"), ({"type": "mcp", "server_url": "https://x"}, "mcp"),
-    ({"function": {"name": "f"}}, "tools"), ("function", "tools"), ({"type": 3}, "tools"),
+    ({"function": {"name": "f"}}, "tools"), ("function", "tools"), ({"type": 3}, "tools"), ({"type": {}}, "tools"),
+    ({"googleSearch": {}}, "tools"),  # Vertex AI's, without a type
 ])
 def test_tools_the_provider_runs_are_refused(tool: object, detail: str) -> None:
     """A tool the provider runs itself has a fee per call that no token estimate covers (LiteLLM
@@ -293,8 +295,15 @@ def test_tools_the_provider_runs_are_refused(tool: object, detail: str) -> None:
             est(kind, body)
         assert (refused.value.code, refused.value.detail) == ("tool_not_allowed", detail)
     fine = [{"type": "function", "function": {"name": "f", "parameters": {}}},
-            {"type": "custom", "custom": {"name": "g"}}]
+            {"type": "custom", "custom": {"name": "g"}},
+            # run by the client, billed as tokens
+            {"type": "computer_20241022", "name": "computer"}, {"type": "bash_20250124", "name": "bash"},
+            {"type": "text_editor_20250124", "name": "str_replace_editor"}, {"type": "computer_use_preview"},
+            {"type": "local_shell"}]
     assert est("chat", {"model": "m", "messages": [], "tools": fine})
+    with pytest.raises(e.Refusal) as refused:
+        est("chat", {"model": "m", "messages": [], "tools": {"type": "function"}})
+    assert refused.value.code == "tool_not_allowed"
     assert est("responses", {"model": "m", "input": "x", "tools": [{"type": "function", "name": "f"}]})
 
 

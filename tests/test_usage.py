@@ -38,6 +38,25 @@ def test_unusable_usage_is_none_never_a_credit(raw: object) -> None:
     assert u.read_usage(raw, cap=1000) is None
 
 
+def test_every_schema_that_completes_needs_both_counts() -> None:
+    """A null is no value (Envoy's metadata cannot tell it from a missing key), so a schema that
+    always reports both counts reads a usage missing one as no usage (its reservation), never as
+    a zero; embeddings report a prompt count alone."""
+    from extproc.gate.translators.completions import Completions
+    from extproc.gate.translators.embeddings import Embeddings
+
+    for reader, usage in ((Chat(), {"prompt_tokens": 100, "completion_tokens": None}),
+                          (Completions(), {"prompt_tokens": 100}), (Chat(), {"total_tokens": 9}),
+                          (Responses(), {"input_tokens": 100, "output_tokens": None}),
+                          (Responses(), {"input_tokens": 100})):
+        assert reader.usage_of({"usage": usage}, 1000) is None, (reader.kind, usage)
+    stream_end = {"type": "response.completed", "response": {"usage": {"input_tokens": 100, "output_tokens": None}}}
+    assert Responses().usage_of(stream_end, 1000) is None
+    assert Embeddings().usage_of({"usage": {"prompt_tokens": 9, "total_tokens": 9}}, 1000).prompt_tokens == 9
+    whole = Chat().usage_of({"usage": {"prompt_tokens": 3.0, "completion_tokens": 1e1}}, 1000)
+    assert (whole.prompt_tokens, whole.completion_tokens) == (3, 10)
+
+
 def test_read_body_shapes() -> None:
     from extproc.gate.translators.completions import Completions
 

@@ -100,18 +100,22 @@ REFUSED_OPENAI_FIELDS = {
                           "(an operator who accepts that adds it with GATE_EXTRA_BODY_FIELDS)",
 }
 # The tools a request may declare: the model calls them and the client runs them, so their cost
-# is tokens. Every other type (the Responses API's web_search, file_search, code_interpreter,
-# image_generation, mcp, computer use, a shell...) is run by the provider, which charges per
-# call or per session besides the tokens: no estimate covers it, and LiteLLM passes the tool on.
-ALLOWED_TOOL_TYPES = frozenset({"function", "custom"})
+# is tokens (functions, custom tools, OpenAI's computer use and local shell, Anthropic's
+# versioned computer, bash and text editor tools). Every other type (the Responses API's
+# web_search, file_search, code_interpreter, image_generation, mcp; a tool without a type, as
+# Vertex AI's googleSearch) is run by the provider, which charges per call or per session
+# besides the tokens: no estimate covers it, and LiteLLM passes the tool on.
+ALLOWED_TOOL_TYPES = frozenset({"function", "custom", "computer_use_preview", "local_shell"})
+ALLOWED_TOOL_PREFIXES = ("computer_20", "bash_20", "text_editor_20")
 # OpenAI's ``metadata``: at most 16 string pairs. LiteLLM reads its own controls from a chat
 # request's metadata (``tags`` route to tagged deployments, ``guardrails`` pick guardrails),
 # so names it uses are refused there too.
 METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
 METADATA_RESERVED = ("tags", "guardrail", "litellm", "user_api_key", "spend_logs", "model_group",
-                     "disable_fallbacks", "prompt_id", "prompt_variables",
-                     # without a `user`, LiteLLM takes this as the end user's id (budgets, attribution)
-                     "user_id")
+                     "disable_fallbacks", "prompt_id", "prompt_variables")
+# Names LiteLLM reads whole: without a `user`, it takes `user_id` as the end user's id (its
+# budgets and attribution).
+METADATA_RESERVED_NAMES = frozenset({"user_id"})
 # Every body parameter LiteLLM 1.63 itself acts on (``litellm.types.utils.all_litellm_params``,
 # checked against the installed LiteLLM by tests/test_estimate.py) and the prefixes of its
 # per-provider credentials and settings: an operator cannot allow one (GATE_EXTRA_BODY_FIELDS).
@@ -215,11 +219,13 @@ def check_fields(body: Mapping[str, object], fields: frozenset[str], extra: froz
         if key not in fields and key not in extra:
             raise Refusal("unknown_field", key[:100])
     tools = body.get("tools")
-    if isinstance(tools, list):
-        for tool in tools:
+    if tools is not None:
+        for tool in tools if isinstance(tools, list) else [None]:
             kind = tool.get("type") if isinstance(tool, Mapping) else None
-            if kind not in ALLOWED_TOOL_TYPES:
-                raise Refusal("tool_not_allowed", str(kind)[:64] if isinstance(kind, str) else "tools")
+            if not isinstance(kind, str):
+                raise Refusal("tool_not_allowed", "tools")
+            if kind not in ALLOWED_TOOL_TYPES and not kind.startswith(ALLOWED_TOOL_PREFIXES):
+                raise Refusal("tool_not_allowed", kind[:64])
     metadata = body.get("metadata")
     if metadata is None:
         return
@@ -227,7 +233,7 @@ def check_fields(body: Mapping[str, object], fields: frozenset[str], extra: froz
         raise Refusal("bad_metadata", "metadata")
     for key, value in metadata.items():
         if (not isinstance(value, str) or len(key) > METADATA_MAX_KEY or len(value) > METADATA_MAX_VALUE
-                or key.lower().startswith(METADATA_RESERVED)):
+                or key.lower().startswith(METADATA_RESERVED) or key in METADATA_RESERVED_NAMES):
             raise Refusal("bad_metadata", f"metadata.{key[:64]}")
 
 

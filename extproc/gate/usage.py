@@ -5,7 +5,8 @@ that counts visible output when the upstream reports none.
 Usage numbers come from the upstream, so they are validated like any input: non-integers
 and negatives are refused (never a credit through a negative usage), absurd values are capped
 and flagged. The same rules read the usage Envoy hands back for an answer it read itself
-(gate.handoff), so a debit does not depend on who read the answer. Where a schema keeps its
+(gate.handoff), so a debit does not depend on who read the answer (for a stream that reports
+its usage once: Envoy merges the fields of several usage events, docs/streams.md). Where a schema keeps its
 usage and its visible text is each translator's business (``translators``), passed in as a
 ``Reader``.
 """

@@ -42,7 +42,8 @@ class Translator:
     # The fields of this schema that really bound an answer's length upstream (another schema's
     # field is dropped by LiteLLM, drop_params): what makes a stream "bounded" (gate.handoff).
     limit_keys: ClassVar[tuple[str, ...]] = ("max_tokens",)
-    # The schema's usage always has both a prompt and a completion count (usage.read_usage).
+    # The schema's usage always has both a prompt and a completion count (usage.read_usage):
+    # every schema that produces completions; embeddings report a prompt count alone.
     usage_pair: ClassVar[bool] = False
 
     # ------------------------------------------------------------ request
