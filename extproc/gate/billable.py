@@ -220,7 +220,9 @@ def check_fields(body: Mapping[str, object], fields: frozenset[str], extra: froz
             raise Refusal("unknown_field", key[:100])
     tools = body.get("tools")
     if tools is not None:
-        for tool in tools if isinstance(tools, list) else [None]:
+        if not isinstance(tools, list):
+            raise Refusal("tool_not_allowed", "tools")
+        for tool in tools:
             kind = tool.get("type") if isinstance(tool, Mapping) else None
             if not isinstance(kind, str):
                 raise Refusal("tool_not_allowed", "tools")

@@ -33,7 +33,8 @@ class Translator:
     paths: ClassVar[tuple[str, ...]]
     # The top-level request fields of this schema; any other key is refused (billable).
     fields: ClassVar[frozenset[str]]
-    # False for schemas that produce no completion (embeddings): no allowance is reserved.
+    # False for schemas that produce no completion (embeddings): no allowance is reserved, and
+    # their usage has a prompt count alone (the others' have both counts: usage.read_usage).
     produces_completions: ClassVar[bool] = True
     # Streams of this schema report usage only when asked (stream_options.include_usage).
     asks_for_stream_usage: ClassVar[bool] = False
@@ -42,9 +43,6 @@ class Translator:
     # The fields of this schema that really bound an answer's length upstream (another schema's
     # field is dropped by LiteLLM, drop_params): what makes a stream "bounded" (gate.handoff).
     limit_keys: ClassVar[tuple[str, ...]] = ("max_tokens",)
-    # The schema's usage always has both a prompt and a completion count (usage.read_usage):
-    # every schema that produces completions; embeddings report a prompt count alone.
-    usage_pair: ClassVar[bool] = False
 
     # ------------------------------------------------------------ request
 
@@ -88,7 +86,7 @@ class Translator:
     def usage_of(self, data: dict[str, Any], cap: int) -> Observed | None:
         """The usage in one JSON body or SSE event, or None."""
         usage = data.get("usage")
-        return None if usage is None else read_usage(usage, cap, pair=self.usage_pair)
+        return None if usage is None else read_usage(usage, cap, pair=self.produces_completions)
 
     def text_of(self, data: dict[str, Any]) -> str:
         """The visible output in one JSON body or SSE event."""

@@ -18,7 +18,6 @@ class Chat(Translator):
     paths = ("/v1/chat/completions", "/chat/completions")
     fields = billable.CHAT_FIELDS
     asks_for_stream_usage = True
-    usage_pair = True
     limit_keys = ("max_tokens", "max_completion_tokens")
 
     def completions(self, body: Mapping[str, object]) -> int:

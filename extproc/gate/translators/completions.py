@@ -14,7 +14,6 @@ class Completions(Translator):
     paths = ("/v1/completions", "/completions")
     fields = billable.COMPLETIONS_FIELDS
     asks_for_stream_usage = True
-    usage_pair = True
 
     def completions(self, body: Mapping[str, object]) -> int:
         n = billable.count_field(body, "n", 1, billable.MAX_CHOICES) or 1

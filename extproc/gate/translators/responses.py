@@ -18,7 +18,6 @@ class Responses(Translator):
     fields = billable.RESPONSES_FIELDS
     limit_key = "max_output_tokens"
     limit_keys = ("max_output_tokens",)
-    usage_pair = True  # input_tokens and output_tokens, always both
 
     def count(self, body: Mapping[str, object], server_context_tokens: int) -> Count:
         template = body.get("prompt")
@@ -34,7 +33,7 @@ class Responses(Translator):
         usage = data.get("usage")
         if usage is None and isinstance(data.get("response"), dict):
             usage = data["response"].get("usage")  # the stream's response.completed
-        return None if usage is None else read_usage(usage, cap, pair=self.usage_pair)
+        return None if usage is None else read_usage(usage, cap, pair=self.produces_completions)
 
     def text_of(self, data: dict[str, Any]) -> str:
         delta = data.get("delta")
