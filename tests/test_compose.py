@@ -675,6 +675,20 @@ def test_librechat_request_answered_and_debited_exactly(stack: Stack) -> None:
     assert stack.settled(user)["available"] == account["available"] - second
 
 
+def test_a_bounded_json_answer_is_read_by_envoy_in_the_containers(stack: Stack) -> None:
+    """The compose Envoy's JSON usage filter and access log reach the processor container: a
+    bounded answer of the real LiteLLM image is handed off and debited exactly its usage."""
+    user = "json-" + secrets.token_hex(4)
+    handoffs = replica_metric(stack, 1, "solaris_stream_handoffs_total")
+    status, headers, body = stack.chat(user, max_tokens=64)
+    assert status == 200, body
+    assert "x-solaris-tokens-remaining" not in headers  # nobody had read the usage yet
+    usage = json.loads(body)["usage"]
+    assert stack.settled(user)["available"] == MONTHLY_TOKENS - usage["total_tokens"]
+    # one "handed" and one "settled" event
+    assert replica_metric(stack, 1, "solaris_stream_handoffs_total") - handoffs == 2
+
+
 def test_exhausted_user_gets_402(stack: Stack) -> None:
     user = "broke-" + secrets.token_hex(4)
     assert stack.chat(user)[0] == 200

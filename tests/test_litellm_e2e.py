@@ -85,6 +85,19 @@ async def test_litellm_json_debit_equals_usage(http, litellm_envoy, service, aut
     assert int(remaining) == service.settings.default_monthly_tokens - usage["total_tokens"]
 
 
+async def test_litellm_bounded_json_is_read_by_envoy(http, litellm_envoy, service, auth, user):
+    """A bounded JSON answer of the real LiteLLM is handed to Envoy (its content type is one
+    Envoy's JSON filter parses) and debited exactly the usage LiteLLM reported."""
+    handed = handoffs(service, "handed")
+    async with http.post(litellm_envoy.url + CHAT, json=chat(max_tokens=64), headers=auth(user)) as resp:
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        assert "x-solaris-tokens-remaining" not in resp.headers
+    assert body["choices"][0]["message"]["content"].startswith("Olá!")
+    assert handoffs(service, "handed") == handed + 1
+    await assert_debited(service, user, body["usage"], flags=("envoy",))
+
+
 async def test_litellm_stream_debit_equals_final_chunk_usage(
         http, litellm_envoy, service, auth, user):
     # No stream_options: the processor injects include_usage, LiteLLM must honour it.
