@@ -50,8 +50,9 @@ class Metrics:
         self.handoffs = Counter(
             "solaris_stream_handoffs_total",
             "Answers (streams and JSON) whose usage Envoy reads (docs/streams.md), by event: "
-            "handed (the processor let the body pass), settled (from the access log, with usage), no_usage (settled "
-            "by the reservation), unreadable (an entry that was not the processor's).",
+            "handed (the processor let the body pass), settled (from the access log, with "
+            "usage), no_usage (settled by the reservation), unreadable (an entry that was not "
+            "the processor's).",
             ["event"], registry=r)
         self.settle_backlog = Gauge(
             "solaris_settle_backlog",

@@ -14,9 +14,9 @@ import yaml
 
 from extproc.settings import Settings
 
-# Envoy's own error replies (local_reply_config), by language, in the order of its mappers.
 # What reads the usage of answers handed to Envoy (gate.handoff), with the access log.
 USAGE_FILTERS = ("envoy.filters.http.sse_to_metadata", "envoy.filters.http.json_to_metadata")
+# Envoy's own error replies (local_reply_config), by language, in the order of its mappers.
 LOCAL_REPLIES = {
     "pt-BR": ("A conversa é grande demais para o gateway. Inicie uma nova conversa.",
               "O controle de tokens está indisponível (%RESPONSE_CODE_DETAILS%). "

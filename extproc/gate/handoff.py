@@ -115,18 +115,11 @@ def fields(ex: Exchange) -> tuple[tuple[str, str | int], ...]:
     return tuple((name, "" if value is None else value) for name, value in dataclasses.asdict(values).items())
 
 
-def _integral(value: Any) -> Any:
-    """A metadata number (Envoy's metadata numbers are doubles) as the integer it stands for
-    (past 2**53 only roughly, which the usage cap makes moot); anything else unchanged, for the
-    caller's own checks to refuse."""
-    if isinstance(value, float) and math.isfinite(value) and value == int(value):
-        return int(value)
-    return value
-
-
 def _count(value: Any) -> int | None:
-    """A non-negative integer from metadata, else None."""
-    value = _integral(value)
+    """A non-negative integer from metadata (where numbers are doubles: a whole one is the
+    integer it stands for), else None."""
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return None
     return value
@@ -158,12 +151,13 @@ def handed(metadata: Mapping[str, Any]) -> Handed | None:
 
 def observed(metadata: Mapping[str, Any], cap: int) -> Observed | None:
     """The usage Envoy read (a stream's last usage event, a JSON answer's ``usage``), by the
-    same rules as a usage the processor reads (read_usage: integers only, never negative, capped and flagged)."""
+    same rules as a usage the processor reads (read_usage: whole numbers only, a metadata
+    double included, never negative, capped and flagged)."""
     values = metadata.get(USAGE_NAMESPACE)
     if not isinstance(values, Mapping) or not values:
         return None
     # Only Chat Completions and Completions answers are handed off: their usage has both counts.
-    return read_usage({name: _integral(v) for name, v in values.items()}, cap, pair=True)
+    return read_usage(dict(values), cap, pair=True)
 
 
 def awaited(handed: Mapping[str, tuple[bool, float]], now: float, json_wait: float) -> bool:

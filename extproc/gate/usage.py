@@ -6,9 +6,9 @@ Usage numbers come from the upstream, so they are validated like any input: non-
 and negatives are refused (never a credit through a negative usage), absurd values are capped
 and flagged. The same rules read the usage Envoy hands back for an answer it read itself
 (gate.handoff), so a debit does not depend on who read the answer (for a stream that reports
-its usage once: Envoy merges the fields of several usage events, docs/streams.md). Where a schema keeps its
-usage and its visible text is each translator's business (``translators``), passed in as a
-``Reader``.
+its usage once: Envoy merges the fields of several usage events, docs/streams.md). Where a
+schema keeps its usage and its visible text is each translator's business (``translators``),
+passed in as a ``Reader``.
 """
 
 from __future__ import annotations
