@@ -10,7 +10,9 @@ I2  allowance = SUM(allowance_delta), credits = SUM(credits_delta) for every acc
     with the deltas the pure functions in ``accounting`` computed. No money moves without
     a ledger entry.
 I3  reserved = SUM(held reservations): reservations are created and closed in the same
-    statement/transaction that moves ``reserved``.
+    statement/transaction that moves ``reserved``. A settle deletes the hold it closes and
+    writes what the hold knew (``held``, ``admitted_at``) into the usage entry; released and
+    expired holds keep their row, which a late settle or release reads.
 I4  Admin and user changes (grant, plan, suspend, settings, allowance, erase) write their
     audit row in the same transaction.
 I5  The final debit of an exchange equals its real cost: a settle that arrives after the
@@ -42,7 +44,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -51,6 +53,8 @@ from .batching import Batcher
 from .settings import Settings
 
 Clock = Callable[[], datetime]
+# How a settle ends a held reservation: by the exchange's usage, or by the sweep's charge.
+HoldEnd = Literal["settled", "expired"]
 
 log = logging.getLogger(__name__)
 
@@ -187,17 +191,18 @@ _ACCOUNT_FIELDS = (
 
 # One statement for a batch of settles (``Ledger._settle_batch``): the usage entries, the
 # threshold alerts (once per user, cycle and threshold: the outbox's UNIQUE key) and the
-# accounts' new values, as parallel arrays.
+# accounts' new values, as parallel arrays ($31 and $32, the holds' tokens and times, belong
+# to the entries: added after the rest, so the other numbers kept their place).
 _BATCH_SETTLE_SQL = (
     "WITH e AS (INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta, credits_delta,"
     "   balance_after, exchange_id, request_id, model, prompt_tokens, completion_tokens, estimate,"
-    "   real_tokens, flags, actor, cycle_start, created_at, prompt_chars)"
+    "   real_tokens, flags, actor, cycle_start, created_at, prompt_chars, held, admitted_at)"
     "  SELECT u, 'usage', t, ad, cd, ba, x, rq, m, pt, ct, es, rt, string_to_array(f, ','),"
-    "   'gateway', cs, $1, pc"
+    "   'gateway', cs, $1, pc, h, aa"
     "  FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::text[],"
     "   $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[],"
-    "   $14::text[], $15::timestamptz[], $16::bigint[])"
-    "   WITH ORDINALITY AS e(u, t, ad, cd, ba, x, rq, m, pt, ct, es, rt, f, cs, pc, n) ORDER BY n),"
+    "   $14::text[], $15::timestamptz[], $16::bigint[], $31::bigint[], $32::timestamptz[])"
+    "   WITH ORDINALITY AS e(u, t, ad, cd, ba, x, rq, m, pt, ct, es, rt, f, cs, pc, h, aa, n) ORDER BY n),"
     " o AS (INSERT INTO alert_outbox (user_id, cycle_start, cycle_end, threshold, used_pct, used,"
     "   budget, remaining, created_at, next_attempt_at)"
     "  SELECT u, cs, ce, t, p, us, b, r, $1, $1"
@@ -232,6 +237,25 @@ _BATCH_ADMIT_SQL = (
     " r AS (INSERT INTO reservations (exchange_id, user_id, tokens, request_id, model, created_at,"
     "   expires_at) SELECT i.xid, i.uid, i.est, i.rid, i.model, $1, $2 FROM a JOIN i ON i.xid = a.xid)"
     " SELECT * FROM a"
+)
+
+
+# The settle's first statement (``Ledger._settle``): close this exchange's held reservation
+# and lock its account. Settled, the hold is deleted (a deletion writes no index; the usage
+# entry keeps its tokens and time); expired by the sweep, it stays, for a late settle or
+# release to find (migrations/20261130000001_settled_holds.sql).
+_HOLD_ACCOUNT_SQL = (
+    " SELECT a.*, r.tokens AS held, r.created_at AS admitted_at FROM r LEFT JOIN LATERAL"
+    "  (SELECT * FROM accounts WHERE user_id = r.user_id FOR UPDATE) a ON true"
+)
+_CLOSE_HOLD_SQL = (
+    "WITH r AS (DELETE FROM reservations WHERE exchange_id = $1 AND state = 'held'"
+    "   RETURNING user_id, tokens, created_at)" + _HOLD_ACCOUNT_SQL
+)
+_EXPIRE_HOLD_SQL = (
+    "WITH r AS (UPDATE reservations SET state = 'expired', closed_at = $2"
+    "   WHERE exchange_id = $1 AND state = 'held' RETURNING user_id, tokens, created_at)"
+    + _HOLD_ACCOUNT_SQL
 )
 
 
@@ -567,7 +591,7 @@ class Ledger:
 
     # ------------------------------------------------------------ settle / release
 
-    async def settle(self, usage: Usage, *, reservation_state: str = "settled") -> Settled | None:
+    async def settle(self, usage: Usage, *, reservation_state: HoldEnd = "settled") -> Settled | None:
         """Debit an exchange's real usage exactly once (I1), release its reservation (I3),
         move the account's state and queue threshold alerts, all in one transaction.
 
@@ -585,7 +609,7 @@ class Ledger:
             return usage.cost
         return accounting.weighted_cost(usage.real_tokens, usage.model, self._weights)
 
-    async def settle_one(self, usage: Usage, *, reservation_state: str = "settled") -> Settled | None:
+    async def settle_one(self, usage: Usage, *, reservation_state: HoldEnd = "settled") -> Settled | None:
         """``settle`` for one exchange in its own transaction."""
         now = self.clock()
         try:
@@ -607,20 +631,15 @@ class Ledger:
             raise LedgerUnavailable(str(exc)) from exc
 
     async def _settle(
-        self, usage: Usage, cost: int, reservation_state: str, now: datetime
+        self, usage: Usage, cost: int, reservation_state: HoldEnd, now: datetime
     ) -> Settled | None:
         async with self.pool.acquire() as conn, conn.transaction():
             # Common case, one statement: close this exchange's held reservation and lock the
             # account. Owning the held reservation proves no settle of it committed before.
             # The account is the reservation's, not the id the settle names: an erasure moves
             # the reservation to the pseudonym (ON UPDATE CASCADE) and the debit follows it.
-            row = await conn.fetchrow(
-                "WITH r AS (UPDATE reservations SET state = $2, closed_at = $3"
-                "   WHERE exchange_id = $1 AND state = 'held' RETURNING user_id, tokens)"
-                " SELECT a.*, r.tokens AS held FROM r LEFT JOIN LATERAL"
-                "  (SELECT * FROM accounts WHERE user_id = r.user_id FOR UPDATE) a ON true",
-                usage.exchange_id, reservation_state, now,
-            )
+            row = await (conn.fetchrow(_CLOSE_HOLD_SQL, usage.exchange_id) if reservation_state == "settled"
+                         else conn.fetchrow(_EXPIRE_HOLD_SQL, usage.exchange_id, now))
             if row is not None and row["user_id"] is None:
                 # The hold was renamed by an erasure that committed while this statement
                 # waited for its lock; the statement's snapshot still has the old id.
@@ -646,7 +665,7 @@ class Ledger:
                     flags.append("trueup")
             if trueup_key is None:
                 split = accounting.split_debit(row["allowance"], debit)
-            held = row["held"]
+            held, admitted_at = row["held"], row.get("admitted_at")
             new = accounting.apply_split(
                 allowance=row["allowance"], credits=row["credits"], used=row["used_cycle"],
                 budget=row["cycle_budget"], state=row["state"], split=split,
@@ -655,9 +674,9 @@ class Ledger:
                 "WITH e AS (INSERT INTO ledger_entries (user_id, kind, tokens, allowance_delta,"
                 "   credits_delta, balance_after, exchange_id, request_id, model, prompt_tokens,"
                 "   completion_tokens, estimate, real_tokens, flags, actor, cycle_start,"
-                "   created_at, prompt_chars, idempotency_key)"
+                "   created_at, prompt_chars, idempotency_key, held, admitted_at)"
                 "   VALUES ($1, 'usage', $9, $10, $11, $2::bigint + $3::bigint, $8, $12, $13, $14, $15, $16,"
-                "   $17, $18, 'gateway', $19, $5, $24, $25)),"
+                "   $17, $18, 'gateway', $19, $5, $24, $25, $27, $28)),"
                 " o AS (INSERT INTO alert_outbox (user_id, cycle_start, cycle_end, threshold,"
                 "   used_pct, used, budget, remaining, created_at, next_attempt_at)"
                 "   SELECT $1, $19, $20, t, $21, $4, $22, $26, $5, $5 FROM unnest($23::int[]) t"
@@ -670,6 +689,7 @@ class Ledger:
                 usage.real_tokens, flags, row["cycle_start"], row["cycle_end"], new.used_pct,
                 new.limit, list(new.crossed), usage.prompt_chars, trueup_key,
                 accounting.spendable(new.balance, new.used, row["personal_cap"]),
+                held if admitted_at is not None else None, admitted_at,
             )
             return Settled(debit, new.crossed)
 
@@ -685,10 +705,10 @@ class Ledger:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 closed = await conn.fetch(
-                    "UPDATE reservations r SET state = 'settled', closed_at = $2"
-                    " FROM unnest($1::text[]) AS x(id) WHERE r.exchange_id = x.id AND r.state = 'held'"
-                    " RETURNING r.exchange_id, r.user_id, r.tokens",
-                    [u.exchange_id for u in items], now)
+                    "DELETE FROM reservations r USING unnest($1::text[]) AS x(id)"
+                    " WHERE r.exchange_id = x.id AND r.state = 'held'"
+                    " RETURNING r.exchange_id, r.user_id, r.tokens, r.created_at",
+                    [u.exchange_id for u in items])
                 held = {r["exchange_id"]: r for r in closed}
                 users = sorted({r["user_id"] for r in closed})
                 accounts = {r["user_id"]: dict(r) for r in await conn.fetch(
@@ -720,19 +740,21 @@ class Ledger:
                         user, split.tokens, split.allowance_delta, split.credits_delta,
                         new.balance, usage.exchange_id, usage.request_id, usage.model, usage.prompt_tokens,
                         usage.completion_tokens, usage.estimate, usage.real_tokens,
-                        ",".join(usage.flags), acc["cycle_start"], usage.prompt_chars))
+                        ",".join(usage.flags), acc["cycle_start"], usage.prompt_chars,
+                        hold["tokens"], hold["created_at"]))
                     remaining = accounting.spendable(new.balance, new.used, acc["personal_cap"])
                     alerts.extend((user, acc["cycle_start"], acc["cycle_end"], t, new.used_pct,
                                    new.used, new.limit, remaining) for t in new.crossed)
                     results[i] = Settled(cost, new.crossed)
                 if entries:
+                    columns = [list(column) for column in zip(*entries, strict=True)]
                     await conn.execute(
-                        _BATCH_SETTLE_SQL, now,
-                        *[list(column) for column in zip(*entries, strict=True)],
+                        _BATCH_SETTLE_SQL, now, *columns[:-2],
                         *([list(column) for column in zip(*alerts, strict=True)] if alerts else [[]] * 8),
                         *[list(column) for column in zip(*[
                             (user, a["allowance"], a["credits"], a["used_cycle"], released[user], a["state"])
                             for user, a in accounts.items() if user in released], strict=True)],
+                        *columns[-2:],
                     )
         except UNAVAILABLE_ERRORS as exc:
             raise LedgerUnavailable(str(exc)) from exc
@@ -1169,7 +1191,8 @@ class Ledger:
                 "ledger_entries": await rows(
                     "SELECT id, kind, tokens, allowance_delta, credits_delta, balance_after, exchange_id,"
                     " request_id, model, prompt_tokens, completion_tokens, estimate, real_tokens, flags, actor,"
-                    " reason, reason_code, reason_params, cycle_start, created_at FROM ledger_entries"
+                    " reason, reason_code, reason_params, cycle_start, created_at, held, admitted_at"
+                    " FROM ledger_entries"
                     " WHERE user_id = $1 ORDER BY id"),
                 "reservations": await rows(
                     "SELECT exchange_id, tokens, request_id, model, state, created_at, expires_at, closed_at"

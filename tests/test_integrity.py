@@ -54,10 +54,16 @@ async def open_account(http, envoy, service, auth, user, settings, available: in
 
 
 async def reservation(service, exchange_id: str) -> tuple[int, str]:
+    """What the exchange's reservation held and how it ended. A settled hold is deleted and
+    its tokens kept on the usage entry (``held``); released and expired holds keep their row."""
     row = await service.pool.fetchrow(
         "SELECT tokens, state FROM reservations WHERE exchange_id = $1", exchange_id)
-    assert row is not None, exchange_id
-    return row["tokens"], row["state"]
+    if row is not None:
+        return row["tokens"], row["state"]
+    held = await service.pool.fetchval(
+        "SELECT held FROM ledger_entries WHERE exchange_id = $1 AND kind = 'usage'", exchange_id)
+    assert held is not None, exchange_id
+    return held, "settled"
 
 
 async def assert_invariants(service, user) -> None:

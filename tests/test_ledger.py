@@ -233,6 +233,55 @@ async def test_concurrent_settle_replays_debit_once(ledger, pool, user):
     await check_invariants(ledger)
 
 
+async def test_a_settle_moves_its_hold_into_the_usage_entry(ledger, clock, pool, user):
+    """One settle alone and a group-committed burst alike: the held reservation is deleted and
+    its tokens and admission time are on the entry; a replay finds the entry, not a hold, and
+    changes nothing. Other endings keep their row: the sweep's 'expired', a 'released'."""
+    admitted_at = clock.now
+    alone, burst, swept, released = xid(), [xid() for _ in range(6)], xid(), xid()
+    for x, estimate in [(alone, 70), *[(b, 30) for b in burst], (swept, 40), (released, 20)]:
+        assert (await ledger.admit(user, estimate, x)).outcome == "ok"
+    clock.now += timedelta(seconds=5)
+    assert await ledger.settle_one(Usage(exchange_id=alone, user_id=user, prompt_tokens=9, completion_tokens=1))
+    results = await asyncio.gather(*[ledger.settle(Usage(exchange_id=b, user_id=user, prompt_tokens=4,
+                                                         completion_tokens=1)) for b in burst])
+    assert all(results)
+    assert await ledger.release(released)
+    clock.now += timedelta(seconds=ledger.settings.reservation_ttl_seconds)
+    assert await ledger.sweep_reservations() >= 1
+    rows = {r["exchange_id"]: r for r in await pool.fetch(
+        "SELECT exchange_id, state FROM reservations WHERE user_id = $1", user)}
+    assert {x: r["state"] for x, r in rows.items()} == {swept: "expired", released: "released"}
+    by_id = {e["exchange_id"]: e for e in await entries(pool, user, "usage")}
+    assert set(by_id) == {alone, *burst, swept}
+    assert (by_id[alone]["held"], by_id[alone]["tokens"]) == (70, -10)
+    assert {(by_id[b]["held"], by_id[b]["tokens"]) for b in burst} == {(30, -5)}
+    assert (by_id[swept]["held"], by_id[swept]["tokens"]) == (40, -40)
+    assert {by_id[x]["admitted_at"] for x in by_id} == {admitted_at}
+    for x in (alone, burst[0]):  # replays, alone and batched: no hold, the entry stands
+        assert await ledger.settle_one(Usage(exchange_id=x, user_id=user, completion_tokens=99)) is None
+        assert await ledger.settle(Usage(exchange_id=x, user_id=user, completion_tokens=99)) is None
+    account = await ledger.account(user)
+    assert (account.balance, account.reserved) == (1000 - 10 - 6 * 5 - 40, 0)
+    assert len(await entries(pool, user, "usage")) == 8
+    await check_invariants(ledger)
+
+
+async def test_entries_without_a_hold_leave_held_empty(ledger, pool, user, tmp_path):
+    """A grant and an exchange replayed from the spool (admitted while the ledger was down)
+    closed no reservation: nothing claims to have been held."""
+    x = xid()
+    spool = Spool(tmp_path)
+    await spool.append(Usage(exchange_id=x, user_id=user, prompt_tokens=2, completion_tokens=3))
+    assert (await spool.replay(ledger)).replayed == 1  # opens the account, as the gate would
+    await ledger.grant(user, 5, actor="test", reason="r", idempotency_key="k-" + xid())
+    rows = await pool.fetch("SELECT kind, held, admitted_at FROM ledger_entries WHERE user_id = $1"
+                            " AND kind IN ('grant', 'usage')", user)
+    assert sorted((r["kind"], r["held"], r["admitted_at"]) for r in rows) == [
+        ("grant", None, None), ("usage", None, None)]
+    await check_invariants(ledger)
+
+
 async def test_overspend_beyond_reservation_is_bounded_and_recorded(ledger, user):
     """Real usage above the estimate is debited in full (credits go negative): the bound of
     B1 is the excess of real over estimated tokens of the requests in flight."""

@@ -44,7 +44,7 @@ DISTRIBUTED = frozenset({"accounts", "ledger_entries", "reservations", "alert_ou
 SPANS_USERS = {
     ("_admit_batch", "FROM accounts WHERE user_id = ANY($3::text[])"):
         "a batch of admissions: one statement for many users (grouped by shard under Citus)",
-    ("_settle_batch", "FROM unnest($1::text[]) AS x(id) WHERE r.exchange_id = x.id"):
+    ("_settle_batch", "USING unnest($1::text[]) AS x(id) WHERE r.exchange_id = x.id"):
         "a batch of settles closes its holds by exchange id, as _settle does (FANS_OUT)",
     ("_settle_batch", "SELECT * FROM accounts WHERE user_id = ANY($1::text[])"):
         "a batch of settles locks its users' accounts in one statement (grouped by shard under Citus)",

@@ -510,6 +510,9 @@ async def test_export_holds_everything_about_the_user(ledger: Ledger, pool: asyn
                for e in data["ledger_entries"])
     assert [(r["exchange_id"], r["state"], r["tokens"]) for r in data["reservations"] if r["state"] == "held"] == [
         (held, "held", 300)]
+    # The settled holds are deleted; what they held, and when, is on their usage entries.
+    assert [(e["held"], e["admitted_at"]) for e in data["ledger_entries"] if e["kind"] == "usage"] == [
+        (10, clock.now.isoformat()), (7_990, clock.now.isoformat())]
     [alert] = data["alerts"]
     assert (alert["threshold"], alert["used"], alert["budget"], alert["used_pct"]) == (80, 8_000, 10_000, 80)
     assert alert["deliveries"] == [{"channel": "email", "recipient": email, "state": "failed", "sent_at": None}]
