@@ -767,11 +767,15 @@ class Bench:
         finds no drift, every exchange appears once, no reservation is left held, and there is a
         usage entry for every 2xx the load generator saw. The gate stacks (one per event loop)
         share the database and the users: the counts are over all of them."""
-        log("stopping the gate's processors gracefully, then checking the ledger")
+        log("stopping the gate's processors gracefully, then Envoy, then checking the ledger")
+        # Processors first, Envoy still running: the answers in flight when the load stopped
+        # end, and Envoy's access log brings the entries of those handed off (each flush, 0.1 s)
+        # while the processors wait for them. Envoy exits at once on SIGTERM, dropping the
+        # entries it buffered: stopped first, it left those holds to the sweep.
         for stack in stacks:
-            stack.envoy.stop()
             for p in stack.processors:
                 p.stop()
+            stack.envoy.stop()
         env = self.processor_env()
         rec = subprocess.run([devstack.binary("extproc"), "reconcile"], env=env,
                              capture_output=True, text=True, check=False)
@@ -797,8 +801,8 @@ class Bench:
         runs = [run for stack in stacks for run in stack.runs]
         cutoff_bound = sum(c for c, _ in runs)  # requests in flight when a load run stopped
         held_at = data.pop("held_at")
-        # A reservation made in the last moments of a load run: its client went away while
-        # the gate was admitting it (the load generator stops mid-request).
+        # A reservation made in the last moments of a load run (the load generator stops
+        # mid-request): an exchange in flight then, whose settle was lost.
         data["held_at_cutoff"] = sum(any(0 <= end - t < 2.0 for _, end in runs) for t in held_at)
         data.update({
             "reconcile_exit": rec.returncode, "reconcile_output": (rec.stdout + rec.stderr).strip(),
@@ -813,8 +817,8 @@ class Bench:
         if held_at:
             self.failures.append(
                 f"{len(held_at)} reservations still held after a graceful stop ({data['held_at_cutoff']} made"
-                " within 2 s before a load run stopped, i.e. the client went away during admission); the"
-                " sweep will charge each its estimate although nothing was served (see bench/README.md)")
+                " within 2 s before a load run stopped); the sweep will charge each its estimate, not its"
+                " usage (see bench/README.md)")
         if entries < ok:
             self.failures.append(f"{ok} responses were 2xx but only {entries} usage entries exist")
         elif entries > ok + cutoff_bound:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
+import struct
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +33,7 @@ from support.gate import (
     settled,
     usage_entries,
 )
+from support.wait import eventually
 
 from extproc.gate import handoff
 from extproc.gate.access_log import StreamLog
@@ -403,6 +406,32 @@ async def test_json_answers_the_processor_keeps(http, envoy, service, auth, user
     assert handoffs(service, "handed") == handed and body_messages(service) == bodies + 3
     assert [e["real_tokens"] for e in await usage_entries(service, user)] == [10, 12]  # the 500 released
     assert (await balance(service, user)).reserved == 0
+
+
+async def test_a_client_leaving_while_envoy_reads_a_handed_off_json_answer(envoy, service, auth, user):
+    """The processor hands the answer off at its headers; Envoy's JSON filter then holds them
+    while the body comes, and the client resets its connection meanwhile. Envoy does not read
+    from a connection whose request is complete, so it notices only when it writes the answer:
+    the usage is read as usual. Whatever Envoy noticed, the exchange is settled once (its usage,
+    or the reservation) and nothing stays held."""
+    handed = handoffs(service, "handed")
+    body = json.dumps(chat(max_tokens=300, x_test={"body_delay": 1.0})).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in auth(user).items())
+    _, writer = await asyncio.open_connection("127.0.0.1", envoy.listen_port)
+    writer.write(f"POST {CHAT} HTTP/1.1\r\nhost: gate\r\ncontent-type: application/json\r\n{head}"
+                 f"content-length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    await eventually(lambda: handoffs(service, "handed") == handed + 1, "the handoff")
+    # The client leaves: its connection reset at once (SO_LINGER 0), as a closed tab's.
+    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                         struct.pack("ii", 1, 0))
+    writer.close()
+    [entry] = await first_usage_entries(service, user)
+    assert "envoy" in entry["flags"] and entry["real_tokens"] in (12, entry["estimate"])
+    await asyncio.sleep(1.2)  # the answer's body has come and gone: nothing more
+    assert len(await usage_entries(service, user)) == 1
+    assert (await balance(service, user)).reserved == 0
+    assert not service.gate.handed
 
 
 RESERVATION = "reservation"

@@ -11,6 +11,7 @@ the body through), so one server covers every case:
   {"x_test": {"abort_before_usage": true}}          SSE: a finish_reason "stop" chunk, then
                                                     drop the connection before the usage event
   {"x_test": {"tool_call": true}}                   the answer is a tool call, no text (JSON, SSE)
+  {"x_test": {"body_delay": 1.0}}                   JSON: the headers at once, the body that much later
 Keep x_test values numeric or boolean where exactness matters: the gate bills the strings
 of unknown keys (x_test included) as prompt text.
 Every request body is recorded in ``requests`` so tests can assert what reached it.
@@ -108,6 +109,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
         answer["usage"] = usage
     if spec.get("json_list"):
         return web.json_response([answer])  # a 2xx whose usage cannot be read
+    if spec.get("body_delay"):
+        data = json.dumps(answer).encode()
+        resp = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(len(data))})
+        await resp.prepare(request)  # the headers leave now: a model still writing its answer
+        await asyncio.sleep(float(spec["body_delay"]))
+        await resp.write(data)
+        await resp.write_eof()
+        return resp
     return web.json_response(answer)
 
 
