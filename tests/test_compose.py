@@ -69,6 +69,7 @@ NETWORKS = ("public", "upstream", "gate", "ledger", "metrics")  # docker-compose
 MONTHLY_TOKENS = 1_000_000
 CHAT = "/v1/chat/completions"
 STREAM_MODEL = "solaris-test-stream"  # deploy/test/litellm.yaml
+SLOW_MODEL = "solaris-test-slow"  # deploy/test/litellm.yaml: its answer starts 4 s late
 
 T = TypeVar("T")
 
@@ -580,10 +581,11 @@ def test_override_swaps_images_only() -> None:
     deploy_config = yaml.safe_load((ROOT / "deploy" / "litellm.yaml").read_text())
     test_config = yaml.safe_load((TEST_DIR / "litellm.yaml").read_text())
     assert test_config["litellm_settings"] == deploy_config["litellm_settings"]
-    assert test_config["model_list"][:-1] == deploy_config["model_list"]
-    [stream_model] = test_config["model_list"][-1:]
+    assert test_config["model_list"][:-2] == deploy_config["model_list"]
+    [stream_model, slow_model] = test_config["model_list"][-2:]
     assert stream_model["model_name"] == STREAM_MODEL
     assert len(stream_model["litellm_params"]["mock_response"]) > 5000
+    assert slow_model["model_name"] == SLOW_MODEL and slow_model["litellm_params"]["mock_delay"] >= 3
     for dockerfile in IMAGES.glob("*/Dockerfile"):
         text = dockerfile.read_text()
         assert re.search(r"^ARG (DEBIAN|PYTHON)_IMAGE=localhost/solaris-test/", text, re.M), dockerfile
@@ -942,6 +944,47 @@ def test_scaled_processors_share_traffic_are_each_scraped_and_scale_down_cleanly
     # Until Envoy's DNS refresh drops the removed replica, requests sent to it are refused (503).
     wait_for(lambda: len(re.findall(r"^extproc::[\d.]+:50051::health_flags::", envoy_admin(stack, "/clusters"),
                                     re.M)) == 1, 180, "one extproc host left in Envoy", interval=1)
+
+
+def test_envoy_stopped_with_an_answer_in_flight_finishes_it_and_settles_it(stack: Stack) -> None:
+    """`docker compose stop envoy` while a bounded stream waits on LiteLLM: deploy/envoy-drain.sh
+    lets the answer finish, and Envoy's access log brings its entry to the processor before Envoy
+    exits, so it is debited its usage at once and nothing stays held. Envoy alone would exit at
+    once: the client cut off, and the hold left to the sweep (the reservation, 15 minutes later)."""
+    user = "drain-" + secrets.token_hex(4)
+    body = {"model": SLOW_MODEL, "messages": [{"role": "user", "content": "Responda devagar."}],
+            "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 200}
+    handoffs = replica_metric(stack, 1, "solaris_stream_handoffs_total")
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=120)
+    conn.request("POST", CHAT, body=json.dumps(body), headers={
+        "Authorization": f"Bearer {stack.secrets['GATE_KEY']}", "X-User-Id": user,
+        "X-User-Email": f"{user}@example.com", "content-type": "application/json"})
+    time.sleep(1.0)  # admitted, and waiting on LiteLLM (its answer starts after 4 s)
+    stopped: list[float] = []
+    stopper = threading.Thread(target=lambda: (stack.compose("stop", "envoy", timeout=120),
+                                               stopped.append(time.monotonic())))
+    asked = time.monotonic()
+    stopper.start()
+    try:
+        response = conn.getresponse()
+        assert response.status == 200
+        events = [raw.decode()[6:].rstrip("\r\n") for raw in response if raw.startswith(b"data: ")]
+        ended = time.monotonic()
+        conn.close()
+        stopper.join(120)
+        # Settled before Envoy left (checked while it is still down): no hold for the sweep.
+        account = stack.balance(user)
+    finally:
+        stack.compose("start", "envoy", timeout=120)
+        stack.wait_healthy({"envoy"}, 120)
+    assert stopped and ended < stopped[0], "Envoy stopped before the answer ended"
+    assert ended - asked > 2.0, "the answer ended before the stop reached Envoy: nothing was drained"
+    assert events[-1] == "[DONE]"
+    usage = json.loads(events[-2])["usage"]
+    assert account["reserved"] == 0, account
+    assert account["available"] == MONTHLY_TOKENS - usage["total_tokens"], (account, usage)
+    assert replica_metric(stack, 1, "solaris_stream_handoffs_total") - handoffs == 2  # handed, settled
+    assert stack.chat(user)[0] == 200  # and Envoy serves again
 
 
 def test_processor_restart_under_a_trickle_loses_and_double_debits_nothing(stack: Stack) -> None:

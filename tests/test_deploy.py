@@ -332,7 +332,7 @@ def test_compose_mounts_and_build_context_exist() -> None:
             context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
             dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
             assert (context / dockerfile).is_file()
-    assert mounted == 5  # envoy, litellm, prometheus, grafana (2)
+    assert mounted == 6  # envoy (2), litellm, prometheus, grafana (2)
 
 
 def test_compose_services_have_healthchecks_and_ordering() -> None:
@@ -373,6 +373,91 @@ def test_compose_processor_migrates_then_serves() -> None:
     # A spool belongs to one process: a per-replica (anonymous) volume, never a shared one.
     assert env["GATE_SPOOL_DIR"] in service["volumes"]
     assert int(service["stop_grace_period"].rstrip("s")) > 10
+
+
+def test_compose_envoy_drains_before_it_stops() -> None:
+    """Envoy runs under deploy/envoy-drain.sh, on the rendered config, with a drain shorter than
+    the engine's grace period, and the script watches the gateway listener's own stat."""
+    service = _services()["envoy"]
+    command = service["command"]
+    assert command[:2] == ["bash", _container_path(service, "deploy/envoy-drain.sh")]
+    assert command[command.index("-c") + 1] == _container_path(service, "deploy/envoy.compose.yaml")
+    assert command[command.index("--drain-strategy") + 1] == "immediate"
+    drain = int(_env(service)["ENVOY_DRAIN_SECONDS"])
+    assert int(command[command.index("--drain-time-s") + 1]) < drain < int(service["stop_grace_period"].rstrip("s"))
+    [listener] = [x for x in yaml.safe_load(ENVOY_COMPOSE.read_text())["static_resources"]["listeners"]
+                  if x["address"]["socket_address"]["port_value"] == 8080]
+    prefix = listener["filter_chains"][0]["filters"][0]["typed_config"]["stat_prefix"]
+    assert f'STAT="http.{prefix}.downstream_rq_active"' in (DEPLOY / "envoy-drain.sh").read_text()
+
+
+class _Slow(http.server.BaseHTTPRequestHandler):
+    """An upstream that takes its time: a model still writing when Envoy is told to stop."""
+
+    def do_GET(self) -> None:
+        threading.Event().wait(2.0)
+        body = b"the whole answer"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_envoy_drain_answers_what_is_in_flight_then_stops(tmp_path: Path) -> None:
+    """A real Envoy under deploy/envoy-drain.sh, sent SIGTERM while a request waits on its
+    upstream: the request is answered whole (Envoy alone would cut it) and Envoy exits after."""
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    listen, admin = devstack.free_port(), devstack.free_port()
+    router = {"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    config = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [{"name": "gate", "address": {"socket_address": {"address": "127.0.0.1",
+                                                                          "port_value": listen}},
+                           "filter_chains": [{"filters": [{
+                               "name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                                   "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                            "http_connection_manager.v3.HttpConnectionManager",
+                                   "stat_prefix": "gate", "http_filters": [router],
+                                   "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                                       {"match": {"prefix": "/"}, "route": {"cluster": "slow"}}]}]}}}]}]}],
+            "clusters": [{"name": "slow", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+                "cluster_name": "slow", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                    "socket_address": {"address": "127.0.0.1", "port_value": upstream.server_port}}}}]}]}}]}}
+    (tmp_path / "envoy.yaml").write_text(json.dumps(config))
+    env = {**os.environ, "ENVOY_ADMIN_PORT": str(admin), "ENVOY_DRAIN_SECONDS": "20",
+           "PATH": f"{Path(devstack.binary('envoy')).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        ["bash", str(DEPLOY / "envoy-drain.sh"), "-c", str(tmp_path / "envoy.yaml"), "--log-level", "warn",
+         "--drain-time-s", "1", "--drain-strategy", "immediate", "--base-id", str(listen)],
+        env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        devstack.wait_until(lambda: devstack.port_open("127.0.0.1", listen), 30, "envoy", proc)
+        answers: list[tuple[int, bytes, str | None]] = []
+
+        def ask() -> None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{listen}/chat", timeout=30) as resp:
+                answers.append((resp.status, resp.read(), resp.headers.get("connection")))
+
+        client = threading.Thread(target=ask)
+        client.start()
+        threading.Event().wait(0.5)  # the request waits on the upstream
+        proc.terminate()
+        client.join(30)
+        assert answers == [(200, b"the whole answer", "close")]  # answered whole, told to go
+        assert proc.wait(30) == 0
+        _, err = proc.communicate()
+        assert "draining before stopping" in err and "0 request(s) in flight at the stop" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        upstream.shutdown()
 
 
 def test_compose_publishes_only_envoy_and_local_dashboards() -> None:
