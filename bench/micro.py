@@ -33,6 +33,7 @@ from typing import Any
 import asyncpg
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from run import proc_cpu_seconds  # bench/run.py, beside this script
 
 from extproc.app import Service
 from extproc.gate.envoy import NoopProcessor, Processor
@@ -230,6 +231,8 @@ async def measure_all(args: argparse.Namespace, service: Service, settings: Sett
                                        prompt_chars=66))
 
     await t.measure("  Ledger.settle, pool without reset query", lean_settle, len(pending) - 50)
+    ledger_sql = await postgres_cpu_per_request(ledger, pool, users, n)
+
 
     stream = io.StringIO()
     logger = logging.getLogger("micro.settled")
@@ -305,7 +308,46 @@ async def measure_all(args: argparse.Namespace, service: Service, settings: Sett
         await lp.close()
     return {"ops": [{"name": r[0], "p50_us": r[1], "mean_us": r[2], "cpu_us": r[3], "n": r[4], "pg_round_trips": r[5]}
                     for r in t.rows],
-            "concurrent": {"concurrency": args.concurrency, "default": default, "no_reset_pool": lean}}
+            "concurrent": {"concurrency": args.concurrency, "default": default, "no_reset_pool": lean},
+            "postgres_cpu_us_per_request": ledger_sql}
+
+
+def is_local_process(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+async def postgres_cpu_per_request(ledger: Ledger, pool: asyncpg.Pool, users: list[str], n: int,
+                                   batch: int = 10) -> dict[str, float] | None:
+    """PostgreSQL's own CPU (its backends' utime + stime, from /proc: a local server only) and
+    the WAL it wrote per request admitted alone and settled in a group commit of ``batch``, the
+    ledger's statements as shipped: what bench/run.py's "postgres" column measures, without Envoy, the processor's
+    event loop or other stacks around it. Run it with PYTHONPATH at another checkout to compare
+    two versions of the ledger on one machine, alternating."""
+
+    async def backends() -> dict[int, float]:
+        pids = await pool.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        return {r["pid"]: proc_cpu_seconds(r["pid"]) for r in pids}
+
+    before = await backends()
+    wal_before = await pool.fetchval("SELECT pg_current_wal_insert_lsn()")
+    if not all(map(is_local_process, before)):
+        print("PostgreSQL CPU per request: the server is not local, not measured")
+        return None
+    m = n // batch * batch
+    for start in range(0, m, batch):
+        held = []
+        for i in range(start, start + batch):
+            xid = secrets.token_hex(16)
+            await ledger.admit(users[i % len(users)], 1049, xid, request_id="r", model="gpt-4o-mini")
+            held.append(Usage(exchange_id=xid, user_id=users[i % len(users)], model="gpt-4o-mini", request_id="r",
+                              prompt_tokens=7, completion_tokens=5, estimate=1049, prompt_chars=66))
+        await asyncio.gather(*(ledger.settle(u) for u in held))
+    after = await backends()
+    wal = await pool.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1)", wal_before)
+    us = sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items()) / m * 1e6
+    print(f"PostgreSQL's own CPU per request (admitted alone, settled {batch} at a time): {us:.1f} us,"
+          f" WAL {float(wal) / m:.0f} bytes", flush=True)
+    return {"cpu_us": us, "wal_bytes": float(wal) / m}
 
 
 def main() -> int:
