@@ -233,7 +233,6 @@ async def measure_all(args: argparse.Namespace, service: Service, settings: Sett
     await t.measure("  Ledger.settle, pool without reset query", lean_settle, len(pending) - 50)
     ledger_sql = await postgres_cpu_per_request(ledger, pool, users, n)
 
-
     stream = io.StringIO()
     logger = logging.getLogger("micro.settled")
     handler = logging.StreamHandler(stream)
@@ -322,7 +321,9 @@ async def postgres_cpu_per_request(ledger: Ledger, pool: asyncpg.Pool, users: li
     the WAL it wrote per request admitted alone and settled in a group commit of ``batch``, the
     ledger's statements as shipped: what bench/run.py's "postgres" column measures, without Envoy, the processor's
     event loop or other stacks around it. Run it with PYTHONPATH at another checkout to compare
-    two versions of the ledger on one machine, alternating."""
+    two versions of the ledger on one machine, alternating. The WAL position is the server's:
+    on a server others use at the same time, their writes count too. The checkpointer, WAL
+    writer and autovacuum are not counted, as in bench/run.py."""
 
     async def backends() -> dict[int, float]:
         pids = await pool.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
@@ -333,7 +334,7 @@ async def postgres_cpu_per_request(ledger: Ledger, pool: asyncpg.Pool, users: li
     if not all(map(is_local_process, before)):
         print("PostgreSQL CPU per request: the server is not local, not measured")
         return None
-    m = n // batch * batch
+    m = max(n // batch, 1) * batch
     for start in range(0, m, batch):
         held = []
         for i in range(start, start + batch):

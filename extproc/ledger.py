@@ -11,8 +11,9 @@ I2  allowance = SUM(allowance_delta), credits = SUM(credits_delta) for every acc
     a ledger entry.
 I3  reserved = SUM(held reservations): reservations are created and closed in the same
     statement/transaction that moves ``reserved``. A settle deletes the hold it closes and
-    writes what the hold knew (``held``, ``admitted_at``) into the usage entry; released and
-    expired holds keep their row, which a late settle or release reads.
+    writes what the hold knew (``held``, ``admitted_at``) into the usage entry; an expired
+    hold keeps its row (a late release gives the sweep's charge back from it), and so does a
+    released one (the record of an exchange that ended without a debit).
 I4  Admin and user changes (grant, plan, suspend, settings, allowance, erase) write their
     audit row in the same transaction.
 I5  The final debit of an exchange equals its real cost: a settle that arrives after the
@@ -242,8 +243,8 @@ _BATCH_ADMIT_SQL = (
 
 # The settle's first statement (``Ledger._settle``): close this exchange's held reservation
 # and lock its account. Settled, the hold is deleted (a deletion writes no index; the usage
-# entry keeps its tokens and time); expired by the sweep, it stays, for a late settle or
-# release to find (migrations/20261130000001_settled_holds.sql).
+# entry keeps its tokens and time); expired by the sweep, it stays, for a late release to
+# find (migrations/20261130000001_settled_holds.sql).
 _HOLD_ACCOUNT_SQL = (
     " SELECT a.*, r.tokens AS held, r.created_at AS admitted_at FROM r LEFT JOIN LATERAL"
     "  (SELECT * FROM accounts WHERE user_id = r.user_id FOR UPDATE) a ON true"

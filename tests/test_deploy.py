@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import http.server
 import json
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -384,18 +386,24 @@ def test_compose_envoy_drains_before_it_stops() -> None:
     assert command[command.index("-c") + 1] == _container_path(service, "deploy/envoy.compose.yaml")
     assert command[command.index("--drain-strategy") + 1] == "immediate"
     drain = int(_env(service)["ENVOY_DRAIN_SECONDS"])
-    assert int(command[command.index("--drain-time-s") + 1]) < drain < int(service["stop_grace_period"].rstrip("s"))
+    # The drain's end (the flush wait, Envoy's own exit) needs seconds before the engine's SIGKILL.
+    grace = int(service["stop_grace_period"].rstrip("s"))
+    assert int(command[command.index("--drain-time-s") + 1]) < drain <= grace - 5
+    script = (DEPLOY / "envoy-drain.sh").read_text()
+    admin = yaml.safe_load(ENVOY_COMPOSE.read_text())["admin"]["address"]["socket_address"]["port_value"]
+    assert f'ADMIN_PORT="${{ENVOY_ADMIN_PORT:-{admin}}}"' in script
     [listener] = [x for x in yaml.safe_load(ENVOY_COMPOSE.read_text())["static_resources"]["listeners"]
                   if x["address"]["socket_address"]["port_value"] == 8080]
     prefix = listener["filter_chains"][0]["filters"][0]["typed_config"]["stat_prefix"]
-    assert f'STAT="http.{prefix}.downstream_rq_active"' in (DEPLOY / "envoy-drain.sh").read_text()
+    assert f'STAT="http.{prefix}.downstream_rq_active"' in script
 
 
 class _Slow(http.server.BaseHTTPRequestHandler):
-    """An upstream that takes its time: a model still writing when Envoy is told to stop."""
+    """An upstream that takes its time (a model still writing when Envoy is told to stop), or,
+    on /forever, longer than any drain."""
 
     def do_GET(self) -> None:
-        threading.Event().wait(2.0)
+        threading.Event().wait(30.0 if self.path == "/forever" else 2.0)
         body = b"the whole answer"
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
@@ -406,10 +414,12 @@ class _Slow(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_envoy_drain_answers_what_is_in_flight_then_stops(tmp_path: Path) -> None:
-    """A real Envoy under deploy/envoy-drain.sh, sent SIGTERM while a request waits on its
-    upstream: the request is answered whole (Envoy alone would cut it) and Envoy exits after."""
+@contextlib.contextmanager
+def _drained_envoy(tmp_path: Path, drain_seconds: int) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    """A real Envoy under deploy/envoy-drain.sh, its listener (stat_prefix gate, as envoy.yaml's)
+    in front of a _Slow upstream: yields the listener's port and the script's process."""
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    upstream.daemon_threads = True
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     listen, admin = devstack.free_port(), devstack.free_port()
     router = {"name": "envoy.filters.http.router", "typed_config": {
@@ -425,12 +435,13 @@ def test_envoy_drain_answers_what_is_in_flight_then_stops(tmp_path: Path) -> Non
                                             "http_connection_manager.v3.HttpConnectionManager",
                                    "stat_prefix": "gate", "http_filters": [router],
                                    "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-                                       {"match": {"prefix": "/"}, "route": {"cluster": "slow"}}]}]}}}]}]}],
+                                       {"match": {"prefix": "/"},
+                                        "route": {"cluster": "slow", "timeout": "60s"}}]}]}}}]}]}],
             "clusters": [{"name": "slow", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
                 "cluster_name": "slow", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
                     "socket_address": {"address": "127.0.0.1", "port_value": upstream.server_port}}}}]}]}}]}}
     (tmp_path / "envoy.yaml").write_text(json.dumps(config))
-    env = {**os.environ, "ENVOY_ADMIN_PORT": str(admin), "ENVOY_DRAIN_SECONDS": "20",
+    env = {**os.environ, "ENVOY_ADMIN_PORT": str(admin), "ENVOY_DRAIN_SECONDS": str(drain_seconds),
            "PATH": f"{Path(devstack.binary('envoy')).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen(
         ["bash", str(DEPLOY / "envoy-drain.sh"), "-c", str(tmp_path / "envoy.yaml"), "--log-level", "warn",
@@ -438,26 +449,58 @@ def test_envoy_drain_answers_what_is_in_flight_then_stops(tmp_path: Path) -> Non
         env=env, stderr=subprocess.PIPE, text=True)
     try:
         devstack.wait_until(lambda: devstack.port_open("127.0.0.1", listen), 30, "envoy", proc)
-        answers: list[tuple[int, bytes, str | None]] = []
+        yield listen, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        upstream.shutdown()
 
-        def ask() -> None:
-            with urllib.request.urlopen(f"http://127.0.0.1:{listen}/chat", timeout=30) as resp:
+
+def _ask_in_background(url: str) -> tuple[threading.Thread, list[Any]]:
+    answers: list[Any] = []
+
+    def ask() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp:
                 answers.append((resp.status, resp.read(), resp.headers.get("connection")))
+        except OSError as exc:
+            answers.append(exc)
 
-        client = threading.Thread(target=ask)
-        client.start()
+    client = threading.Thread(target=ask, daemon=True)
+    client.start()
+    return client, answers
+
+
+def test_envoy_drain_answers_what_is_in_flight_then_stops(tmp_path: Path) -> None:
+    """SIGTERM while a request waits on its upstream: the request is answered whole (Envoy
+    alone would cut it) and Envoy exits after, with its own status."""
+    with _drained_envoy(tmp_path, drain_seconds=20) as (listen, proc):
+        client, answers = _ask_in_background(f"http://127.0.0.1:{listen}/chat")
         threading.Event().wait(0.5)  # the request waits on the upstream
         proc.terminate()
         client.join(30)
         assert answers == [(200, b"the whole answer", "close")]  # answered whole, told to go
         assert proc.wait(30) == 0
         _, err = proc.communicate()
-        assert "draining before stopping" in err and "0 request(s) in flight at the stop" in err, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        upstream.shutdown()
+    assert "draining before stopping" in err and "0 request(s) in flight at the stop" in err, err
+
+
+def test_envoy_drain_is_bounded_by_the_clock(tmp_path: Path) -> None:
+    """An answer longer than the drain does not hold the stop much past ENVOY_DRAIN_SECONDS:
+    the engine's SIGKILL must find Envoy gone. The cut answer is counted in the log."""
+    with _drained_envoy(tmp_path, drain_seconds=3) as (listen, proc):
+        client, answers = _ask_in_background(f"http://127.0.0.1:{listen}/forever")
+        threading.Event().wait(0.5)
+        started = time.monotonic()
+        proc.terminate()
+        proc.wait(30)
+        took = time.monotonic() - started
+        _, err = proc.communicate()
+        client.join(30)
+    assert 2.5 < took < 3 + 1.5, (took, err)
+    assert "1 request(s) in flight at the stop" in err, err
+    assert len(answers) == 1 and not isinstance(answers[0], tuple)  # that one was cut
 
 
 def test_compose_publishes_only_envoy_and_local_dashboards() -> None:

@@ -13,17 +13,23 @@
 --
 -- Both are NULL on entries that closed no hold (grants, purchases, an exchange replayed from
 -- the spool) and on entries written before this migration. Holds that end otherwise keep
--- their row: 'released' (no debit; a late settle must find it) and 'expired' (charged by the
--- sweep; a late release or settle trues it up from it). Rows settled before this migration
--- stay as they were. Invariant I3 (reserved = SUM of held reservations) is unchanged.
+-- their row: 'expired' (charged by the sweep; a late release finds it there and gives the
+-- charge back, a late settle trues it up from the sweep's entry) and 'released' (no debit; the
+-- row is the only record that the exchange ended so). Rows settled before this migration stay
+-- as they were. Invariant I3 (reserved = SUM of held reservations) is unchanged. Going down
+-- drops the two columns: the tokens and times of the holds settled meanwhile are then gone.
 --
 -- idempotency_key: usage entries have none, yet a UNIQUE constraint indexes its NULLs too;
 -- a partial unique index keeps the same rule for the keys that exist and skips the NULLs.
--- Lookups by key (`idempotency_key = $1`) imply NOT NULL, so they still use it. The index is
--- built under the migration's lock: on a large ledger, migrate when traffic is low.
+-- Lookups by key (`idempotency_key = $1`) imply NOT NULL, so they still use it.
+--
+-- Locks: the migration holds ledger_entries' ACCESS EXCLUSIVE lock for its whole transaction,
+-- index build included, so on a large ledger every read and write of the entries waits for
+-- it: migrate when traffic is low. The new columns have no default and no constraint, so
+-- adding them rewrites and scans nothing.
 
 -- migrate:up
-ALTER TABLE ledger_entries ADD COLUMN held bigint CHECK (held >= 0),
+ALTER TABLE ledger_entries ADD COLUMN held bigint,  -- from reservations.tokens, never negative
                            ADD COLUMN admitted_at timestamptz;
 CREATE UNIQUE INDEX ledger_entries_idempotency_key ON ledger_entries (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
