@@ -431,6 +431,11 @@ class Stack:
             return all(state.get(s) == "healthy" for s in services) or state == {}  # {} fails below
         wait_for(lambda: healthy() and self.health(), timeout, f"{sorted(services)} healthy")
 
+    def librechat_headers(self, user: str, email: str | None = None) -> dict[str, str]:
+        """LibreChat's headers for a custom endpoint: the gateway key and the trusted identity."""
+        return {"Authorization": f"Bearer {self.secrets['GATE_KEY']}", "X-User-Id": user,
+                "X-User-Email": email or f"{user}@example.com", "content-type": "application/json"}
+
     def chat(self, user: str, *, email: str | None = None, stream: bool = False, timeout: float = 60,
              **extra: Any) -> tuple[int, dict[str, str], bytes]:
         """A request as LibreChat sends it: the gateway key and the trusted identity headers."""
@@ -438,9 +443,8 @@ class Stack:
                 "stream": stream, **extra}
         if stream:
             body.setdefault("stream_options", {"include_usage": True})
-        headers = {"Authorization": f"Bearer {self.secrets['GATE_KEY']}", "X-User-Id": user,
-                   "X-User-Email": email or f"{user}@example.com", "content-type": "application/json"}
-        request = urllib.request.Request(self.url + CHAT, data=json.dumps(body).encode(), headers=headers)
+        request = urllib.request.Request(self.url + CHAT, data=json.dumps(body).encode(),
+                                         headers=self.librechat_headers(user, email))
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
@@ -719,9 +723,7 @@ def test_stream_flows_unbuffered_and_is_debited(stack: Stack, bounded: bool) -> 
             "stream": True, "stream_options": {"include_usage": True}, **({"max_tokens": 2000} if bounded else {})}
     handoffs = replica_metric(stack, 1, "solaris_stream_handoffs_total")
     conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=120)
-    conn.request("POST", CHAT, body=json.dumps(body), headers={
-        "Authorization": f"Bearer {stack.secrets['GATE_KEY']}", "X-User-Id": user,
-        "X-User-Email": f"{user}@example.com", "content-type": "application/json"})
+    conn.request("POST", CHAT, body=json.dumps(body), headers=stack.librechat_headers(user))
     started = time.monotonic()
     response = conn.getresponse()
     assert response.status == 200, response.read()
@@ -956,9 +958,7 @@ def test_envoy_stopped_with_an_answer_in_flight_finishes_it_and_settles_it(stack
             "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 200}
     handoffs = replica_metric(stack, 1, "solaris_stream_handoffs_total")
     conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=120)
-    conn.request("POST", CHAT, body=json.dumps(body), headers={
-        "Authorization": f"Bearer {stack.secrets['GATE_KEY']}", "X-User-Id": user,
-        "X-User-Email": f"{user}@example.com", "content-type": "application/json"})
+    conn.request("POST", CHAT, body=json.dumps(body), headers=stack.librechat_headers(user))
     time.sleep(1.0)  # admitted, and waiting on LiteLLM (its answer starts after 4 s)
     stopped: list[float] = []
     stopper = threading.Thread(target=lambda: (stack.compose("stop", "envoy", timeout=120),

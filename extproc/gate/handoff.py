@@ -28,12 +28,11 @@ Pure values here; Envoy's protocols are ``gate.envoy`` (ext_proc) and ``gate.acc
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .usage import Observed, read_usage
+from .usage import Observed, read_usage, whole
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -118,8 +117,7 @@ def fields(ex: Exchange) -> tuple[tuple[str, str | int], ...]:
 def _count(value: Any) -> int | None:
     """A non-negative integer from metadata (where numbers are doubles: a whole one is the
     integer it stands for), else None."""
-    if isinstance(value, float) and math.isfinite(value) and value == int(value):
-        value = int(value)
+    value = whole(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return None
     return value

@@ -87,16 +87,22 @@ def count_tokens(text: str, factor: float) -> tuple[int, str]:
     return math.ceil(len(text) * factor), "chars"
 
 
+def whole(value: Any) -> Any:
+    """A whole number written as a float (``10.0``, ``1e1``; every number in Envoy's metadata is
+    a double) as the integer it stands for; anything else unchanged, for the caller to check."""
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return int(value)
+    return value
+
+
 def _int_field(usage: dict[str, Any], *names: str) -> int | None:
     """The first of ``names`` that holds a value. A null is no value (Envoy's JSON filter writes
     nothing for one either); a whole number written as a float (``10.0``, ``1e1``) is that
     integer, as it is in Envoy's metadata, where every number is a double."""
     for name in names:
-        value = usage.get(name)
+        value = whole(usage.get(name))
         if value is None:
             continue
-        if isinstance(value, float) and math.isfinite(value) and value == int(value):
-            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"usage.{name} is not an integer")
         if value < 0:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import billable
 from ..billable import Count
-from ..usage import Observed, read_usage
+from ..usage import Observed
 from .base import Translator
 
 
@@ -30,10 +30,9 @@ class Responses(Translator):
         return count
 
     def usage_of(self, data: dict[str, Any], cap: int) -> Observed | None:
-        usage = data.get("usage")
-        if usage is None and isinstance(data.get("response"), dict):
-            usage = data["response"].get("usage")  # the stream's response.completed
-        return None if usage is None else read_usage(usage, cap, pair=self.produces_completions)
+        if data.get("usage") is None and isinstance(data.get("response"), dict):
+            data = data["response"]  # the stream's response.completed carries it there
+        return super().usage_of(data, cap)
 
     def text_of(self, data: dict[str, Any]) -> str:
         delta = data.get("delta")
